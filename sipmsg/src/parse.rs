@@ -1,0 +1,202 @@
+//! Parsing bytes into a [`SipMessage`].
+
+use bytes::Bytes;
+
+use crate::error::Error;
+use crate::message::{Header, SipMessage, StartLine};
+
+/// Parses one SIP message (a datagram, or one message cut out by [`crate::framing::frame`]).
+///
+/// Leading CRLFs are skipped (RFC 3261 §7.5). Folded header lines are joined with one space.
+/// With Content-Length the body is exactly that long (extra bytes are discarded, RFC 3261 §18.3;
+/// fewer is [`Error::Truncated`]); without it the body is the rest of the datagram.
+pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
+    let mut start = 0;
+    while input[start..].starts_with(b"\r\n") {
+        start += 2;
+    }
+    let input = &input[start..];
+    let (head_len, body_start) = find_head_end(input).ok_or(Error::Unterminated)?;
+    let head = std::str::from_utf8(&input[..head_len]).map_err(|_| Error::NotUtf8)?;
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let start_line = parse_start_line(lines.next().unwrap_or_default())?;
+
+    let mut headers: Vec<Header> = Vec::with_capacity(16);
+    for line in lines {
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            // Folded continuation of the previous header (RFC 3261 §7.3.1).
+            let prev = headers.last_mut().ok_or_else(|| Error::HeaderLine(line.to_owned()))?;
+            let more = line.trim();
+            if !more.is_empty() {
+                if !prev.value.is_empty() {
+                    prev.value.push(' ');
+                }
+                prev.value.push_str(more);
+            }
+            continue;
+        }
+        let colon = line.find(':').ok_or_else(|| Error::HeaderLine(line.to_owned()))?;
+        let name = line[..colon].trim_end();
+        if name.is_empty() || !name.bytes().all(is_token_char) {
+            return Err(Error::HeaderLine(line.to_owned()));
+        }
+        headers.push(Header::new(name, line[colon + 1..].trim()));
+    }
+
+    let rest = &input[body_start..];
+    let body = match headers.iter().find(|h| h.key == "content-length") {
+        Some(h) => {
+            let want: usize = h.value.parse().map_err(|_| Error::BadHeader {
+                name: "Content-Length",
+                detail: h.value.clone(),
+            })?;
+            if rest.len() < want {
+                return Err(Error::Truncated { have: rest.len(), want });
+            }
+            Bytes::copy_from_slice(&rest[..want])
+        }
+        None => Bytes::copy_from_slice(rest),
+    };
+    Ok(SipMessage { start: start_line, headers, body })
+}
+
+/// Returns (length of the head without the blank line, offset of the body).
+fn find_head_end(input: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(nl) = memchr::memchr(b'\n', &input[from..]) {
+        let i = from + nl;
+        match input.get(i + 1) {
+            Some(b'\n') => return Some((i, i + 2)),
+            Some(b'\r') if input.get(i + 2) == Some(&b'\n') => return Some((i, i + 3)),
+            _ => from = i + 1,
+        }
+    }
+    None
+}
+
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+}
+
+fn parse_start_line(line: &str) -> Result<StartLine, Error> {
+    let bad = || Error::StartLine(line.chars().take(80).collect());
+    if let Some(rest) = line.strip_prefix("SIP/2.0 ") {
+        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        if code.len() != 3 {
+            return Err(bad());
+        }
+        let status: u16 = code.parse().map_err(|_| bad())?;
+        if !(100..=699).contains(&status) {
+            return Err(bad());
+        }
+        return Ok(StartLine::Response { status, reason: reason.to_owned() });
+    }
+    let mut parts = line.split(' ');
+    let (Some(method), Some(uri), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    if method.is_empty() || !method.bytes().all(is_token_char) || uri.is_empty() {
+        return Err(bad());
+    }
+    if version != "SIP/2.0" {
+        return Err(bad());
+    }
+    Ok(StartLine::Request { method: method.to_owned(), uri: uri.to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &[u8] = b"INVITE sip:bob@biloxi.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP pc33.atlanta.com;branch=z9hG4bK776asdhds\r\n\
+Max-Forwards: 70\r\n\
+To: Bob <sip:bob@biloxi.com>\r\n\
+From: Alice <sip:alice@atlanta.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.atlanta.com\r\n\
+CSeq: 314159 INVITE\r\n\
+X-Custom-Thing:  keep me \r\n\
+Contact: <sip:alice@pc33.atlanta.com>\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: 4\r\n\
+\r\n\
+v=0\n";
+
+    #[test]
+    fn round_trip_keeps_everything() {
+        let m = parse(INVITE).expect("parse");
+        assert_eq!(m.method(), Some("INVITE"));
+        assert_eq!(m.header("x-custom-thing"), Some("keep me"));
+        assert_eq!(&m.body[..], b"v=0\n");
+        let again = parse(&m.to_bytes()).expect("reparse");
+        assert_eq!(m, again);
+        m.validate_request().expect("valid");
+    }
+
+    #[test]
+    fn reason_phrase_is_kept_verbatim() {
+        let m = parse(b"SIP/2.0 486 Busy  Here, really\r\nCall-ID: x\r\n\r\n").expect("parse");
+        assert_eq!(m.reason(), Some("Busy  Here, really"));
+        assert!(m.to_bytes().starts_with(b"SIP/2.0 486 Busy  Here, really\r\n"));
+    }
+
+    #[test]
+    fn compact_forms_and_folding() {
+        let m = parse(
+            b"OPTIONS sip:a@b SIP/2.0\r\nv: SIP/2.0/UDP h;branch=z9hG4bKx\r\ni: abc\r\nf: <sip:x@y>\r\n ;tag=9\r\nt: <sip:a@b>\r\nCSeq: 1\r\n\tOPTIONS\r\nl: 0\r\n\r\n",
+        )
+        .expect("parse");
+        assert_eq!(m.call_id().expect("cid"), "abc");
+        assert_eq!(m.from().expect("from").tag(), Some("9"));
+        assert_eq!(m.cseq().expect("cseq").method, "OPTIONS");
+        let text = String::from_utf8(m.to_bytes()).expect("utf8");
+        assert!(text.contains("\r\ni: abc\r\n"), "compact name kept: {text}");
+    }
+
+    #[test]
+    fn extension_method_and_tel_uri() {
+        let m = parse(b"NEWMETHOD tel:+12015550123 SIP/2.0\r\nCall-ID: 1\r\n\r\n").expect("parse");
+        assert_eq!(m.method(), Some("NEWMETHOD"));
+        assert_eq!(m.request_uri(), Some("tel:+12015550123"));
+    }
+
+    #[test]
+    fn content_length_framing() {
+        let extra = b"MESSAGE sip:a@b SIP/2.0\r\nContent-Length: 2\r\n\r\nhiEXTRA";
+        assert_eq!(&parse(extra).expect("parse").body[..], b"hi");
+        let short = b"MESSAGE sip:a@b SIP/2.0\r\nContent-Length: 20\r\n\r\nhi";
+        assert_eq!(parse(short), Err(Error::Truncated { have: 2, want: 20 }));
+        let bad = b"MESSAGE sip:a@b SIP/2.0\r\nContent-Length: x\r\n\r\n";
+        assert!(matches!(parse(bad), Err(Error::BadHeader { name: "Content-Length", .. })));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for g in [
+            &b""[..],
+            b"\r\n\r\n",
+            b"hello world",
+            b"INVITE sip:a SIP/2.0",
+            b"INVITE  SIP/2.0\r\n\r\n",
+            b"SIP/2.0 99 Low\r\n\r\n",
+            b"SIP/2.0 2000 OK\r\n\r\n",
+            b"INVITE sip:a SIP/3.0\r\n\r\n",
+            b"INVITE sip:a SIP/2.0\r\nNoColon\r\n\r\n",
+            b"INVITE sip:a SIP/2.0\r\n folded-first\r\n\r\n",
+            b"\xff\xfe\r\n\r\n",
+        ] {
+            assert!(parse(g).is_err(), "{:?}", String::from_utf8_lossy(g));
+        }
+    }
+
+    #[test]
+    fn missing_call_id_is_reported() {
+        let m = parse(b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCSeq: 1 OPTIONS\r\n\r\n").expect("parse");
+        assert_eq!(m.validate_request(), Err(Error::Missing("Call-ID")));
+    }
+}
