@@ -1,0 +1,26 @@
+//! sipalias reference billing service.
+//!
+//! Processors call billing over gRPC (`proto/proto/billing.proto`) to check digest
+//! credentials, to authorize calls and to record accounting. This crate keeps accounts (digest
+//! HA1s per realm, never passwords) and call detail records in Redis, serves the contract with
+//! tonic, and provides the `sipalias-billing` CLI to run the service and manage accounts.
+//!
+//! - [`config`]: `[billing]` table of the cluster TOML file, with env overrides.
+//! - [`account`]: AORs, account status and the pure digest check.
+//! - [`store`]: the Redis layout and its operations.
+//! - [`service`]: the gRPC service and [`service::serve`].
+//! - [`cli`]: the command line.
+//!
+//! See `docs/billing.md` for the operator's view.
+
+pub mod account;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod service;
+pub mod store;
+
+pub use config::BillingConfig;
+pub use error::Error;
+pub use service::{BillingService, serve};
+pub use store::Store;

@@ -1,0 +1,212 @@
+//! The gRPC `Billing` service (see `proto/proto/billing.proto`) over the Redis [`Store`].
+//!
+//! Answers are decisions, not errors: an unknown account or a wrong password is a normal
+//! `valid=false` / `allowed=false` reply with a reason. Only a failing Redis is an RPC error
+//! (`UNAVAILABLE`), so the processor can tell "no" from "cannot say right now".
+
+use std::future::Future;
+
+use sipalias_proto::billing::billing_server::{Billing, BillingServer};
+use sipalias_proto::billing::{
+    AccountStatus, AccountingResponse, AccountingStartRequest, AccountingStopRequest,
+    AuthorizeRequest, AuthorizeResponse, DigestAlgorithm, GetAccountRequest, GetAccountResponse,
+    VerifyDigestRequest, VerifyDigestResponse,
+};
+use sipmsg::digest::Algorithm;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status as RpcStatus};
+use tracing::{debug, info, warn};
+
+use crate::account::{self, Account, Aor, DigestAttempt, Status};
+use crate::config::BillingConfig;
+use crate::error::Error;
+use crate::store::{CallStart, StopOutcome, Store};
+
+/// Implementation of the `Billing` gRPC service.
+#[derive(Debug, Clone)]
+pub struct BillingService {
+    store: Store,
+    default_max_duration_secs: u32,
+}
+
+impl BillingService {
+    /// A service answering from `store`, with the limits of `config`.
+    pub fn new(store: Store, config: &BillingConfig) -> Self {
+        Self { store, default_max_duration_secs: config.default_max_duration_secs }
+    }
+
+    /// Looks an account up by the AOR the processor sent. An AOR that does not even parse
+    /// cannot name an account, so it is answered as unknown rather than as an RPC error: the
+    /// SIP outcome (401/403) is the same and the processor needs no special case.
+    async fn lookup(&self, rpc: &'static str, aor: &str) -> Result<Option<Account>, RpcStatus> {
+        let aor = match Aor::parse(aor) {
+            Ok(aor) => aor,
+            Err(e) => {
+                debug!(rpc, error = %e, "unparsable AOR treated as unknown");
+                return Ok(None);
+            }
+        };
+        self.store.get(&aor).await.map_err(|e| store_error(rpc, e))
+    }
+}
+
+/// The wire form of an account's status.
+fn wire_status(account: Option<&Account>) -> AccountStatus {
+    match account.map(|a| a.status) {
+        None => AccountStatus::Unspecified,
+        Some(Status::Active) => AccountStatus::Active,
+        Some(Status::Blocked) => AccountStatus::Blocked,
+    }
+}
+
+/// Maps a store error to an RPC status, logging the ones that mean billing is unhealthy.
+fn store_error(rpc: &'static str, e: Error) -> RpcStatus {
+    match e {
+        Error::InvalidInput { .. } | Error::InvalidAor { .. } => {
+            RpcStatus::invalid_argument(e.to_string())
+        }
+        Error::CorruptRecord { .. } => {
+            warn!(rpc, error = %e, "billing data is corrupt");
+            RpcStatus::internal(e.to_string())
+        }
+        _ => {
+            warn!(rpc, error = %e, "billing store unavailable");
+            RpcStatus::unavailable(format!("billing store unavailable: {e}"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Billing for BillingService {
+    async fn get_account(
+        &self,
+        request: Request<GetAccountRequest>,
+    ) -> Result<Response<GetAccountResponse>, RpcStatus> {
+        let req = request.into_inner();
+        let account = self.lookup("GetAccount", &req.aor).await?;
+        Ok(Response::new(GetAccountResponse {
+            exists: account.is_some(),
+            status: wire_status(account.as_ref()) as i32,
+        }))
+    }
+
+    async fn verify_digest(
+        &self,
+        request: Request<VerifyDigestRequest>,
+    ) -> Result<Response<VerifyDigestResponse>, RpcStatus> {
+        let req = request.into_inner();
+        let reply = |valid: bool, status: AccountStatus, reason: String| {
+            Ok(Response::new(VerifyDigestResponse { valid, status: status as i32, reason }))
+        };
+        let Some(account) = self.lookup("VerifyDigest", &req.aor).await? else {
+            return reply(false, AccountStatus::Unspecified, "unknown account".to_owned());
+        };
+        let status = wire_status(Some(&account));
+        let algorithm = match DigestAlgorithm::try_from(req.algorithm) {
+            // RFC 3261: no algorithm parameter means MD5.
+            Ok(DigestAlgorithm::Unspecified | DigestAlgorithm::Md5) => Algorithm::Md5,
+            Ok(DigestAlgorithm::Sha256) => Algorithm::Sha256,
+            Err(_) => return reply(false, status, "unsupported algorithm".to_owned()),
+        };
+        let attempt = DigestAttempt {
+            realm: &req.realm,
+            algorithm,
+            method: &req.method,
+            uri: &req.uri,
+            nonce: &req.nonce,
+            qop: &req.qop,
+            nc: &req.nc,
+            cnonce: &req.cnonce,
+            response: &req.response,
+        };
+        // Status does not enter the decision: a blocked account with the right password is
+        // valid, and the processor answers 403 because of the status we return with it.
+        match account::verify_digest(&account.realms, &attempt) {
+            Ok(()) => reply(true, status, String::new()),
+            Err(rejection) => {
+                debug!(aor = %account.aor, realm = %req.realm, %rejection, "digest rejected");
+                reply(false, status, rejection.to_string())
+            }
+        }
+    }
+
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, RpcStatus> {
+        let req = request.into_inner();
+        let deny = |reason: &str| {
+            Ok(Response::new(AuthorizeResponse {
+                allowed: false,
+                reason: reason.to_owned(),
+                max_duration_secs: 0,
+            }))
+        };
+        match self.lookup("Authorize", &req.caller).await? {
+            None => deny("unknown caller"),
+            Some(a) if a.status == Status::Blocked => deny("account blocked"),
+            Some(_) => Ok(Response::new(AuthorizeResponse {
+                allowed: true,
+                reason: String::new(),
+                max_duration_secs: self.default_max_duration_secs,
+            })),
+        }
+    }
+
+    async fn accounting_start(
+        &self,
+        request: Request<AccountingStartRequest>,
+    ) -> Result<Response<AccountingResponse>, RpcStatus> {
+        let req = request.into_inner();
+        let start = CallStart {
+            call_ref: req.call_ref,
+            caller: req.caller,
+            callee: req.callee,
+            caller_ingress_ip: req.caller_ingress_ip,
+            callee_ingress_ip: req.callee_ingress_ip,
+            answered_ms: req.answered_at_ms,
+        };
+        self.store.accounting_start(&start).await.map_err(|e| store_error("AccountingStart", e))?;
+        Ok(Response::new(AccountingResponse { recorded: true }))
+    }
+
+    async fn accounting_stop(
+        &self,
+        request: Request<AccountingStopRequest>,
+    ) -> Result<Response<AccountingResponse>, RpcStatus> {
+        let req = request.into_inner();
+        let outcome = self
+            .store
+            .accounting_stop(&req.call_ref, req.ended_at_ms, &req.cause, &req.idempotency_key)
+            .await
+            .map_err(|e| store_error("AccountingStop", e))?;
+        if outcome == StopOutcome::AlreadyRecorded {
+            debug!(call_ref = %req.call_ref, "stop already recorded");
+        }
+        // Per the contract a retried stop is still "recorded": it was, the first time.
+        Ok(Response::new(AccountingResponse { recorded: true }))
+    }
+}
+
+/// Runs the billing gRPC server on `listener` until `shutdown` completes.
+///
+/// Connects to Redis first (failing if it cannot be reached after a few retries), then logs
+/// `billing listening on <addr>` with the listener's real address (useful with port 0) and
+/// serves. In-flight RPCs are allowed to finish on shutdown.
+pub async fn serve(
+    config: BillingConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let store = Store::connect(&config).await?;
+    let addr = listener.local_addr()?;
+    let service = BillingService::new(store, &config);
+    info!("billing listening on {addr}");
+    tonic::transport::Server::builder()
+        .add_service(BillingServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    info!("billing stopped");
+    Ok(())
+}

@@ -1,0 +1,834 @@
+//! The back-to-back user agent: one call = the caller's leg (A) and one or more callee legs (B,
+//! one per binding, forked in parallel). Sans-IO: driven by transaction events and plans from
+//! the async call-setup task, it talks to the [`TransactionLayer`] and queues transmits and
+//! accounting work; it never touches a socket, Redis or billing itself.
+//!
+//! DESIGN.md rules 1–3 are applied here: every B leg is sent from the socket its callee
+//! registered through, with the From/To host of that socket's domain (the alias IP for an
+//! alias), and our Via/Contact on that same socket.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sipalias_proto::billing::{AccountingStartRequest, AccountingStopRequest};
+use sipmsg::SipMessage;
+use sipmsg::headers::NameAddr;
+
+use crate::ids::Ids;
+use crate::transaction::{ClientKey, ServerKey, TransactionLayer};
+use crate::transport::{Egress, Ingress, Transmit};
+
+/// Headers copied from one leg's request to the other's.
+const REQUEST_HEADERS: &[&str] = &[
+    "content-type",
+    "content-disposition",
+    "content-encoding",
+    "content-language",
+    "allow",
+    "accept",
+    "alert-info",
+    "call-info",
+    "privacy",
+    "reason",
+    "event",
+    "subscription-state",
+    "info-package",
+    "recv-info",
+];
+
+/// Headers copied from a response on one leg to the response on the other.
+const RESPONSE_HEADERS: &[&str] = &[
+    "content-type",
+    "content-disposition",
+    "content-encoding",
+    "content-language",
+    "allow",
+    "accept",
+    "warning",
+    "reason",
+    "retry-after",
+    "call-info",
+    "unsupported",
+];
+
+/// One callee binding to ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The binding's Contact: the B-leg Request-URI.
+    pub contact: String,
+    /// Socket it registered through and the address to send to.
+    pub egress: Egress,
+    /// From/To host: the alias IP for an alias socket, the main domain otherwise.
+    pub host: String,
+}
+
+/// What the async setup task decided for a new call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallPlan {
+    /// Authenticated caller, `user@domain`.
+    pub caller_aor: String,
+    /// Callee, `user@domain`.
+    pub callee_aor: String,
+    /// Every binding of the callee.
+    pub targets: Vec<Target>,
+    /// Longest call allowed by billing, 0 = unlimited.
+    pub max_duration_secs: u32,
+}
+
+/// Work for the async shell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// A REGISTER to authenticate and apply.
+    Register {
+        /// Its server transaction.
+        key: ServerKey,
+        /// The request.
+        request: SipMessage,
+        /// Where it came from.
+        ingress: Ingress,
+    },
+    /// A new INVITE to authenticate, authorize and route.
+    Invite {
+        /// Its server transaction.
+        key: ServerKey,
+        /// The request.
+        request: SipMessage,
+        /// Where it came from.
+        ingress: Ingress,
+    },
+    /// Tell billing a call was answered.
+    AccountingStart(AccountingStartRequest),
+    /// Tell billing a call ended.
+    AccountingStop(AccountingStopRequest),
+}
+
+/// Which leg of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Side {
+    A,
+    /// A B leg: index of its branch.
+    B(usize),
+}
+
+/// One side of an established or early dialog, as we (the B2BUA) see it.
+#[derive(Debug, Clone)]
+struct Dialog {
+    call_id: String,
+    local_tag: String,
+    remote_tag: Option<String>,
+    /// Our URI on this leg (From of requests we send), without tag.
+    local_uri: String,
+    /// The peer's URI (To of requests we send), without tag.
+    remote_uri: String,
+    remote_target: String,
+    route_set: Vec<String>,
+    local_cseq: u32,
+    egress: Egress,
+    /// Our Contact on this leg.
+    contact: String,
+    /// CSeq of the last INVITE we sent on this leg (for its ACK).
+    invite_cseq: u32,
+    /// The last ACK we sent, re-sent when a 2xx is retransmitted.
+    last_ack: Option<Transmit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BranchState {
+    Calling,
+    Early,
+    Answered,
+    Done,
+}
+
+#[derive(Debug)]
+struct Branch {
+    key: ClientKey,
+    dialog: Dialog,
+    state: BranchState,
+    cancel_pending: bool,
+    final_status: Option<SipMessage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    Setup,
+    Cancelled,
+    Answered,
+}
+
+#[derive(Debug)]
+struct Call {
+    call_ref: String,
+    state: CallState,
+    a_key: ServerKey,
+    a_invite: SipMessage,
+    a: Dialog,
+    a_ingress_ip: String,
+    branches: Vec<Branch>,
+    winner: Option<usize>,
+    caller_aor: String,
+    callee_aor: String,
+    answered_at_ms: u64,
+}
+
+impl Call {
+    fn dialog_mut(&mut self, side: Side) -> &mut Dialog {
+        match side {
+            Side::A => &mut self.a,
+            Side::B(i) => &mut self.branches[i].dialog,
+        }
+    }
+
+    fn other(&self, side: Side) -> Option<Side> {
+        match side {
+            Side::A => self.winner.map(Side::B),
+            Side::B(_) => Some(Side::A),
+        }
+    }
+}
+
+/// What a client transaction the B2BUA started is for.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// The INVITE of branch `idx` of a call.
+    Branch { call: u64, idx: usize },
+    /// A request relayed from `origin`'s server transaction `key`.
+    Relay { call: u64, origin: ServerKey, method: String, target_side: Side },
+    /// A request whose answer does not matter (BYE we generate, CANCEL).
+    Ignore,
+}
+
+/// Everything the B2BUA needs from its caller for one step.
+pub struct Ctx<'a> {
+    /// The transaction layer.
+    pub tx: &'a mut TransactionLayer,
+    /// Transmits outside transactions (ACK for 2xx).
+    pub out: &'a mut Vec<Transmit>,
+    /// Async work for the shell.
+    pub work: &'a mut Vec<Work>,
+    /// Monotonic now.
+    pub now: Instant,
+    /// Wall clock, Unix ms.
+    pub wall_ms: u64,
+}
+
+/// Every call this processor holds.
+pub struct B2bua {
+    ids: std::sync::Arc<Ids>,
+    next_call: u64,
+    calls: HashMap<u64, Call>,
+    by_call_id: HashMap<String, (u64, Side)>,
+    by_server: HashMap<ServerKey, u64>,
+    by_client: HashMap<ClientKey, Pending>,
+}
+
+impl B2bua {
+    /// An empty call table.
+    pub fn new(ids: std::sync::Arc<Ids>) -> Self {
+        B2bua {
+            ids,
+            next_call: 1,
+            calls: HashMap::new(),
+            by_call_id: HashMap::new(),
+            by_server: HashMap::new(),
+            by_client: HashMap::new(),
+        }
+    }
+
+    /// Number of calls held (in setup or answered).
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Whether no call is held.
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// Starts ringing every target of `plan` for the caller's INVITE on server transaction `key`.
+    /// If the caller gave up meanwhile (the transaction is final), nothing is sent.
+    pub fn start_call(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        key: ServerKey,
+        plan: CallPlan,
+        ingress: &Ingress,
+    ) {
+        if cx.tx.server_is_final(&key) {
+            return;
+        }
+        let Some(invite) = cx.tx.server_request(&key).cloned() else { return };
+        let (Ok(from), Ok(to), Ok(call_id), Ok(cseq)) =
+            (invite.from(), invite.to(), invite.call_id(), invite.cseq())
+        else {
+            return;
+        };
+        let local_tag = self.ids.tag();
+        let a_contact = self.contact_for(&ingress.reply_egress());
+        let a = Dialog {
+            call_id: call_id.to_owned(),
+            local_tag: local_tag.clone(),
+            remote_tag: from.tag().map(str::to_owned),
+            local_uri: strip_params(&to),
+            remote_uri: strip_params(&from),
+            remote_target: first_contact(&invite).unwrap_or_else(|| from.uri.to_string()),
+            route_set: invite.header_list("record-route").iter().map(|s| (*s).to_owned()).collect(),
+            local_cseq: 0,
+            egress: ingress.reply_egress(),
+            contact: a_contact,
+            invite_cseq: cseq.seq,
+            last_ack: None,
+        };
+        let max_forwards = invite
+            .header("max-forwards")
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .map_or(70, |m| m.saturating_sub(1).min(70));
+        let caller_user = plan.caller_aor.split('@').next().unwrap_or("anonymous").to_owned();
+        let callee_user = plan.callee_aor.split('@').next().unwrap_or_default().to_owned();
+
+        let id = self.next_call;
+        self.next_call += 1;
+        let mut branches = Vec::with_capacity(plan.targets.len());
+        for (idx, t) in plan.targets.iter().enumerate() {
+            let b_call_id = self.ids.call_id();
+            let mut from_na = NameAddr::new(sipmsg::Uri::sip(Some(&caller_user), &t.host, None));
+            from_na.display = from.display.clone();
+            let dialog = Dialog {
+                call_id: b_call_id.clone(),
+                local_tag: self.ids.tag(),
+                remote_tag: None,
+                local_uri: from_na.to_string(),
+                remote_uri: NameAddr::new(sipmsg::Uri::sip(Some(&callee_user), &t.host, None))
+                    .to_string(),
+                remote_target: t.contact.clone(),
+                route_set: Vec::new(),
+                local_cseq: 1,
+                egress: t.egress.clone(),
+                contact: self.contact_for(&t.egress),
+                invite_cseq: 1,
+                last_ack: None,
+            };
+            let mut req = self.build_request(&dialog, "INVITE", 1, &invite, REQUEST_HEADERS);
+            req.set_header("Max-Forwards", max_forwards.to_string());
+            let key = cx.tx.start_client(cx.now, req, t.egress.clone());
+            self.by_client.insert(key.clone(), Pending::Branch { call: id, idx });
+            self.by_call_id.insert(b_call_id, (id, Side::B(idx)));
+            branches.push(Branch {
+                key,
+                dialog,
+                state: BranchState::Calling,
+                cancel_pending: false,
+                final_status: None,
+            });
+        }
+        self.by_call_id.insert(call_id.to_owned(), (id, Side::A));
+        self.by_server.insert(key.clone(), id);
+        self.calls.insert(
+            id,
+            Call {
+                call_ref: format!("{call_id};{local_tag}"),
+                state: CallState::Setup,
+                a_key: key,
+                a_invite: invite,
+                a,
+                a_ingress_ip: ingress.local.addr.ip().to_string(),
+                branches,
+                winner: None,
+                caller_aor: plan.caller_aor,
+                callee_aor: plan.callee_aor,
+                answered_at_ms: 0,
+            },
+        );
+    }
+
+    fn contact_for(&self, egress: &Egress) -> String {
+        let mut uri = sipmsg::Uri::sip(
+            Some(&self.ids.contact_user()),
+            &egress.local.addr.ip().to_string(),
+            Some(egress.local.addr.port()),
+        );
+        if egress.local.transport != crate::transport::Transport::Udp {
+            uri.set_param("transport", Some(egress.local.transport.as_str()));
+        }
+        format!("<{uri}>")
+    }
+
+    /// A request on `dialog` with our Via/From/To/Contact, carrying `source`'s body and the
+    /// listed headers.
+    fn build_request(
+        &self,
+        d: &Dialog,
+        method: &str,
+        cseq: u32,
+        source: &SipMessage,
+        copy: &[&str],
+    ) -> SipMessage {
+        let mut req = SipMessage::request(method, d.remote_target.clone());
+        req.push_header(
+            "Via",
+            format!(
+                "SIP/2.0/{} {};branch={};rport",
+                d.egress.local.transport.via_token(),
+                d.egress.local.addr,
+                self.ids.branch()
+            ),
+        );
+        req.push_header("Max-Forwards", "70");
+        for r in &d.route_set {
+            req.push_header("Route", r.clone());
+        }
+        req.push_header("From", format!("{};tag={}", d.local_uri, d.local_tag));
+        match &d.remote_tag {
+            Some(t) => req.push_header("To", format!("{};tag={t}", d.remote_uri)),
+            None => req.push_header("To", d.remote_uri.clone()),
+        }
+        req.push_header("Call-ID", d.call_id.clone());
+        req.push_header("CSeq", format!("{cseq} {method}"));
+        if method != "BYE" && method != "CANCEL" {
+            req.push_header("Contact", d.contact.clone());
+        }
+        for h in &source.headers {
+            if copy.contains(&h.key.as_str()) {
+                req.headers.push(h.clone());
+            }
+        }
+        req.body = source.body.clone();
+        req
+    }
+
+    /// A fresh in-dialog request on `side`, consuming a CSeq.
+    fn new_request(
+        &mut self,
+        call: u64,
+        side: Side,
+        method: &str,
+        source: &SipMessage,
+        copy: &[&str],
+    ) -> Option<(SipMessage, Egress)> {
+        let c = self.calls.get_mut(&call)?;
+        let d = c.dialog_mut(side);
+        d.local_cseq += 1;
+        if method == "INVITE" {
+            d.invite_cseq = d.local_cseq;
+        }
+        let d = d.clone();
+        Some((self.build_request(&d, method, d.local_cseq, source, copy), d.egress))
+    }
+
+    /// A response on an INVITE or in-dialog server transaction, relayed from the other leg.
+    fn relay_response(
+        &self,
+        cx: &mut Ctx<'_>,
+        key: &ServerKey,
+        resp: &SipMessage,
+        to_tag: Option<&str>,
+        contact: Option<&str>,
+    ) {
+        let Some(req) = cx.tx.server_request(key).cloned() else { return };
+        let status = resp.status().unwrap_or(500);
+        let mut out = SipMessage::response_to(&req, status, resp.reason().unwrap_or(""), to_tag);
+        if let Some(c) = contact
+            && status < 300
+        {
+            out.push_header("Contact", c.to_owned());
+        }
+        for h in &resp.headers {
+            if RESPONSE_HEADERS.contains(&h.key.as_str()) {
+                out.headers.push(h.clone());
+            }
+        }
+        out.body = resp.body.clone();
+        if let Err(e) = cx.tx.respond(cx.now, key, out) {
+            tracing::debug!(?e, status, "could not relay response");
+        }
+    }
+
+    /// A response from a client transaction the B2BUA started.
+    pub fn handle_response(&mut self, cx: &mut Ctx<'_>, key: ClientKey, resp: SipMessage) {
+        match self.by_client.get(&key).cloned() {
+            Some(Pending::Branch { call, idx }) => self.branch_response(cx, call, idx, resp),
+            Some(Pending::Relay { call, origin, method, target_side }) => {
+                if resp.status().unwrap_or(0) >= 200 {
+                    self.by_client.remove(&key);
+                }
+                self.relayed_response(cx, call, &origin, &method, target_side, &resp);
+            }
+            Some(Pending::Ignore) if resp.status().unwrap_or(0) >= 200 => {
+                self.by_client.remove(&key);
+            }
+            Some(Pending::Ignore) => {}
+            None => {}
+        }
+    }
+
+    /// A client transaction timed out (Timer B/F): treated as a `408`.
+    pub fn handle_timeout(&mut self, cx: &mut Ctx<'_>, key: ClientKey) {
+        let mut synthetic = SipMessage::response(408, "Request Timeout");
+        synthetic.push_header("CSeq", "0 INVITE");
+        match self.by_client.get(&key).cloned() {
+            Some(Pending::Branch { call, idx }) => self.branch_response(cx, call, idx, synthetic),
+            Some(Pending::Relay { call, origin, method, target_side }) => {
+                self.by_client.remove(&key);
+                self.relayed_response(cx, call, &origin, &method, target_side, &synthetic);
+            }
+            _ => {
+                self.by_client.remove(&key);
+            }
+        }
+    }
+
+    fn branch_response(&mut self, cx: &mut Ctx<'_>, call: u64, idx: usize, resp: SipMessage) {
+        let status = resp.status().unwrap_or(500);
+        let ids = self.ids.clone();
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        let remote_tag = resp.to().ok().and_then(|t| t.tag().map(str::to_owned));
+        match status {
+            100 => {}
+            101..=199 => {
+                let b = &mut c.branches[idx];
+                if b.state == BranchState::Calling {
+                    b.state = BranchState::Early;
+                }
+                if b.cancel_pending {
+                    b.cancel_pending = false;
+                    self.cancel_branch(cx, call, idx);
+                    return;
+                }
+                if c.state == CallState::Setup {
+                    let (tag, contact) = (c.a.local_tag.clone(), c.a.contact.clone());
+                    let key = c.a_key.clone();
+                    let has_tag = remote_tag.is_some();
+                    self.relay_response(
+                        cx,
+                        &key,
+                        &resp,
+                        Some(&tag),
+                        has_tag.then_some(contact.as_str()),
+                    );
+                }
+            }
+            200..=299 => {
+                if c.winner == Some(idx) {
+                    // A retransmitted 2xx: our ACK was lost (RFC 3261 §13.2.2.4).
+                    if let Some(ack) = c.branches[idx].dialog.last_ack.clone() {
+                        cx.out.push(ack);
+                    }
+                    return;
+                }
+                let b = &mut c.branches[idx];
+                b.dialog.remote_tag = remote_tag;
+                if let Some(t) = first_contact(&resp) {
+                    b.dialog.remote_target = t;
+                }
+                b.dialog.route_set = resp
+                    .header_list("record-route")
+                    .iter()
+                    .rev()
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                if c.state != CallState::Setup || c.winner.is_some() {
+                    // Lost the race, or the caller cancelled: ACK and hang up this branch.
+                    b.state = BranchState::Done;
+                    let d = b.dialog.clone();
+                    let ack = build_ack(&ids, &d, d.invite_cseq, &SipMessage::response(200, ""));
+                    cx.out.push(Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() });
+                    self.send_bye(
+                        cx,
+                        call,
+                        Side::B(idx),
+                        "SIP;cause=200;text=\"Call completed elsewhere\"",
+                    );
+                    return;
+                }
+                b.state = BranchState::Answered;
+                c.winner = Some(idx);
+                c.state = CallState::Answered;
+                c.answered_at_ms = cx.wall_ms;
+                let (tag, contact, key) =
+                    (c.a.local_tag.clone(), c.a.contact.clone(), c.a_key.clone());
+                cx.work.push(Work::AccountingStart(AccountingStartRequest {
+                    call_ref: c.call_ref.clone(),
+                    caller: c.caller_aor.clone(),
+                    callee: c.callee_aor.clone(),
+                    answered_at_ms: cx.wall_ms,
+                    callee_ingress_ip: c.branches[idx].dialog.egress.local.addr.ip().to_string(),
+                    caller_ingress_ip: c.a_ingress_ip.clone(),
+                }));
+                let others: Vec<usize> = (0..c.branches.len()).filter(|i| *i != idx).collect();
+                self.relay_response(cx, &key, &resp, Some(&tag), Some(&contact));
+                for i in others {
+                    self.cancel_branch(cx, call, i);
+                }
+            }
+            _ => {
+                let b = &mut c.branches[idx];
+                b.state = BranchState::Done;
+                b.final_status = Some(resp);
+                self.finish_if_all_failed(cx, call);
+            }
+        }
+    }
+
+    /// When every branch failed and nobody answered, relay the best final response to the caller.
+    fn finish_if_all_failed(&mut self, cx: &mut Ctx<'_>, call: u64) {
+        let Some(c) = self.calls.get(&call) else { return };
+        if c.winner.is_some() || c.branches.iter().any(|b| b.state != BranchState::Done) {
+            return;
+        }
+        if c.state == CallState::Setup {
+            let best = best_final(c.branches.iter().filter_map(|b| b.final_status.as_ref()));
+            let (tag, key) = (c.a.local_tag.clone(), c.a_key.clone());
+            match best {
+                Some(resp) => {
+                    let resp = resp.clone();
+                    self.relay_response(cx, &key, &resp, Some(&tag), None);
+                }
+                None => {
+                    let req = c.a_invite.clone();
+                    let resp =
+                        SipMessage::response_to(&req, 480, "Temporarily Unavailable", Some(&tag));
+                    let _ = cx.tx.respond(cx.now, &key, resp);
+                }
+            }
+        }
+        self.remove_call(call);
+    }
+
+    /// Sends CANCEL on branch `idx` if it has a provisional response, or marks it to be
+    /// cancelled when one arrives (RFC 3261 §9.1).
+    fn cancel_branch(&mut self, cx: &mut Ctx<'_>, call: u64, idx: usize) {
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        let b = &mut c.branches[idx];
+        match b.state {
+            BranchState::Calling => b.cancel_pending = true,
+            BranchState::Early => {
+                if let Some((cancel, egress)) = cx.tx.cancel_request(&b.key) {
+                    let k = cx.tx.start_client(cx.now, cancel, egress);
+                    self.by_client.insert(k, Pending::Ignore);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The caller's CANCEL matched INVITE server transaction `key`. Returns false if no call
+    /// holds it (the caller then answers 487 itself).
+    pub fn cancel(&mut self, cx: &mut Ctx<'_>, key: &ServerKey) -> bool {
+        let Some(&call) = self.by_server.get(key) else { return false };
+        let Some(c) = self.calls.get_mut(&call) else { return false };
+        if c.state != CallState::Setup {
+            return true;
+        }
+        c.state = CallState::Cancelled;
+        let resp =
+            SipMessage::response_to(&c.a_invite, 487, "Request Terminated", Some(&c.a.local_tag));
+        let _ = cx.tx.respond(cx.now, key, resp);
+        for i in 0..c.branches.len() {
+            self.cancel_branch(cx, call, i);
+        }
+        true
+    }
+
+    /// An in-dialog request (To tag present) on server transaction `key`. Returns false when it
+    /// belongs to no call we hold (the caller answers 481).
+    pub fn handle_in_dialog(&mut self, cx: &mut Ctx<'_>, key: ServerKey, req: &SipMessage) -> bool {
+        let Ok(call_id) = req.call_id() else { return false };
+        let Some(&(call, side)) = self.by_call_id.get(call_id) else { return false };
+        let Some(c) = self.calls.get_mut(&call) else { return false };
+        let Some(other) = c.other(side) else { return false };
+        let method = req.method().unwrap_or_default().to_owned();
+        // Target refresh (RFC 3261 §12.2.2): a re-INVITE or UPDATE may move the peer.
+        if (method == "INVITE" || method == "UPDATE")
+            && let Some(t) = first_contact(req)
+        {
+            c.dialog_mut(side).remote_target = t;
+        }
+        if method == "BYE" {
+            let ok = SipMessage::response_to(req, 200, "OK", None);
+            let _ = cx.tx.respond(cx.now, &key, ok);
+            let cause = if side == Side::A { "caller-bye" } else { "callee-bye" };
+            let reason = req.header("reason").map(str::to_owned);
+            self.send_bye_with(cx, call, other, reason.as_deref(), Some(req));
+            self.end_call(cx, call, cause);
+            return true;
+        }
+        let Some((out, egress)) = self.new_request(call, other, &method, req, REQUEST_HEADERS)
+        else {
+            return false;
+        };
+        let k = cx.tx.start_client(cx.now, out, egress);
+        self.by_client.insert(k, Pending::Relay { call, origin: key, method, target_side: other });
+        true
+    }
+
+    fn relayed_response(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        call: u64,
+        origin: &ServerKey,
+        method: &str,
+        target_side: Side,
+        resp: &SipMessage,
+    ) {
+        let Some(c) = self.calls.get_mut(&call) else {
+            return;
+        };
+        let status = resp.status().unwrap_or(500);
+        if (200..300).contains(&status)
+            && (method == "INVITE" || method == "UPDATE")
+            && let Some(t) = first_contact(resp)
+        {
+            c.dialog_mut(target_side).remote_target = t;
+        }
+        let origin_side =
+            if target_side == Side::A { c.winner.map(Side::B) } else { Some(Side::A) };
+        let contact = origin_side.map(|s| c.dialog_mut(s).contact.clone());
+        let with_contact = matches!(method, "INVITE" | "UPDATE" | "SUBSCRIBE");
+        self.relay_response(
+            cx,
+            origin,
+            resp,
+            None,
+            if with_contact { contact.as_deref() } else { None },
+        );
+    }
+
+    /// An ACK for a 2xx (a transaction of its own): relay it end to end.
+    pub fn handle_ack(&mut self, cx: &mut Ctx<'_>, req: &SipMessage) {
+        let Ok(call_id) = req.call_id() else { return };
+        let Some(&(call, side)) = self.by_call_id.get(call_id) else { return };
+        let ids = self.ids.clone();
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        let Some(other) = c.other(side) else { return };
+        let d = c.dialog_mut(other);
+        let ack = build_ack(&ids, d, d.invite_cseq, req);
+        let t = Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() };
+        d.last_ack = Some(t.clone());
+        cx.out.push(t);
+    }
+
+    /// The caller never ACKed our 2xx (RFC 3261 §13.3.1.4): hang up both legs.
+    pub fn handle_ack_timeout(&mut self, cx: &mut Ctx<'_>, key: &ServerKey) {
+        let Some(&call) = self.by_server.get(key) else { return };
+        let Some(c) = self.calls.get(&call) else { return };
+        if let Some(w) = c.winner {
+            self.send_bye(cx, call, Side::A, "SIP;cause=408;text=\"ACK timeout\"");
+            self.send_bye(cx, call, Side::B(w), "SIP;cause=408;text=\"ACK timeout\"");
+        }
+        self.end_call(cx, call, "ack-timeout");
+    }
+
+    fn send_bye(&mut self, cx: &mut Ctx<'_>, call: u64, side: Side, reason: &str) {
+        self.send_bye_with(cx, call, side, Some(reason), None);
+    }
+
+    fn send_bye_with(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        call: u64,
+        side: Side,
+        reason: Option<&str>,
+        source: Option<&SipMessage>,
+    ) {
+        let empty = SipMessage::request("BYE", "");
+        let Some((mut bye, egress)) =
+            self.new_request(call, side, "BYE", source.unwrap_or(&empty), &[])
+        else {
+            return;
+        };
+        bye.body = bytes::Bytes::new();
+        if let Some(r) = reason {
+            bye.push_header("Reason", r.to_owned());
+        }
+        let k = cx.tx.start_client(cx.now, bye, egress);
+        self.by_client.insert(k, Pending::Ignore);
+    }
+
+    fn end_call(&mut self, cx: &mut Ctx<'_>, call: u64, cause: &str) {
+        if let Some(c) = self.calls.get(&call)
+            && c.state == CallState::Answered
+        {
+            cx.work.push(Work::AccountingStop(AccountingStopRequest {
+                call_ref: c.call_ref.clone(),
+                ended_at_ms: cx.wall_ms,
+                cause: cause.to_owned(),
+                idempotency_key: format!("{};stop", c.call_ref),
+            }));
+        }
+        self.remove_call(call);
+    }
+
+    fn remove_call(&mut self, call: u64) {
+        if let Some(c) = self.calls.remove(&call) {
+            self.by_call_id.remove(&c.a.call_id);
+            self.by_server.remove(&c.a_key);
+            for b in &c.branches {
+                self.by_call_id.remove(&b.dialog.call_id);
+                if let Some(Pending::Branch { .. }) = self.by_client.get(&b.key) {
+                    self.by_client.remove(&b.key);
+                }
+            }
+            self.by_client.retain(|_, p| match p {
+                Pending::Relay { call: id, .. } => *id != call,
+                _ => true,
+            });
+        }
+    }
+}
+
+/// ACK for a 2xx on dialog `d` (RFC 3261 §13.2.2.4): a new branch, the INVITE's CSeq number.
+fn build_ack(ids: &Ids, d: &Dialog, cseq: u32, source: &SipMessage) -> SipMessage {
+    let mut ack = SipMessage::request("ACK", d.remote_target.clone());
+    ack.push_header(
+        "Via",
+        format!(
+            "SIP/2.0/{} {};branch={};rport",
+            d.egress.local.transport.via_token(),
+            d.egress.local.addr,
+            ids.branch()
+        ),
+    );
+    ack.push_header("Max-Forwards", "70");
+    for r in &d.route_set {
+        ack.push_header("Route", r.clone());
+    }
+    ack.push_header("From", format!("{};tag={}", d.local_uri, d.local_tag));
+    match &d.remote_tag {
+        Some(t) => ack.push_header("To", format!("{};tag={t}", d.remote_uri)),
+        None => ack.push_header("To", d.remote_uri.clone()),
+    }
+    ack.push_header("Call-ID", d.call_id.clone());
+    ack.push_header("CSeq", format!("{cseq} ACK"));
+    if !source.body.is_empty() {
+        if let Some(ct) = source.header("content-type") {
+            ack.push_header("Content-Type", ct.to_owned());
+        }
+        ack.body = source.body.clone();
+    }
+    ack
+}
+
+/// The name-addr without header parameters (tag etc.), as `<uri>` with display name.
+fn strip_params(n: &NameAddr) -> String {
+    let mut n = n.clone();
+    n.params.clear();
+    n.to_string()
+}
+
+fn first_contact(m: &SipMessage) -> Option<String> {
+    m.contacts().ok()?.into_iter().find(|c| !c.is_star()).map(|c| c.uri.to_string())
+}
+
+/// RFC 3261 §16.7 step 6, simplified: a 6xx wins, otherwise the lowest class, preferring
+/// answers that tell the caller more than a timeout.
+fn best_final<'a>(finals: impl Iterator<Item = &'a SipMessage>) -> Option<&'a SipMessage> {
+    finals.min_by_key(|r| {
+        let s = r.status().unwrap_or(500);
+        match s {
+            600..=699 => 0,
+            408 => 2000,
+            503 => 1500,
+            _ => u32::from(s),
+        }
+    })
+}

@@ -1,0 +1,124 @@
+//! The processor's client of the billing contract (`proto/billing.proto`), with a deadline on
+//! every call so a slow or absent billing service becomes a quick SIP answer, not a hang.
+
+use std::time::Duration;
+
+use sipalias_proto::billing::billing_client::BillingClient;
+use sipalias_proto::billing::{
+    AccountStatus, AccountingStartRequest, AccountingStopRequest, AuthorizeRequest,
+    AuthorizeResponse, DigestAlgorithm, GetAccountRequest, VerifyDigestRequest,
+};
+use sipmsg::digest::{Algorithm, Credentials};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+
+/// A connection to billing, cheap to clone.
+#[derive(Clone)]
+pub struct Billing {
+    client: BillingClient<Channel>,
+    timeout: Duration,
+}
+
+/// Outcome of a digest check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestVerdict {
+    /// The response matches the stored HA1.
+    pub valid: bool,
+    /// The account is blocked.
+    pub blocked: bool,
+    /// Why not valid, for logs.
+    pub reason: String,
+}
+
+impl Billing {
+    /// A lazily connecting client: the processor starts even while billing is down.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, Error> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| Error::Config(format!("processor.billing_url: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        Ok(Billing { client: BillingClient::new(endpoint.connect_lazy()), timeout })
+    }
+
+    async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, Error>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(Error::Billing(format!("{what}: {}", status.message()))),
+            Err(_) => Err(Error::Billing(format!("{what}: no answer within {:?}", self.timeout))),
+        }
+    }
+
+    /// Whether an account exists, and whether it is blocked.
+    pub async fn account(&self, aor: &str) -> Result<Option<bool>, Error> {
+        let r = self
+            .call(
+                "GetAccount",
+                self.client.clone().get_account(GetAccountRequest { aor: aor.to_owned() }),
+            )
+            .await?;
+        Ok(r.exists.then_some(r.status == AccountStatus::Blocked as i32))
+    }
+
+    /// Checks digest credentials for `aor` against its stored HA1.
+    pub async fn verify(
+        &self,
+        aor: &str,
+        method: &str,
+        creds: &Credentials,
+        algorithm: Algorithm,
+    ) -> Result<DigestVerdict, Error> {
+        let req = VerifyDigestRequest {
+            aor: aor.to_owned(),
+            username: creds.username.clone(),
+            realm: creds.realm.clone(),
+            nonce: creds.nonce.clone(),
+            uri: creds.uri.clone(),
+            response: creds.response.clone(),
+            qop: creds.qop.clone().unwrap_or_default(),
+            nc: creds.nc.clone().unwrap_or_default(),
+            cnonce: creds.cnonce.clone().unwrap_or_default(),
+            method: method.to_owned(),
+            algorithm: match algorithm {
+                Algorithm::Md5 => DigestAlgorithm::Md5,
+                Algorithm::Sha256 => DigestAlgorithm::Sha256,
+            } as i32,
+        };
+        let r = self.call("VerifyDigest", self.client.clone().verify_digest(req)).await?;
+        Ok(DigestVerdict {
+            valid: r.valid,
+            blocked: r.status == AccountStatus::Blocked as i32,
+            reason: r.reason,
+        })
+    }
+
+    /// May `caller` call `callee`?
+    pub async fn authorize(
+        &self,
+        caller: &str,
+        callee: &str,
+        call_id: &str,
+        ingress_ip: &str,
+    ) -> Result<AuthorizeResponse, Error> {
+        let req = AuthorizeRequest {
+            caller: caller.to_owned(),
+            callee: callee.to_owned(),
+            call_id: call_id.to_owned(),
+            ingress_ip: ingress_ip.to_owned(),
+        };
+        self.call("Authorize", self.client.clone().authorize(req)).await
+    }
+
+    /// Records an answered call.
+    pub async fn start(&self, req: AccountingStartRequest) -> Result<(), Error> {
+        self.call("AccountingStart", self.client.clone().accounting_start(req)).await.map(|_| ())
+    }
+
+    /// Records the end of a call.
+    pub async fn stop(&self, req: AccountingStopRequest) -> Result<(), Error> {
+        self.call("AccountingStop", self.client.clone().accounting_stop(req)).await.map(|_| ())
+    }
+}

@@ -1,0 +1,297 @@
+//! Call flows through the sans-IO core on a virtual clock: the B2BUA and the transaction layer
+//! together, with no sockets, Redis or billing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sipmsg::SipMessage;
+
+use crate::b2bua::{CallPlan, Target, Work};
+use crate::core::Core;
+use crate::ids::Ids;
+use crate::transaction::{ServerKey, Timers};
+use crate::transport::{Egress, Ingress, LocalAddr, Transmit, Transport};
+
+const MAIN: &str = "127.0.0.1:5060";
+const ALIAS: &str = "127.0.0.2:5060";
+const CALLER: &str = "127.0.0.20:5000";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+fn local(s: &str) -> LocalAddr {
+    LocalAddr { addr: addr(s), transport: Transport::Udp }
+}
+
+fn ingress(local_s: &str, remote: &str) -> Ingress {
+    Ingress {
+        local: local(local_s),
+        remote: addr(remote),
+        connection_id: 0,
+        dispatcher_id: "d1".into(),
+    }
+}
+
+fn target(callee: &str) -> Target {
+    Target {
+        contact: format!("sip:alice@{callee}"),
+        egress: Egress {
+            local: local(ALIAS),
+            remote: addr(callee),
+            connection_id: 0,
+            dispatcher_id: "d1".into(),
+        },
+        host: "127.0.0.2".into(),
+    }
+}
+
+struct Harness {
+    core: Core,
+    now: Instant,
+    start: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let timers = Timers {
+            t1: Duration::from_millis(500),
+            t2: Duration::from_secs(4),
+            t4: Duration::from_secs(5),
+        };
+        let now = Instant::now();
+        Harness { core: Core::new(timers, Arc::new(Ids::with_salt("p1", 1))), now, start: now }
+    }
+
+    fn wall(&self) -> u64 {
+        1_000_000 + (self.now - self.start).as_millis() as u64
+    }
+
+    fn send(&mut self, text: &str, from: Ingress) {
+        let msg = sipmsg::parse(text.as_bytes()).expect("test message parses");
+        let (now, wall) = (self.now, self.wall());
+        self.core.handle_message(now, wall, msg, from);
+    }
+
+    fn out(&mut self) -> Vec<(Transmit, SipMessage)> {
+        let mut v = Vec::new();
+        while let Some(t) = self.core.poll_transmit() {
+            let m = sipmsg::parse(&t.bytes).expect("we send parseable SIP");
+            v.push((t, m));
+        }
+        v
+    }
+
+    fn work(&mut self) -> Vec<Work> {
+        let mut v = Vec::new();
+        while let Some(w) = self.core.poll_work() {
+            v.push(w);
+        }
+        v
+    }
+
+    fn advance_to(&mut self, at: Instant) {
+        self.now = at;
+        let wall = self.wall();
+        self.core.handle_timeout(at, wall);
+    }
+
+    /// Caller INVITE → 100 Trying and setup work; then the plan is applied.
+    fn call(&mut self, targets: Vec<Target>) -> ServerKey {
+        self.send(&invite("c1@caller", "z9hG4bKa1"), ingress(MAIN, CALLER));
+        let out = self.out();
+        assert_eq!(out.len(), 1, "only 100 Trying before setup");
+        assert_eq!(out[0].1.status(), Some(100));
+        let Some(Work::Invite { key, ingress: i, .. }) = self.work().pop() else {
+            panic!("INVITE must become setup work")
+        };
+        let plan = CallPlan {
+            caller_aor: "bob@sip.example.net".into(),
+            callee_aor: "alice@sip.example.net".into(),
+            targets,
+            max_duration_secs: 0,
+        };
+        let (now, wall) = (self.now, self.wall());
+        self.core.start_call(now, wall, key.clone(), plan, &i);
+        key
+    }
+}
+
+fn invite(call_id: &str, branch: &str) -> String {
+    format!(
+        "INVITE sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch={branch};rport\r\n\
+Max-Forwards: 70\r\nFrom: \"Bob\" <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>\r\n\
+Call-ID: {call_id}\r\nCSeq: 2 INVITE\r\nContact: <sip:bob@127.0.0.20:5000>\r\n\
+Content-Type: application/sdp\r\nContent-Length: 10\r\n\r\nv=0\r\no=b\r\n"
+    )
+}
+
+/// A response from the callee to the B-leg request `req`.
+fn answer(req: &SipMessage, status: u16, reason: &str, tag: &str, body: &str) -> String {
+    let mut r = SipMessage::response_to(req, status, reason, Some(tag));
+    r.push_header("Contact", "<sip:alice@127.0.0.30:6000>");
+    if !body.is_empty() {
+        r.push_header("Content-Type", "application/sdp");
+        r.body = bytes::Bytes::copy_from_slice(body.as_bytes());
+    }
+    String::from_utf8(r.to_bytes()).expect("utf8")
+}
+
+#[test]
+fn b_leg_leaves_from_the_alias_with_alias_hosts() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000")]);
+    let out = h.out();
+    assert_eq!(out.len(), 1);
+    let (t, m) = &out[0];
+    assert_eq!(t.egress.local, local(ALIAS), "sent from the socket the callee registered through");
+    assert_eq!(t.egress.remote, addr("127.0.0.30:6000"));
+    assert_eq!(m.request_uri(), Some("sip:alice@127.0.0.30:6000"));
+    assert_eq!(m.from().expect("from").uri.host, "127.0.0.2");
+    assert_eq!(m.from().expect("from").uri.user_name(), Some("bob"));
+    assert_eq!(m.to().expect("to").uri.host, "127.0.0.2");
+    let via = m.top_via().expect("via");
+    assert_eq!((via.host.as_str(), via.port), ("127.0.0.2", Some(5060)));
+    assert_ne!(m.call_id().expect("cid"), "c1@caller", "a new Call-ID");
+    assert!(m.header("contact").expect("contact").contains("@127.0.0.2:5060"));
+    assert_eq!(&m.body[..], b"v=0\r\no=b\r\n", "SDP offer relayed unchanged");
+    assert_eq!(m.header("max-forwards"), Some("69"));
+}
+
+#[test]
+fn silent_callee_gets_timer_a_retransmissions_then_caller_gets_408() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000")]);
+    assert_eq!(h.out().len(), 1);
+    let mut sent_at = Vec::new();
+    let mut caller_final = None;
+    while let Some(at) = h.core.poll_timeout() {
+        if at - h.start > Duration::from_secs(40) {
+            break;
+        }
+        h.advance_to(at);
+        for (t, m) in h.out() {
+            if m.method() == Some("INVITE") {
+                sent_at.push((at - h.start).as_millis());
+            } else if t.egress.remote == addr(CALLER) && m.status().unwrap_or(0) >= 200 {
+                caller_final.get_or_insert((m.status(), (at - h.start).as_millis()));
+            }
+        }
+    }
+    assert_eq!(sent_at, vec![500, 1500, 3500, 7500, 15500, 31500], "Timer A doubling from T1");
+    assert_eq!(caller_final, Some((Some(408), 32000)), "Timer B = 64*T1 → 408 to the caller");
+}
+
+#[test]
+fn answered_call_relays_sdp_ack_bye_and_accounts() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000")]);
+    let (_, b_invite) = h.out().remove(0);
+    let callee = ingress(ALIAS, "127.0.0.30:6000");
+
+    h.send(&answer(&b_invite, 180, "Ringing Loudly", "at1", ""), callee.clone());
+    let out = h.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].1.status(), out[0].1.reason()), (Some(180), Some("Ringing Loudly")));
+    assert_eq!(out[0].0.egress.remote, addr(CALLER));
+
+    h.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\no=a 1\r\n"), callee.clone());
+    let out = h.out();
+    let ok = &out.iter().find(|(_, m)| m.status() == Some(200)).expect("200 relayed").1;
+    assert_eq!(&ok.body[..], b"v=0\r\no=a 1\r\n");
+    assert_eq!(ok.call_id().expect("cid"), "c1@caller");
+    let a_tag = ok.to().expect("to").tag().expect("to-tag").to_owned();
+    let a_contact = ok.contacts().expect("contact")[0].uri.to_string();
+    assert!(
+        matches!(h.work().as_slice(), [Work::AccountingStart(s)] if s.callee_ingress_ip == "127.0.0.2")
+    );
+
+    let ack = format!(
+        "ACK {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKack1\r\nMax-Forwards: 70\r\n\
+From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCall-ID: c1@caller\r\nCSeq: 2 ACK\r\n\r\n"
+    );
+    h.send(&ack, ingress(MAIN, CALLER));
+    let out = h.out();
+    assert_eq!(out.len(), 1, "ACK relayed end to end");
+    assert_eq!(out[0].1.method(), Some("ACK"));
+    assert_eq!(out[0].0.egress.local, local(ALIAS));
+    assert_eq!(out[0].1.call_id().ok(), b_invite.call_id().ok());
+    assert_eq!(out[0].1.request_uri(), Some("sip:alice@127.0.0.30:6000"));
+
+    // Callee hangs up.
+    let b_contact = b_invite.contacts().expect("contact")[0].uri.to_string();
+    let b_from = b_invite.from().expect("from");
+    let bye = format!(
+        "BYE {b_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.30:6000;branch=z9hG4bKbye1\r\nMax-Forwards: 70\r\n\
+From: <sip:alice@127.0.0.2>;tag=at1\r\nTo: <sip:bob@127.0.0.2>;tag={}\r\nCall-ID: {}\r\nCSeq: 7 BYE\r\n\r\n",
+        b_from.tag().expect("tag"),
+        b_invite.call_id().expect("cid")
+    );
+    h.send(&bye, callee);
+    let out = h.out();
+    let to_callee =
+        out.iter().find(|(t, _)| t.egress.remote == addr("127.0.0.30:6000")).expect("200 to BYE");
+    assert_eq!(to_callee.1.status(), Some(200));
+    let to_caller =
+        out.iter().find(|(t, _)| t.egress.remote == addr(CALLER)).expect("BYE to caller");
+    assert_eq!(to_caller.1.method(), Some("BYE"));
+    assert_eq!(to_caller.1.request_uri(), Some("sip:bob@127.0.0.20:5000"));
+    assert_eq!(to_caller.0.egress.local, local(MAIN));
+    assert!(matches!(h.work().as_slice(), [Work::AccountingStop(s)] if s.cause == "callee-bye"));
+    assert_eq!(h.core.load().2, 0, "call removed");
+}
+
+#[test]
+fn forked_call_first_2xx_wins_and_the_other_branch_is_cancelled() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000"), target("127.0.0.31:6000")]);
+    let out = h.out();
+    assert_eq!(out.len(), 2, "both bindings ring");
+    let inv =
+        |r: &str| out.iter().find(|(t, _)| t.egress.remote == addr(r)).expect("branch").1.clone();
+    let (b1, b2) = (inv("127.0.0.30:6000"), inv("127.0.0.31:6000"));
+    h.send(&answer(&b2, 180, "Ringing", "t2", ""), ingress(ALIAS, "127.0.0.31:6000"));
+    h.out();
+    h.send(&answer(&b1, 200, "OK", "t1", "v=0\r\n"), ingress(ALIAS, "127.0.0.30:6000"));
+    let out = h.out();
+    assert!(out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(200)));
+    let cancel =
+        out.iter().find(|(_, m)| m.method() == Some("CANCEL")).expect("CANCEL to the loser");
+    assert_eq!(cancel.0.egress.remote, addr("127.0.0.31:6000"));
+    assert_eq!(cancel.1.call_id().ok(), b2.call_id().ok());
+}
+
+#[test]
+fn caller_cancel_gives_487_and_cancels_the_callee() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000")]);
+    let (_, b_invite) = h.out().remove(0);
+    h.send(&answer(&b_invite, 180, "Ringing", "t1", ""), ingress(ALIAS, "127.0.0.30:6000"));
+    h.out();
+    let cancel = "CANCEL sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKa1;rport\r\n\
+Max-Forwards: 70\r\nFrom: \"Bob\" <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>\r\nCall-ID: c1@caller\r\nCSeq: 2 CANCEL\r\n\r\n";
+    h.send(cancel, ingress(MAIN, CALLER));
+    let out = h.out();
+    let statuses: Vec<_> = out
+        .iter()
+        .filter(|(t, _)| t.egress.remote == addr(CALLER))
+        .map(|(_, m)| m.status())
+        .collect();
+    assert!(statuses.contains(&Some(200)) && statuses.contains(&Some(487)), "{statuses:?}");
+    let c = out.iter().find(|(_, m)| m.method() == Some("CANCEL")).expect("CANCEL to callee");
+    assert_eq!(c.0.egress.local, local(ALIAS));
+}
+
+#[test]
+fn request_without_call_id_gets_400_naming_it() {
+    let mut h = Harness::new();
+    h.send(
+        "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKo1\r\nFrom: <sip:b@h>;tag=1\r\nTo: <sip:x@h>\r\nCSeq: 1 OPTIONS\r\n\r\n",
+        ingress(MAIN, CALLER),
+    );
+    let out = h.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.status(), Some(400));
+    assert!(out[0].1.reason().unwrap_or_default().contains("Call-ID"));
+}

@@ -1,0 +1,209 @@
+//! Processor configuration: defaults ← TOML file (`[processor]` table) ← `SIPALIAS_PROCESSOR__*`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Everything a processor reads at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// Cluster-unique processor id (routing token): 1–32 of `[A-Za-z0-9-]`.
+    pub id: String,
+    /// Dispatcher edge URLs to dial in to (`http://ip:port`).
+    pub dispatchers: Vec<String>,
+    /// Billing service URL.
+    pub billing_url: String,
+    /// Milliseconds to wait for billing before treating it as down.
+    pub billing_timeout_ms: u64,
+    /// Redis URL (`redis://`, `redis+unix://`).
+    pub redis_url: String,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// Cluster secret for stateless nonces; every processor must share it.
+    pub auth_secret: String,
+    /// Seconds a nonce stays fresh; older ones get `stale=true`.
+    pub nonce_ttl_secs: u64,
+    /// Shortest registration accepted (`423` below it).
+    pub min_expires: u32,
+    /// Longest registration granted (longer requests are shortened).
+    pub max_expires: u32,
+    /// Registration interval when the phone names none.
+    pub default_expires: u32,
+    /// RFC 3261 T1 in milliseconds (round-trip estimate).
+    pub t1_ms: u64,
+    /// RFC 3261 T2 in milliseconds (retransmission cap).
+    pub t2_ms: u64,
+    /// RFC 3261 T4 in milliseconds (network lifetime of a message).
+    pub t4_ms: u64,
+    /// Seconds given in `Retry-After` when Redis or billing is down.
+    pub retry_after_secs: u32,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            id: "p1".into(),
+            dispatchers: vec!["http://127.0.0.1:7070".into()],
+            billing_url: "http://127.0.0.1:7080".into(),
+            billing_timeout_ms: 1000,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: "sipalias:".into(),
+            auth_secret: String::new(),
+            nonce_ttl_secs: 300,
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            t1_ms: 500,
+            t2_ms: 4000,
+            t4_ms: 5000,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    /// Loads defaults ← `path` (its `[processor]` table) ← environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let mut fig = Figment::new();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(Error::Config(format!("config file {} does not exist", p.display())));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        Self::from_figment(fig.merge(Env::prefixed("SIPALIAS_").split("__")))
+    }
+
+    /// Parses a TOML document (tests and examples), then validates.
+    pub fn from_toml_str(toml: &str) -> Result<Self, Error> {
+        Self::from_figment(Figment::new().merge(Toml::string(toml)))
+    }
+
+    fn from_figment(fig: Figment) -> Result<Self, Error> {
+        let cfg: ProcessorConfig = Figment::from(Serialized::defaults(ProcessorConfig::default()))
+            .merge(fig.focus("processor"))
+            .extract()
+            .map_err(|e| Error::Config(format!("processor.{e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, why: String| Err(Error::Config(format!("processor.{key}: {why}")));
+        if !sipmsg::scan::is_valid_node_id(&self.id) {
+            return bad("id", format!("{:?} must be 1-32 characters of [A-Za-z0-9-]", self.id));
+        }
+        if self.dispatchers.is_empty() {
+            return bad("dispatchers", "at least one dispatcher URL is required".into());
+        }
+        for (i, d) in self.dispatchers.iter().enumerate() {
+            if !(d.starts_with("http://") || d.starts_with("https://")) {
+                return bad(&format!("dispatchers[{i}]"), format!("{d:?} is not an http(s) URL"));
+            }
+        }
+        if !(self.billing_url.starts_with("http://") || self.billing_url.starts_with("https://")) {
+            return bad("billing_url", format!("{:?} is not an http(s) URL", self.billing_url));
+        }
+        if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
+            return bad("redis_url", format!("{:?}: {e}", self.redis_url));
+        }
+        if self.key_prefix.is_empty() {
+            return bad("key_prefix", "must not be empty".into());
+        }
+        if self.auth_secret.len() < 16 {
+            return bad(
+                "auth_secret",
+                "must be at least 16 characters, shared by all processors".into(),
+            );
+        }
+        if self.min_expires == 0 || self.min_expires > self.max_expires {
+            return bad("min_expires", "must be at least 1 and at most max_expires".into());
+        }
+        if self.default_expires < self.min_expires || self.default_expires > self.max_expires {
+            return bad("default_expires", "must lie between min_expires and max_expires".into());
+        }
+        if self.t1_ms == 0 || self.t2_ms < self.t1_ms {
+            return bad("t1_ms", "must be non-zero and not above t2_ms".into());
+        }
+        if self.nonce_ttl_secs == 0 {
+            return bad("nonce_ttl_secs", "must be non-zero".into());
+        }
+        if self.billing_timeout_ms == 0 {
+            return bad("billing_timeout_ms", "must be non-zero".into());
+        }
+        Ok(())
+    }
+
+    /// The transaction timers.
+    pub fn timers(&self) -> crate::transaction::Timers {
+        crate::transaction::Timers {
+            t1: Duration::from_millis(self.t1_ms),
+            t2: Duration::from_millis(self.t2_ms),
+            t4: Duration::from_millis(self.t4_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_local_config_is_valid() {
+        let cfg = ProcessorConfig::from_toml_str(include_str!("../../deploy/local.toml"))
+            .expect("deploy/local.toml");
+        assert_eq!(cfg.id, "p1");
+        assert_eq!(cfg.dispatchers, vec!["http://127.0.0.1:7070".to_owned()]);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = ProcessorConfig::from_toml_str(
+            "[processor]\nauth_secret='0123456789abcdef'\nbogus_key=1\n",
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (toml, key) in [
+            ("id='a.b'", "processor.id"),
+            ("dispatchers=[]", "processor.dispatchers"),
+            ("dispatchers=['127.0.0.1:7070']", "processor.dispatchers[0]"),
+            ("redis_url='nope://x'", "processor.redis_url"),
+            ("auth_secret='short'", "processor.auth_secret"),
+            ("min_expires=7200", "processor.min_expires"),
+            ("t1_ms=0", "processor.t1_ms"),
+        ] {
+            let secret = if toml.starts_with("auth_secret") {
+                ""
+            } else {
+                "auth_secret='0123456789abcdef'\n"
+            };
+            let doc = format!("[processor]\n{secret}{toml}\n");
+            let err = ProcessorConfig::from_toml_str(&doc).expect_err(toml);
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        #[allow(clippy::result_large_err)]
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[processor]\nid='p1'\nauth_secret='0123456789abcdef'\n")?;
+            jail.set_env("SIPALIAS_PROCESSOR__ID", "p7");
+            let cfg =
+                ProcessorConfig::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.id, "p7");
+            Ok(())
+        });
+    }
+}

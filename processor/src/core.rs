@@ -1,0 +1,239 @@
+//! The processor's sans-IO core: parsed messages, timer ticks and results of async work go in;
+//! transmits and async work come out. Owns the transaction layer and the B2BUA, and decides
+//! what each request is for (RFC 3261 §8.2 checks, CANCEL and in-dialog matching).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sipmsg::SipMessage;
+
+use crate::b2bua::{B2bua, CallPlan, Ctx, Work};
+use crate::ids::Ids;
+use crate::transaction::{ServerKey, Timers, TransactionLayer, TxEvent};
+use crate::transport::{Ingress, Transmit};
+
+/// Methods we answer outside a dialog (sent in `Allow`).
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REGISTER";
+
+/// Methods RFC 3261 and common extensions define, which get `405` rather than `501`.
+const KNOWN_METHODS: &[&str] =
+    &["SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "PRACK", "UPDATE", "INFO"];
+
+/// The state machine of one processor.
+pub struct Core {
+    tx: TransactionLayer,
+    b2bua: B2bua,
+    ids: Arc<Ids>,
+    out: Vec<Transmit>,
+    work: Vec<Work>,
+}
+
+impl Core {
+    /// A core for processor `ids.node()`.
+    pub fn new(timers: Timers, ids: Arc<Ids>) -> Self {
+        Core {
+            tx: TransactionLayer::new(timers),
+            b2bua: B2bua::new(ids.clone()),
+            ids,
+            out: Vec::new(),
+            work: Vec::new(),
+        }
+    }
+
+    /// (client transactions, server transactions, calls) held.
+    pub fn load(&self) -> (usize, usize, usize) {
+        let (c, s) = self.tx.len();
+        (c, s, self.b2bua.len())
+    }
+
+    /// A message from a dispatcher. Requests missing a mandatory header get `400` (ACK: dropped).
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        mut msg: SipMessage,
+        ingress: Ingress,
+    ) {
+        if msg.is_request() {
+            if let Err(e) = msg.validate_request() {
+                tracing::info!(error = %e, remote = %ingress.remote, "bad request");
+                if msg.method() != Some("ACK") && msg.top_via().is_ok() {
+                    let resp = SipMessage::response_to(&msg, 400, &e.reason_phrase(), None);
+                    self.out
+                        .push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
+                }
+                return;
+            }
+            stamp_received(&mut msg, &ingress);
+            self.tx.handle_request(now, msg, ingress);
+        } else {
+            self.tx.handle_response(now, msg, ingress);
+        }
+        self.process_events(now, wall_ms);
+    }
+
+    /// Timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
+        self.tx.handle_timeout(now);
+        self.process_events(now, wall_ms);
+    }
+
+    /// When [`Core::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.tx.poll_timeout()
+    }
+
+    /// Answers server transaction `key` (from async REGISTER/INVITE handling).
+    pub fn respond(&mut self, now: Instant, wall_ms: u64, key: &ServerKey, resp: SipMessage) {
+        if let Err(e) = self.tx.respond(now, key, resp) {
+            tracing::debug!(?e, "response for a finished transaction dropped");
+        }
+        self.process_events(now, wall_ms);
+    }
+
+    /// The original request of a server transaction still held.
+    pub fn server_request(&self, key: &ServerKey) -> Option<&SipMessage> {
+        self.tx.server_request(key)
+    }
+
+    /// Whether server transaction `key` already has a final answer (e.g. the caller cancelled).
+    pub fn is_final(&self, key: &ServerKey) -> bool {
+        self.tx.server_is_final(key)
+    }
+
+    /// Starts the B legs of an authorized call.
+    pub fn start_call(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        key: ServerKey,
+        plan: CallPlan,
+        ingress: &Ingress,
+    ) {
+        let mut cx =
+            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+        self.b2bua.start_call(&mut cx, key, plan, ingress);
+        self.process_events(now, wall_ms);
+    }
+
+    /// Next message to put on the wire.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.tx.poll_transmit().or_else(|| self.out.pop())
+    }
+
+    /// Next piece of async work for the shell.
+    pub fn poll_work(&mut self) -> Option<Work> {
+        if self.work.is_empty() { None } else { Some(self.work.remove(0)) }
+    }
+
+    /// A fresh tag for responses generated outside a call (challenges, registrar).
+    pub fn tag(&self) -> String {
+        self.ids.tag()
+    }
+
+    fn process_events(&mut self, now: Instant, wall_ms: u64) {
+        while let Some(ev) = self.tx.poll_event() {
+            let mut cx =
+                Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+            match ev {
+                TxEvent::Request { key, request, ingress } => {
+                    route_request(&mut self.b2bua, &mut cx, &self.ids, key, request, ingress);
+                }
+                TxEvent::Ack { request, .. } => self.b2bua.handle_ack(&mut cx, &request),
+                TxEvent::Response { key, response } => {
+                    self.b2bua.handle_response(&mut cx, key, response)
+                }
+                TxEvent::Timeout { key } => self.b2bua.handle_timeout(&mut cx, key),
+                TxEvent::AckTimeout { key } => self.b2bua.handle_ack_timeout(&mut cx, &key),
+            }
+        }
+    }
+}
+
+/// Decides what a new request is for.
+fn route_request(
+    b2bua: &mut B2bua,
+    cx: &mut Ctx<'_>,
+    ids: &Ids,
+    key: ServerKey,
+    req: SipMessage,
+    ingress: Ingress,
+) {
+    let method = req.method().unwrap_or_default().to_owned();
+    let in_dialog = req.to().ok().is_some_and(|t| t.tag().is_some());
+    let reply = |cx: &mut Ctx<'_>, status: u16, reason: &str, extra: Option<(&str, &str)>| {
+        let mut resp = SipMessage::response_to(&req, status, reason, Some(&ids.tag()));
+        if let Some((n, v)) = extra {
+            resp.push_header(n, v);
+        }
+        let _ = cx.tx.respond(cx.now, &key, resp);
+    };
+    if req.header("max-forwards").and_then(|v| v.trim().parse::<u32>().ok()) == Some(0)
+        && method != "REGISTER"
+        && method != "OPTIONS"
+    {
+        reply(cx, 483, "Too Many Hops", None);
+        return;
+    }
+    match method.as_str() {
+        "CANCEL" => match cx.tx.cancel_target(&req, &ingress) {
+            Some(target) => {
+                reply(cx, 200, "OK", None);
+                if !b2bua.cancel(cx, &target) {
+                    // Still authenticating: answer the INVITE here; the setup task sees it final.
+                    if let Some(inv) = cx.tx.server_request(&target).cloned() {
+                        let resp = SipMessage::response_to(
+                            &inv,
+                            487,
+                            "Request Terminated",
+                            Some(&ids.tag()),
+                        );
+                        let _ = cx.tx.respond(cx.now, &target, resp);
+                    }
+                }
+            }
+            None => reply(cx, 481, "Call/Transaction Does Not Exist", None),
+        },
+        _ if in_dialog => {
+            if !b2bua.handle_in_dialog(cx, key.clone(), &req) {
+                reply(cx, 481, "Call/Transaction Does Not Exist", None);
+            }
+        }
+        "REGISTER" => cx.work.push(Work::Register { key, request: req, ingress }),
+        "INVITE" => cx.work.push(Work::Invite { key, request: req, ingress }),
+        "OPTIONS" => reply(cx, 200, "OK", Some(("Allow", ALLOW))),
+        m if KNOWN_METHODS.contains(&m) => {
+            reply(cx, 405, "Method Not Allowed", Some(("Allow", ALLOW)))
+        }
+        _ => reply(cx, 501, "Not Implemented", Some(("Allow", ALLOW))),
+    }
+}
+
+/// RFC 3581 / RFC 3261 §18.2.1: record where the request really came from in its top Via, so
+/// responses (which copy the Via) go back through the phone's NAT binding.
+fn stamp_received(msg: &mut SipMessage, ingress: &Ingress) {
+    let Ok(mut via) = msg.top_via() else { return };
+    let src_ip = ingress.remote.ip().to_string();
+    let wants_rport = via.param("rport").is_some();
+    if !wants_rport && via.host == src_ip {
+        return;
+    }
+    via.params
+        .retain(|(k, _)| !k.eq_ignore_ascii_case("received") && !k.eq_ignore_ascii_case("rport"));
+    via.params.push(("received".into(), Some(src_ip)));
+    if wants_rport {
+        via.params.push(("rport".into(), Some(ingress.remote.port().to_string())));
+    }
+    let Some(pos) = msg.headers.iter().position(|h| h.key == "via") else { return };
+    let rest: Vec<&str> = sipmsg::headers::split_list(&msg.headers[pos].value).skip(1).collect();
+    let mut value = via.to_string();
+    for r in rest {
+        value.push_str(", ");
+        value.push_str(r);
+    }
+    msg.headers[pos].value = value;
+}
+
+#[cfg(test)]
+#[path = "call_tests.rs"]
+mod tests;

@@ -1,0 +1,149 @@
+//! The processor's side of the edge link: dial in to each dispatcher, say hello, learn its
+//! socket table, receive routed SIP, send what the core asks for. Reconnects with backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sipalias_proto::edge::dispatcher_message::Kind as DKind;
+use sipalias_proto::edge::edge_client::EdgeClient;
+use sipalias_proto::edge::processor_message::Kind as PKind;
+use sipalias_proto::edge::{Heartbeat, Hello, ProcessorMessage, Send};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::node::Node;
+use crate::transport::{Ingress, Transmit};
+
+/// Outbound queue depth per dispatcher link.
+const QUEUE: usize = 8192;
+
+/// Senders to every connected dispatcher, by dispatcher id.
+#[derive(Default)]
+pub struct Links {
+    by_id: RwLock<HashMap<String, mpsc::Sender<ProcessorMessage>>>,
+    next_send: std::sync::atomic::AtomicU64,
+}
+
+impl Links {
+    /// Hands a transmit to the dispatcher owning its socket (any connected one if that
+    /// dispatcher is unknown, since active/standby dispatchers share sockets).
+    pub fn send(&self, t: Transmit) {
+        let map = self.by_id.read().unwrap_or_else(|p| p.into_inner());
+        let Some(link) = map.get(&t.egress.dispatcher_id).or_else(|| map.values().next()) else {
+            tracing::warn!(to = %t.egress.remote, "no dispatcher connected; message dropped");
+            return;
+        };
+        let id = self.next_send.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let msg = ProcessorMessage {
+            kind: Some(PKind::Send(Send {
+                id,
+                egress: Some(t.egress.to_proto()),
+                message: t.bytes,
+            })),
+        };
+        if link.try_send(msg).is_err() {
+            tracing::warn!(to = %t.egress.remote, "dispatcher link queue full; message dropped");
+        }
+    }
+
+    /// Number of connected dispatchers.
+    pub fn len(&self) -> usize {
+        self.by_id.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no dispatcher is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, id: &str, tx: mpsc::Sender<ProcessorMessage>) {
+        self.by_id.write().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), tx);
+    }
+
+    fn remove(&self, id: &str) {
+        self.by_id.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
+
+/// Keeps a link to the dispatcher at `url` open for as long as the processor runs.
+pub async fn maintain(node: Arc<Node>, url: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match run_link(&node, &url).await {
+            Ok(()) => {
+                tracing::warn!(%url, "dispatcher closed the edge link");
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => tracing::warn!(%url, error = %e, "edge link failed"),
+        }
+        // Backoff between reconnect attempts (not synchronisation): a dispatcher that is down
+        // must not be hammered.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
+    let mut client = EdgeClient::connect(url.to_owned()).await.map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let hello = ProcessorMessage {
+        kind: Some(PKind::Hello(Hello { node_id: node.id().to_owned(), capacity: 10_000 })),
+    };
+    tx.send(hello).await.map_err(|e| e.to_string())?;
+    let mut inbound = client
+        .link(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner();
+    let welcome = match inbound.message().await.map_err(|e| e.message().to_owned())? {
+        Some(m) => match m.kind {
+            Some(DKind::Welcome(w)) => w,
+            other => return Err(format!("expected welcome, got {other:?}")),
+        },
+        None => return Err("stream ended before welcome".into()),
+    };
+    let dispatcher_id = welcome.dispatcher_id.clone();
+    node.sockets().learn(&welcome.sockets);
+    node.links().insert(&dispatcher_id, tx.clone());
+    tracing::info!(dispatcher = %dispatcher_id, %url, sockets = welcome.sockets.len(), "linked to dispatcher");
+
+    let heartbeat = {
+        let (tx, node) = (tx.clone(), node.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let (c, s, calls) = node.load();
+                let hb = Heartbeat { transactions: (c + s) as u32, dialogs: calls as u32 };
+                if tx.send(ProcessorMessage { kind: Some(PKind::Heartbeat(hb)) }).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
+    let result = loop {
+        match inbound.message().await {
+            Ok(Some(m)) => match m.kind {
+                Some(DKind::Inbound(i)) => {
+                    let Some(ingress) = i.ingress.as_ref().and_then(Ingress::from_proto) else {
+                        tracing::warn!("inbound message with a malformed ingress dropped");
+                        continue;
+                    };
+                    node.handle_inbound(&i.message, ingress);
+                }
+                Some(DKind::Error(e)) => {
+                    tracing::warn!(dispatcher = %dispatcher_id, send_id = e.send_id, reason = %e.reason, "dispatcher refused a send");
+                }
+                Some(DKind::Welcome(w)) => node.sockets().learn(&w.sockets),
+                None => {}
+            },
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.message().to_owned()),
+        }
+    };
+    heartbeat.abort();
+    node.links().remove(&dispatcher_id);
+    result
+}

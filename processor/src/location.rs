@@ -1,0 +1,235 @@
+//! The location service in Redis: bindings per AOR, shared by every processor.
+//!
+//! One hash per AOR, `<prefix>loc:{<aor>}`, one field per binding (the Contact URI), the value a
+//! JSON [`Binding`]. The braces are a Redis Cluster hash tag, so a move to Redis Cluster keeps
+//! each AOR's work in one slot. A REGISTER is applied by one Lua script: expiry purge, the
+//! Call-ID/CSeq ordering check of RFC 3261 §10.3 and the write happen atomically, so two
+//! processors handling REGISTERs for one AOR at once cannot interleave. See
+//! `docs/redis-data-model.md`.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::registrar::Update;
+use crate::transport::{Egress, Ingress, LocalAddr, Transport};
+
+/// Where a binding's phone is reached: the socket it registered through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredIngress {
+    /// Local IP (main or alias).
+    pub ip: String,
+    /// Local port.
+    pub port: u16,
+    /// `udp`, `tcp` or `tls`.
+    pub transport: String,
+}
+
+/// One registered contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Contact URI.
+    pub contact: String,
+    /// Expiry, Unix milliseconds.
+    pub expires_at_ms: u64,
+    /// `q` value, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Call-ID of the REGISTER that wrote it.
+    pub call_id: String,
+    /// CSeq of the REGISTER that wrote it.
+    pub cseq: u32,
+    /// Source address of the REGISTER (`ip:port`): where requests to the phone are sent.
+    pub received: String,
+    /// The socket it registered through.
+    pub ingress: StoredIngress,
+    /// Stream connection id (0 for UDP).
+    #[serde(default)]
+    pub connection_id: u64,
+    /// Dispatcher that received the REGISTER.
+    pub dispatcher: String,
+    /// User-Agent header, if any.
+    #[serde(default)]
+    pub user_agent: String,
+    /// `+sip.instance`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// `reg-id`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reg_id: Option<u32>,
+}
+
+impl Binding {
+    /// How to send a request to this phone: from the socket it registered through, to the
+    /// address its REGISTER came from (DESIGN.md rule 2).
+    pub fn egress(&self) -> Option<Egress> {
+        let ip = self.ingress.ip.parse().ok()?;
+        Some(Egress {
+            local: LocalAddr {
+                addr: std::net::SocketAddr::new(ip, self.ingress.port),
+                transport: Transport::parse(&self.ingress.transport)?,
+            },
+            remote: self.received.parse().ok()?,
+            connection_id: self.connection_id,
+            dispatcher_id: self.dispatcher.clone(),
+        })
+    }
+}
+
+/// What the REGISTER itself contributes to every binding it writes.
+#[derive(Debug, Clone)]
+pub struct RegisterMeta<'a> {
+    /// Call-ID.
+    pub call_id: &'a str,
+    /// CSeq number.
+    pub cseq: u32,
+    /// Where it came from.
+    pub ingress: &'a Ingress,
+    /// User-Agent header.
+    pub user_agent: &'a str,
+}
+
+const APPLY_LUA: &str = r#"
+-- KEYS[1]: the AOR's hash. ARGV: now_ms, call_id, cseq, remove_all, then (field, expires_at_ms, json)*
+local now = tonumber(ARGV[1])
+local call_id = ARGV[2]
+local cseq = tonumber(ARGV[3])
+local remove_all = ARGV[4] == '1'
+local touched = {}
+for i = 5, #ARGV, 3 do touched[ARGV[i]] = true end
+local cur = redis.call('HGETALL', KEYS[1])
+for i = 1, #cur, 2 do
+  local ok, b = pcall(cjson.decode, cur[i + 1])
+  if (not ok) or tonumber(b.expires_at_ms) <= now then
+    redis.call('HDEL', KEYS[1], cur[i])
+  elseif (remove_all or touched[cur[i]]) and b.call_id == call_id and tonumber(b.cseq) >= cseq then
+    return redis.error_reply('OUTOFORDER')
+  end
+end
+if remove_all then
+  redis.call('DEL', KEYS[1])
+  return {}
+end
+for i = 5, #ARGV, 3 do
+  if ARGV[i + 1] == '0' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+local rest = redis.call('HGETALL', KEYS[1])
+local max = 0
+for i = 1, #rest, 2 do
+  local b = cjson.decode(rest[i + 1])
+  if tonumber(b.expires_at_ms) > max then max = tonumber(b.expires_at_ms) end
+end
+if max > 0 then redis.call('PEXPIREAT', KEYS[1], max) end
+return rest
+"#;
+
+/// The location store.
+#[derive(Clone)]
+pub struct Location {
+    conn: ConnectionManager,
+    prefix: String,
+    apply: redis::Script,
+}
+
+impl Location {
+    /// Connects to Redis. Commands time out after `timeout`, so a hung Redis turns into a quick
+    /// `503` rather than a stuck transaction.
+    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, Error> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Location { conn, prefix: prefix.to_owned(), apply: redis::Script::new(APPLY_LUA) })
+    }
+
+    /// The hash key of an AOR.
+    pub fn key(&self, aor: &str) -> String {
+        format!("{}loc:{{{aor}}}", self.prefix)
+    }
+
+    /// Applies a REGISTER atomically and returns the bindings that remain.
+    pub async fn apply(
+        &self,
+        aor: &str,
+        update: &Update,
+        meta: &RegisterMeta<'_>,
+        now_ms: u64,
+    ) -> Result<Vec<Binding>, Error> {
+        let key = self.key(aor);
+        if *update == Update::Fetch {
+            return self.lookup(aor, now_ms).await;
+        }
+        let mut inv = self.apply.key(&key);
+        inv.arg(now_ms).arg(meta.call_id).arg(meta.cseq);
+        inv.arg(if *update == Update::RemoveAll { "1" } else { "0" });
+        if let Update::Contacts(contacts) = update {
+            for c in contacts {
+                if c.expires == 0 {
+                    inv.arg(&c.field).arg("0").arg("");
+                    continue;
+                }
+                let b = Binding {
+                    contact: c.contact.clone(),
+                    expires_at_ms: now_ms + u64::from(c.expires) * 1000,
+                    q: c.q.clone(),
+                    call_id: meta.call_id.to_owned(),
+                    cseq: meta.cseq,
+                    received: meta.ingress.remote.to_string(),
+                    ingress: StoredIngress {
+                        ip: meta.ingress.local.addr.ip().to_string(),
+                        port: meta.ingress.local.addr.port(),
+                        transport: meta.ingress.local.transport.as_str().to_owned(),
+                    },
+                    connection_id: meta.ingress.connection_id,
+                    dispatcher: meta.ingress.dispatcher_id.clone(),
+                    user_agent: meta.user_agent.to_owned(),
+                    instance: c.instance.clone(),
+                    reg_id: c.reg_id,
+                };
+                let json = serde_json::to_string(&b)
+                    .map_err(|e| Error::Corrupt { key: key.clone(), detail: e.to_string() })?;
+                inv.arg(&c.field).arg(b.expires_at_ms).arg(json);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = match inv.invoke_async(&mut conn).await {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("OUTOFORDER") => {
+                return Err(Error::OutOfOrder { call_id: meta.call_id.to_owned() });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        decode_pairs(&key, &raw, now_ms)
+    }
+
+    /// The live bindings of an AOR.
+    pub async fn lookup(&self, aor: &str, now_ms: u64) -> Result<Vec<Binding>, Error> {
+        let key = self.key(aor);
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await?;
+        decode_pairs(&key, &raw, now_ms)
+    }
+}
+
+/// Decodes HGETALL-style field/value pairs, skipping expired bindings.
+fn decode_pairs(key: &str, raw: &[String], now_ms: u64) -> Result<Vec<Binding>, Error> {
+    let mut out = Vec::with_capacity(raw.len() / 2);
+    for pair in raw.chunks(2) {
+        let [_, json] = pair else { continue };
+        let b: Binding = serde_json::from_str(json)
+            .map_err(|e| Error::Corrupt { key: key.to_owned(), detail: e.to_string() })?;
+        if b.expires_at_ms > now_ms {
+            out.push(b);
+        }
+    }
+    out.sort_by(|a, b| a.contact.cmp(&b.contact));
+    Ok(out)
+}

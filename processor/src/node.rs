@@ -1,0 +1,374 @@
+//! The async shell around [`Core`]: feeds it inbound messages and timer ticks, sends what it
+//! emits through the edge links, and runs the work that needs Redis or billing (REGISTER and
+//! call setup) in tasks, posting their results back into the core.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sipmsg::SipMessage;
+use sipmsg::digest::Algorithm;
+use tokio::sync::Notify;
+
+use crate::auth::{ChallengeKind, NonceCheck, NonceKey, challenge, credentials_for};
+use crate::b2bua::{CallPlan, Target, Work};
+use crate::billing::Billing;
+use crate::config::ProcessorConfig;
+use crate::core::Core;
+use crate::edge::Links;
+use crate::error::Error;
+use crate::ids::Ids;
+use crate::location::{Location, RegisterMeta};
+use crate::registrar::{self, Limits};
+use crate::sockets::SocketTable;
+use crate::transaction::ServerKey;
+use crate::transport::Ingress;
+
+/// Wall clock in Unix milliseconds.
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One running processor.
+pub struct Node {
+    config: ProcessorConfig,
+    core: Mutex<Core>,
+    timer: Notify,
+    links: Links,
+    sockets: SocketTable,
+    location: Location,
+    billing: Billing,
+    nonces: NonceKey,
+}
+
+/// Outcome of checking a request's credentials.
+enum Auth {
+    /// Authenticated as this user.
+    Ok(String),
+    /// Send this challenge.
+    Challenge(SipMessage),
+    /// Refuse with this status.
+    Refuse(u16, &'static str),
+}
+
+impl Node {
+    /// A processor using these stores.
+    pub fn new(config: ProcessorConfig, location: Location, billing: Billing) -> Arc<Self> {
+        let ids = Arc::new(Ids::new(&config.id));
+        let nonces = NonceKey::new(config.auth_secret.as_bytes(), config.nonce_ttl_secs * 1000);
+        Arc::new(Node {
+            core: Mutex::new(Core::new(config.timers(), ids)),
+            timer: Notify::new(),
+            links: Links::default(),
+            sockets: SocketTable::default(),
+            location,
+            billing,
+            nonces,
+            config,
+        })
+    }
+
+    /// This processor's id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// The dispatcher links.
+    pub fn links(&self) -> &Links {
+        &self.links
+    }
+
+    /// What the dispatchers announced about their IPs.
+    pub fn sockets(&self) -> &SocketTable {
+        &self.sockets
+    }
+
+    /// (client transactions, server transactions, calls).
+    pub fn load(&self) -> (usize, usize, usize) {
+        self.lock().load()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the core, then sends what it produced and starts the work it asked for.
+    fn with_core(self: &Arc<Self>, f: impl FnOnce(&mut Core, Instant, u64)) {
+        let (transmits, work) = {
+            let mut core = self.lock();
+            f(&mut core, Instant::now(), wall_ms());
+            let mut t = Vec::new();
+            while let Some(x) = core.poll_transmit() {
+                t.push(x);
+            }
+            let mut w = Vec::new();
+            while let Some(x) = core.poll_work() {
+                w.push(x);
+            }
+            (t, w)
+        };
+        for t in transmits {
+            self.links.send(t);
+        }
+        for w in work {
+            let node = self.clone();
+            tokio::spawn(async move { node.run_work(w).await });
+        }
+        self.timer.notify_one();
+    }
+
+    /// A message the dispatcher routed to us.
+    pub fn handle_inbound(self: &Arc<Self>, bytes: &[u8], ingress: Ingress) {
+        let msg = match sipmsg::parse(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(remote = %ingress.remote, error = %e, "unparseable message dropped");
+                return;
+            }
+        };
+        self.with_core(|core, now, wall| core.handle_message(now, wall, msg, ingress));
+    }
+
+    /// Drives the transaction timers until the process ends.
+    pub async fn run_timers(self: Arc<Self>) {
+        loop {
+            let next = self.lock().poll_timeout();
+            match next {
+                Some(at) if at <= Instant::now() => {
+                    self.with_core(|core, now, wall| core.handle_timeout(now, wall));
+                }
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                        _ = self.timer.notified() => {}
+                    }
+                }
+                None => self.timer.notified().await,
+            }
+        }
+    }
+
+    async fn run_work(self: Arc<Self>, work: Work) {
+        match work {
+            Work::Register { key, request, ingress } => {
+                let resp = match self.register(&request, &ingress).await {
+                    Ok(r) => r,
+                    Err(e) => self.error_response(&request, &e, "REGISTER failed"),
+                };
+                self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
+            }
+            Work::Invite { key, request, ingress } => {
+                match self.setup_call(&request, &ingress).await {
+                    Ok(Ok(plan)) => {
+                        self.with_core(|core, now, wall| {
+                            core.start_call(now, wall, key, plan, &ingress)
+                        });
+                    }
+                    Ok(Err(resp)) => {
+                        self.with_core(|core, now, wall| core.respond(now, wall, &key, resp))
+                    }
+                    Err(e) => {
+                        let resp = self.error_response(&request, &e, "call setup failed");
+                        self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
+                    }
+                }
+            }
+            Work::AccountingStart(req) => {
+                let call_ref = req.call_ref.clone();
+                if let Err(e) = self.billing.start(req).await {
+                    tracing::warn!(%call_ref, error = %e, "accounting start not recorded");
+                }
+            }
+            Work::AccountingStop(req) => {
+                let call_ref = req.call_ref.clone();
+                if let Err(e) = self.billing.stop(req).await {
+                    tracing::warn!(%call_ref, error = %e, "accounting stop not recorded");
+                }
+            }
+        }
+    }
+
+    fn error_response(&self, req: &SipMessage, e: &Error, what: &str) -> SipMessage {
+        let (status, reason) = e.sip_status();
+        tracing::warn!(call_id = req.call_id().unwrap_or("-"), error = %e, status, "{what}");
+        let mut resp = SipMessage::response_to(req, status, reason, Some(&self.lock().tag()));
+        if status == 503 {
+            resp.push_header("Retry-After", self.config.retry_after_secs.to_string());
+        }
+        resp
+    }
+
+    fn reply(&self, req: &SipMessage, status: u16, reason: &str) -> SipMessage {
+        SipMessage::response_to(req, status, reason, Some(&self.lock().tag()))
+    }
+
+    /// Checks digest credentials (RFC 3261 §22) for a request arriving on a socket of `realm`.
+    async fn authenticate(
+        &self,
+        req: &SipMessage,
+        domain: &str,
+        realm: &str,
+    ) -> Result<Auth, Error> {
+        let method = req.method().unwrap_or_default();
+        let kind = ChallengeKind::for_method(method);
+        let now = wall_ms();
+        let new_challenge = |stale: bool| {
+            let nonce = self.nonces.mint(realm, now);
+            Auth::Challenge(challenge(req, kind, realm, &nonce, stale, &self.lock().tag()))
+        };
+        let Some(creds) = credentials_for(req, kind, realm) else {
+            return Ok(new_challenge(false));
+        };
+        if creds.realm != realm {
+            return Ok(new_challenge(false));
+        }
+        let Some(alg) = creds.algorithm() else { return Ok(new_challenge(false)) };
+        match self.nonces.check(&creds.nonce, realm, now) {
+            NonceCheck::Invalid => return Ok(new_challenge(false)),
+            NonceCheck::Stale => return Ok(new_challenge(true)),
+            NonceCheck::Fresh => {}
+        }
+        let aor = format!("{}@{domain}", creds.username);
+        let verdict = self.billing.verify(&aor, method, &creds, alg).await?;
+        if !verdict.valid {
+            tracing::warn!(%aor, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
+            return Ok(new_challenge(false));
+        }
+        if verdict.blocked {
+            tracing::info!(%aor, "blocked account refused");
+            return Ok(Auth::Refuse(403, "Forbidden"));
+        }
+        let _ = Algorithm::Md5;
+        Ok(Auth::Ok(creds.username))
+    }
+
+    /// Handles a REGISTER (RFC 3261 §10.3).
+    async fn register(&self, req: &SipMessage, ingress: &Ingress) -> Result<SipMessage, Error> {
+        let Some(info) = self.sockets.get(ingress.local.addr.ip()) else {
+            return Ok(self.reply(req, 500, "Unknown Local Socket"));
+        };
+        let to = req.to()?;
+        let Some(user) = to.uri.user_name().map(str::to_owned) else {
+            return Ok(self.reply(req, 400, "Missing User In To"));
+        };
+        let authed = match self.authenticate(req, &info.domain, &info.realm).await? {
+            Auth::Ok(u) => u,
+            Auth::Challenge(c) => return Ok(c),
+            Auth::Refuse(s, r) => return Ok(self.reply(req, s, r)),
+        };
+        if authed != user {
+            tracing::warn!(%user, %authed, "REGISTER for another user's AOR refused");
+            return Ok(self.reply(req, 403, "Forbidden"));
+        }
+        let limits = Limits {
+            min: self.config.min_expires,
+            max: self.config.max_expires,
+            default: self.config.default_expires,
+        };
+        let update = match registrar::plan(req, limits) {
+            Ok(u) => u,
+            Err(reject) => return Ok(registrar::reject_response(req, &reject, &self.lock().tag())),
+        };
+        let aor = format!("{user}@{}", info.domain);
+        let meta = RegisterMeta {
+            call_id: req.call_id()?,
+            cseq: req.cseq()?.seq,
+            ingress,
+            user_agent: req.header("user-agent").unwrap_or(""),
+        };
+        let now = wall_ms();
+        let bindings = self.location.apply(&aor, &update, &meta, now).await?;
+        tracing::info!(%aor, via = %ingress.local, bindings = bindings.len(), "registered");
+        Ok(registrar::ok_response(req, &bindings, now, &self.lock().tag()))
+    }
+
+    /// Authenticates, authorizes and locates a new call. `Ok(Err(resp))` is a final answer.
+    async fn setup_call(
+        &self,
+        req: &SipMessage,
+        ingress: &Ingress,
+    ) -> Result<Result<CallPlan, SipMessage>, Error> {
+        let Some(info) = self.sockets.get(ingress.local.addr.ip()) else {
+            return Ok(Err(self.reply(req, 500, "Unknown Local Socket")));
+        };
+        let caller = match self.authenticate(req, &info.domain, &info.realm).await? {
+            Auth::Ok(u) => u,
+            Auth::Challenge(c) => return Ok(Err(c)),
+            Auth::Refuse(s, r) => return Ok(Err(self.reply(req, s, r))),
+        };
+        let caller_aor = format!("{caller}@{}", info.domain);
+        let Some(ruri) = req.request_uri().and_then(|u| sipmsg::Uri::parse(u).ok()) else {
+            return Ok(Err(self.reply(req, 416, "Unsupported URI Scheme")));
+        };
+        let (user, domain) = if ruri.is_sip() {
+            let Some(user) = ruri.user_name() else {
+                return Ok(Err(self.reply(req, 404, "Not Found")));
+            };
+            let Some(domain) = self.sockets.domain_of_host(&ruri.host) else {
+                return Ok(Err(self.reply(req, 404, "Not Found")));
+            };
+            (user.to_owned(), domain)
+        } else if ruri.scheme == "tel" {
+            // A tel: number is a user of the domain the call came in on.
+            let number: String = ruri
+                .host
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !"-.() ".contains(*c))
+                .collect();
+            (number, info.domain.clone())
+        } else {
+            return Ok(Err(self.reply(req, 416, "Unsupported URI Scheme")));
+        };
+        let callee_aor = format!("{user}@{domain}");
+        if self.billing.account(&callee_aor).await?.is_none() {
+            tracing::info!(%caller_aor, %callee_aor, "call to unknown user");
+            return Ok(Err(self.reply(req, 404, "Not Found")));
+        }
+        let call_id = req.call_id()?;
+        let auth = self
+            .billing
+            .authorize(&caller_aor, &callee_aor, call_id, &ingress.local.addr.ip().to_string())
+            .await?;
+        if !auth.allowed {
+            tracing::info!(%caller_aor, %callee_aor, reason = %auth.reason, "billing denied the call");
+            let mut resp = self.reply(req, 403, "Forbidden");
+            resp.push_header(
+                "Reason",
+                format!("SIP;cause=403;text=\"{}\"", auth.reason.replace('"', "'")),
+            );
+            return Ok(Err(resp));
+        }
+        let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
+        let targets: Vec<Target> = bindings
+            .iter()
+            .filter_map(|b| {
+                let egress = b.egress()?;
+                let local = self.sockets.get(egress.local.addr.ip());
+                let host = match local {
+                    Some(i) if i.alias => egress.local.addr.ip().to_string(),
+                    Some(i) => i.domain,
+                    None => domain.clone(),
+                };
+                Some(Target { contact: b.contact.clone(), egress, host })
+            })
+            .collect();
+        if targets.is_empty() {
+            tracing::info!(%caller_aor, %callee_aor, "callee has no binding");
+            return Ok(Err(self.reply(req, 480, "Temporarily Unavailable")));
+        }
+        tracing::info!(%caller_aor, %callee_aor, call_id, branches = targets.len(), "call authorized");
+        Ok(Ok(CallPlan {
+            caller_aor,
+            callee_aor,
+            targets,
+            max_duration_secs: auth.max_duration_secs,
+        }))
+    }
+
+    /// Whether server transaction `key` is still waiting for an answer.
+    pub fn is_pending(&self, key: &ServerKey) -> bool {
+        !self.lock().is_final(key)
+    }
+}

@@ -1,0 +1,209 @@
+//! Registrar logic of RFC 3261 §10.3, free of I/O: what a REGISTER asks for, and the `200`
+//! that lists the bindings afterwards. The atomic read-check-write lives in [`crate::location`].
+
+use sipmsg::SipMessage;
+
+use crate::location::Binding;
+
+/// Registration interval limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Shortest interval accepted; shorter non-zero ones get `423`.
+    pub min: u32,
+    /// Longest interval granted; longer ones are shortened.
+    pub max: u32,
+    /// Interval when the phone names none.
+    pub default: u32,
+}
+
+/// One contact of a REGISTER.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactUpdate {
+    /// Hash field identifying the binding: the Contact URI as written.
+    pub field: String,
+    /// Contact URI.
+    pub contact: String,
+    /// Granted interval in seconds; 0 removes the binding.
+    pub expires: u32,
+    /// `q` parameter, if any.
+    pub q: Option<String>,
+    /// `+sip.instance` (RFC 5626), if any.
+    pub instance: Option<String>,
+    /// `reg-id` (RFC 5626), if any.
+    pub reg_id: Option<u32>,
+}
+
+/// What a REGISTER asks the location store to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// No Contact: just list the bindings.
+    Fetch,
+    /// `Contact: *` with `Expires: 0`: remove every binding.
+    RemoveAll,
+    /// Add, refresh or remove these contacts.
+    Contacts(Vec<ContactUpdate>),
+}
+
+/// A REGISTER refused before touching the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// SIP status.
+    pub status: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// `Min-Expires` to send with `423`.
+    pub min_expires: Option<u32>,
+}
+
+impl Reject {
+    fn bad(reason: &'static str) -> Self {
+        Reject { status: 400, reason, min_expires: None }
+    }
+}
+
+/// Reads the Contact and Expires headers of a REGISTER (RFC 3261 §10.3 steps 6–7).
+pub fn plan(req: &SipMessage, limits: Limits) -> Result<Update, Reject> {
+    let contacts = req.contacts().map_err(|_| Reject::bad("Bad Contact"))?;
+    let header_expires = match req.header("expires") {
+        Some(v) => Some(v.trim().parse::<u32>().map_err(|_| Reject::bad("Bad Expires"))?),
+        None => None,
+    };
+    if contacts.is_empty() {
+        return Ok(Update::Fetch);
+    }
+    if contacts.iter().any(|c| c.is_star()) {
+        if contacts.len() != 1 || header_expires != Some(0) {
+            return Err(Reject::bad("Invalid Wildcard Contact"));
+        }
+        return Ok(Update::RemoveAll);
+    }
+    let mut out = Vec::with_capacity(contacts.len());
+    for c in contacts {
+        if !c.uri.is_sip() && c.uri.scheme.is_empty() {
+            return Err(Reject::bad("Bad Contact"));
+        }
+        let requested = match c.param("expires") {
+            Some(v) => v.trim().parse::<u32>().unwrap_or(limits.default),
+            None => header_expires.unwrap_or(limits.default),
+        };
+        if requested != 0 && requested < limits.min {
+            return Err(Reject {
+                status: 423,
+                reason: "Interval Too Brief",
+                min_expires: Some(limits.min),
+            });
+        }
+        let contact = c.uri.to_string();
+        out.push(ContactUpdate {
+            field: contact.clone(),
+            contact,
+            expires: requested.min(limits.max),
+            q: c.param("q").map(str::to_owned),
+            instance: c.param("+sip.instance").map(|s| s.trim_matches('"').to_owned()),
+            reg_id: c.param("reg-id").and_then(|v| v.parse().ok()),
+        });
+    }
+    Ok(Update::Contacts(out))
+}
+
+/// The `200 OK` listing every current binding with its remaining interval.
+pub fn ok_response(
+    req: &SipMessage,
+    bindings: &[Binding],
+    now_ms: u64,
+    to_tag: &str,
+) -> SipMessage {
+    let mut resp = SipMessage::response_to(req, 200, "OK", Some(to_tag));
+    for b in bindings {
+        let left = b.expires_at_ms.saturating_sub(now_ms).div_ceil(1000);
+        let mut value = format!("<{}>;expires={left}", b.contact);
+        if let Some(q) = &b.q {
+            value.push_str(&format!(";q={q}"));
+        }
+        resp.push_header("Contact", value);
+    }
+    resp
+}
+
+/// The response for a [`Reject`].
+pub fn reject_response(req: &SipMessage, reject: &Reject, to_tag: &str) -> SipMessage {
+    let mut resp = SipMessage::response_to(req, reject.status, reject.reason, Some(to_tag));
+    if let Some(min) = reject.min_expires {
+        resp.push_header("Min-Expires", min.to_string());
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { min: 60, max: 3600, default: 1800 };
+
+    fn register(extra: &str) -> SipMessage {
+        let text = format!(
+            "REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nFrom: <sip:u@h>;tag=1\r\nTo: <sip:u@h>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n{extra}\r\n"
+        );
+        sipmsg::parse(text.as_bytes()).expect("parse")
+    }
+
+    #[test]
+    fn no_contact_fetches() {
+        assert_eq!(plan(&register(""), LIMITS), Ok(Update::Fetch));
+    }
+
+    #[test]
+    fn expires_parameter_beats_header_and_max_caps() {
+        let Ok(Update::Contacts(c)) = plan(
+            &register(
+                "Expires: 120\r\nContact: <sip:u@1.2.3.4>;expires=99999, <sip:u@5.6.7.8>;q=0.5\r\n",
+            ),
+            LIMITS,
+        ) else {
+            panic!("contacts expected")
+        };
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].expires, 3600);
+        assert_eq!(c[1].expires, 120);
+        assert_eq!(c[1].q.as_deref(), Some("0.5"));
+    }
+
+    #[test]
+    fn default_applies_without_any_expires() {
+        let Ok(Update::Contacts(c)) = plan(&register("Contact: <sip:u@1.2.3.4>\r\n"), LIMITS)
+        else {
+            panic!("contacts expected")
+        };
+        assert_eq!(c[0].expires, 1800);
+    }
+
+    #[test]
+    fn too_brief_gets_423_with_min_expires() {
+        let r =
+            plan(&register("Contact: <sip:u@1.2.3.4>;expires=10\r\n"), LIMITS).expect_err("423");
+        assert_eq!((r.status, r.min_expires), (423, Some(60)));
+        let resp = reject_response(&register(""), &r, "t");
+        assert_eq!(resp.header("min-expires"), Some("60"));
+    }
+
+    #[test]
+    fn zero_removes_and_is_not_too_brief() {
+        let Ok(Update::Contacts(c)) =
+            plan(&register("Contact: <sip:u@1.2.3.4>;expires=0\r\n"), LIMITS)
+        else {
+            panic!("contacts expected")
+        };
+        assert_eq!(c[0].expires, 0);
+    }
+
+    #[test]
+    fn wildcard_needs_expires_zero_and_to_be_alone() {
+        assert_eq!(plan(&register("Contact: *\r\nExpires: 0\r\n"), LIMITS), Ok(Update::RemoveAll));
+        assert_eq!(plan(&register("Contact: *\r\n"), LIMITS).map_err(|r| r.status), Err(400));
+        assert_eq!(
+            plan(&register("Contact: *, <sip:u@h>\r\nExpires: 0\r\n"), LIMITS)
+                .map_err(|r| r.status),
+            Err(400)
+        );
+    }
+}

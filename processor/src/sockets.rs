@@ -1,0 +1,52 @@
+//! The dispatchers' socket tables, as announced in their `Welcome`: which local IPs are
+//! aliases, and the canonical domain and digest realm of each.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::RwLock;
+
+use sipalias_proto::edge::LocalSocket;
+
+/// What the cluster knows about one local IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpInfo {
+    /// An old provider's IP rather than the main one.
+    pub alias: bool,
+    /// Canonical domain of users behind it.
+    pub domain: String,
+    /// Realm its phones expect.
+    pub realm: String,
+}
+
+/// Local IPs of every connected dispatcher.
+#[derive(Debug, Default)]
+pub struct SocketTable {
+    by_ip: RwLock<HashMap<IpAddr, IpInfo>>,
+}
+
+impl SocketTable {
+    /// Adds a dispatcher's sockets (a later welcome overrides an earlier one for the same IP).
+    pub fn learn(&self, sockets: &[LocalSocket]) {
+        let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
+        for s in sockets {
+            if let Ok(ip) = s.ip.parse() {
+                let realm = if s.realm.is_empty() { s.domain.clone() } else { s.realm.clone() };
+                map.insert(ip, IpInfo { alias: s.alias, domain: s.domain.clone(), realm });
+            }
+        }
+    }
+
+    /// What is known about a local IP.
+    pub fn get(&self, ip: IpAddr) -> Option<IpInfo> {
+        self.by_ip.read().unwrap_or_else(|p| p.into_inner()).get(&ip).cloned()
+    }
+
+    /// The canonical domain a Request-URI host names: a local IP, or one of our domains.
+    pub fn domain_of_host(&self, host: &str) -> Option<String> {
+        let map = self.by_ip.read().unwrap_or_else(|p| p.into_inner());
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return map.get(&ip).map(|i| i.domain.clone());
+        }
+        map.values().find(|i| i.domain.eq_ignore_ascii_case(host)).map(|i| i.domain.clone())
+    }
+}
