@@ -1,0 +1,218 @@
+//! The sipalias dispatcher: the stateless SIP edge of the cluster.
+//!
+//! It owns every SIP socket — the main IP and each alias IP, on their standard and extra
+//! ports — and the gRPC edge link processors dial in to. Each datagram is scanned for its
+//! routing keys and queued to one processor ([`route`]); each `Send` a processor asks for is put
+//! on the wire from exactly the local socket it names ([`link`]). When no processor can take a
+//! request the dispatcher answers `503` itself. It keeps no per-call state.
+//!
+//! Start it with [`run`] (binds what the configuration says), or bind first and call
+//! [`run_with`] — tests bind port 0 that way and learn the real addresses before start-up.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sipalias_proto::edge::LocalSocket;
+use sipalias_proto::edge::edge_server::EdgeServer;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+pub mod config;
+pub mod error;
+pub mod link;
+pub mod route;
+mod udp;
+
+pub use config::{DispatcherConfig, IpConfig};
+pub use error::Error;
+pub use link::{Membership, ProcessorStatus};
+
+/// How often the gRPC server pings an idle processor link, and how long it waits for the
+/// answer: a processor whose host vanished without closing TCP leaves routing within ~10 s.
+const LINK_KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for links and loops to finish before abandoning them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sockets bound before start-up: one UDP socket per socket-table entry (any order) and the
+/// gRPC edge listener.
+#[derive(Debug)]
+pub struct Listeners {
+    /// One per entry of [`DispatcherConfig::sockets`], bound to exactly that address.
+    pub udp: Vec<UdpSocket>,
+    /// Where processors dial in; its address need not be `grpc_listen` (tests bind port 0).
+    pub grpc: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every socket the configuration names: each UDP socket of the socket table and
+    /// `grpc_listen`. The configuration should be validated first (as [`run`] does).
+    pub async fn bind(config: &DispatcherConfig) -> Result<Self, Error> {
+        let mut udp = Vec::new();
+        for addr in config.udp_addrs() {
+            let socket = UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
+                what: "sip udp",
+                addr,
+                source,
+            })?;
+            udp.push(socket);
+        }
+        let grpc = TcpListener::bind(config.grpc_listen).await.map_err(|source| Error::Bind {
+            what: "edge grpc",
+            addr: config.grpc_listen,
+            source,
+        })?;
+        Ok(Self { udp, grpc })
+    }
+}
+
+/// Validates `config`, binds its sockets and serves until `shutdown` completes.
+///
+/// Returns `Ok(())` after a clean shutdown, or the error that stopped start-up or a listener.
+pub async fn run(
+    config: DispatcherConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    config.validate()?;
+    let listeners = Listeners::bind(&config).await?;
+    run_with(config, listeners, shutdown).await
+}
+
+/// Serves on already-bound `listeners` until `shutdown` completes.
+///
+/// The UDP sockets must match the configuration's socket table one to one (by local address);
+/// the gRPC listener may be bound anywhere (`grpc_listen` is then only what [`run`] would have
+/// bound). Once a processor has received its `Welcome` it is routable.
+pub async fn run_with(
+    config: DispatcherConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    config.validate()?;
+    let mut sockets = udp::Sockets::default();
+    for socket in listeners.udp {
+        let addr = socket
+            .local_addr()
+            .map_err(|e| Error::Listeners(format!("cannot read a udp socket's address: {e}")))?;
+        if sockets.get(addr).is_some() {
+            return Err(Error::Listeners(format!("two udp sockets bound to {addr}")));
+        }
+        sockets.insert(addr, Arc::new(socket));
+    }
+    let entries = config.socket_entries();
+    for entry in &entries {
+        if sockets.get(entry.addr).is_none() {
+            return Err(Error::Listeners(format!(
+                "no udp socket bound to {} (dispatcher.{})",
+                entry.addr, entry.key
+            )));
+        }
+    }
+    if sockets.len() != entries.len() {
+        return Err(Error::Listeners(format!(
+            "{} udp sockets given for {} socket-table entries",
+            sockets.len(),
+            entries.len()
+        )));
+    }
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .map_err(|e| Error::Listeners(format!("cannot read the grpc listener's address: {e}")))?;
+
+    let (stop_tx, stop) = watch::channel(false);
+    let ctx = Arc::new(Context {
+        dispatcher_id: config.id.clone(),
+        retry_after_secs: config.retry_after_secs,
+        queue_depth: config.queue_depth,
+        socket_table: config.sockets(),
+        sockets,
+        members: Membership::default(),
+        stop: stop.clone(),
+    });
+
+    let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+    for entry in &entries {
+        let Some(socket) = ctx.sockets.get(entry.addr).cloned() else { continue };
+        info!("sip udp listening on {}", entry.addr);
+        let (ctx, stop, addr) = (Arc::clone(&ctx), stop.clone(), entry.addr);
+        tasks.spawn(async move {
+            udp::serve(ctx, socket, addr, stop).await;
+            Ok(())
+        });
+    }
+    tasks.spawn(serve_grpc(Arc::clone(&ctx), listeners.grpc, grpc_addr, stop.clone()));
+
+    let early = tokio::select! {
+        () = shutdown => None,
+        ended = tasks.join_next() => ended,
+    };
+    // Every loop and link watches this; the gRPC server then finishes gracefully.
+    let _ = stop_tx.send(true);
+    let mut result = match early {
+        None => Ok(()),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Ok(Ok(()))) => Err(Error::Task("a listener stopped before shutdown".into())),
+        Some(Err(join)) => Err(Error::Task(join.to_string())),
+    };
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(ended) = tasks.join_next().await {
+            let failure = match ended {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(join) => Error::Task(join.to_string()),
+            };
+            if result.is_ok() {
+                result = Err(failure);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!("shutdown: listeners still busy after {DRAIN_TIMEOUT:?}; abandoning them");
+        tasks.shutdown().await;
+    }
+    info!("dispatcher {} stopped", config.id);
+    result
+}
+
+async fn serve_grpc(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    info!("edge grpc listening on {addr}");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .http2_keepalive_interval(Some(LINK_KEEPALIVE))
+        .http2_keepalive_timeout(Some(LINK_KEEPALIVE))
+        .add_service(EdgeServer::new(link::EdgeService::new(ctx)))
+        .serve_with_incoming_shutdown(incoming, async move { stopped(&mut stop).await })
+        .await?;
+    Ok(())
+}
+
+/// Completes once the stop signal is raised (or its sender is gone, which also means stop).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// What the receive loops and the links share.
+#[derive(Debug)]
+pub(crate) struct Context {
+    dispatcher_id: String,
+    retry_after_secs: u32,
+    queue_depth: usize,
+    /// Sent in every `Welcome`.
+    socket_table: Vec<LocalSocket>,
+    sockets: udp::Sockets,
+    members: Membership,
+    /// Turns true once at shutdown.
+    stop: watch::Receiver<bool>,
+}
