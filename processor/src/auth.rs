@@ -117,20 +117,21 @@ impl ChallengeKind {
     }
 }
 
-/// Builds the challenge response: SHA-256 offered first, MD5 second (RFC 8760 §2.4), both
-/// `qop="auth"`.
+/// Builds the challenge response: one header per algorithm, in the operator's order of
+/// preference (RFC 8760 §2.4: a phone takes the first it supports), each `qop="auth"`.
 pub fn challenge(
     req: &SipMessage,
     kind: ChallengeKind,
     realm: &str,
     nonce: &str,
     stale: bool,
+    algorithms: &[Algorithm],
     to_tag: &str,
 ) -> SipMessage {
     let (status, reason, header) = kind.response();
     let mut resp = SipMessage::response_to(req, status, reason, Some(to_tag));
     let stale = if stale { ", stale=true" } else { "" };
-    for alg in [Algorithm::Sha256, Algorithm::Md5] {
+    for alg in algorithms {
         resp.push_header(
             header,
             format!(
@@ -184,9 +185,10 @@ mod tests {
     }
 
     #[test]
-    fn challenge_offers_sha256_then_md5() {
+    fn challenge_offers_algorithms_in_configured_order() {
         let req = sipmsg::parse(b"REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nFrom: <sip:u@h>;tag=1\r\nTo: <sip:u@h>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n\r\n").expect("parse");
-        let r = challenge(&req, ChallengeKind::Www, "old.example", "N", true, "t");
+        let algs = [Algorithm::Sha256, Algorithm::Md5];
+        let r = challenge(&req, ChallengeKind::Www, "old.example", "N", true, &algs, "t");
         let hs: Vec<_> = r.headers_named("www-authenticate").collect();
         assert_eq!(hs.len(), 2);
         assert!(hs[0].contains("algorithm=SHA-256") && hs[0].contains("stale=true"));

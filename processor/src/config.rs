@@ -43,6 +43,13 @@ pub struct ProcessorConfig {
     pub t4_ms: u64,
     /// Seconds given in `Retry-After` when Redis or billing is down.
     pub retry_after_secs: u32,
+    /// Digest algorithms offered in challenges, most preferred first (`MD5`, `SHA-256`). MD5
+    /// comes first by default: many deployed phones (and sipp) give up on the first challenge
+    /// if they cannot compute it, instead of trying the next one as RFC 8760 asks.
+    pub digest_algorithms: Vec<String>,
+    /// How to reach registered phones: `detect` (source address when NAT is detected, else the
+    /// Contact), `always` (always the source address) or `never` (always the Contact).
+    pub nat_mode: crate::registrar::NatMode,
 }
 
 impl Default for ProcessorConfig {
@@ -63,6 +70,8 @@ impl Default for ProcessorConfig {
             t2_ms: 4000,
             t4_ms: 5000,
             retry_after_secs: 5,
+            digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
+            nat_mode: crate::registrar::NatMode::Detect,
         }
     }
 }
@@ -135,10 +144,23 @@ impl ProcessorConfig {
         if self.nonce_ttl_secs == 0 {
             return bad("nonce_ttl_secs", "must be non-zero".into());
         }
+        if self.digest_algorithms.is_empty() {
+            return bad("digest_algorithms", "at least one algorithm is required".into());
+        }
+        for (i, a) in self.digest_algorithms.iter().enumerate() {
+            if sipmsg::digest::Algorithm::parse(a).is_none() {
+                return bad(&format!("digest_algorithms[{i}]"), format!("{a:?} is not MD5 or SHA-256"));
+            }
+        }
         if self.billing_timeout_ms == 0 {
             return bad("billing_timeout_ms", "must be non-zero".into());
         }
         Ok(())
+    }
+
+    /// The digest algorithms to offer, in order (validated at load).
+    pub fn algorithms(&self) -> Vec<sipmsg::digest::Algorithm> {
+        self.digest_algorithms.iter().filter_map(|a| sipmsg::digest::Algorithm::parse(a)).collect()
     }
 
     /// The transaction timers.
@@ -182,6 +204,7 @@ mod tests {
             ("auth_secret='short'", "processor.auth_secret"),
             ("min_expires=7200", "processor.min_expires"),
             ("t1_ms=0", "processor.t1_ms"),
+            ("digest_algorithms=['MD5','SHA-512']", "processor.digest_algorithms[1]"),
         ] {
             let secret = if toml.starts_with("auth_secret") {
                 ""

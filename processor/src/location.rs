@@ -59,19 +59,28 @@ pub struct Binding {
     /// `reg-id`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reg_id: Option<u32>,
+    /// Behind NAT: requests go to `received`, otherwise to the Contact's address.
+    #[serde(default)]
+    pub nat: bool,
 }
 
 impl Binding {
-    /// How to send a request to this phone: from the socket it registered through, to the
-    /// address its REGISTER came from (DESIGN.md rule 2).
+    /// How to send a request to this phone: from the socket it registered through (DESIGN.md
+    /// rule 2), to the address its REGISTER came from when it is behind NAT, else its Contact.
     pub fn egress(&self) -> Option<Egress> {
         let ip = self.ingress.ip.parse().ok()?;
+        let received = self.received.parse().ok()?;
+        let remote = if self.nat {
+            received
+        } else {
+            crate::registrar::contact_addr(&self.contact).unwrap_or(received)
+        };
         Some(Egress {
             local: LocalAddr {
                 addr: std::net::SocketAddr::new(ip, self.ingress.port),
                 transport: Transport::parse(&self.ingress.transport)?,
             },
-            remote: self.received.parse().ok()?,
+            remote,
             connection_id: self.connection_id,
             dispatcher_id: self.dispatcher.clone(),
         })
@@ -193,6 +202,7 @@ impl Location {
                     user_agent: meta.user_agent.to_owned(),
                     instance: c.instance.clone(),
                     reg_id: c.reg_id,
+                    nat: c.nat,
                 };
                 let json = serde_json::to_string(&b)
                     .map_err(|e| Error::Corrupt { key: key.clone(), detail: e.to_string() })?;

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sipmsg::SipMessage;
-use sipmsg::digest::Algorithm;
 use tokio::sync::Notify;
 
 use crate::auth::{ChallengeKind, NonceCheck, NonceKey, challenge, credentials_for};
@@ -213,7 +212,8 @@ impl Node {
         let now = wall_ms();
         let new_challenge = |stale: bool| {
             let nonce = self.nonces.mint(realm, now);
-            Auth::Challenge(challenge(req, kind, realm, &nonce, stale, &self.lock().tag()))
+            let algs = self.config.algorithms();
+            Auth::Challenge(challenge(req, kind, realm, &nonce, stale, &algs, &self.lock().tag()))
         };
         let Some(creds) = credentials_for(req, kind, realm) else {
             return Ok(new_challenge(false));
@@ -237,7 +237,6 @@ impl Node {
             tracing::info!(%aor, "blocked account refused");
             return Ok(Auth::Refuse(403, "Forbidden"));
         }
-        let _ = Algorithm::Md5;
         Ok(Auth::Ok(creds.username))
     }
 
@@ -265,6 +264,12 @@ impl Node {
             default: self.config.default_expires,
         };
         let update = match registrar::plan(req, limits) {
+            Ok(registrar::Update::Contacts(mut contacts)) => {
+                for c in &mut contacts {
+                    c.nat = registrar::behind_nat(self.config.nat_mode, req, &c.contact, ingress.remote);
+                }
+                registrar::Update::Contacts(contacts)
+            }
             Ok(u) => u,
             Err(reject) => return Ok(registrar::reject_response(req, &reject, &self.lock().tag())),
         };

@@ -1,6 +1,8 @@
 //! Registrar logic of RFC 3261 §10.3, free of I/O: what a REGISTER asks for, and the `200`
 //! that lists the bindings afterwards. The atomic read-check-write lives in [`crate::location`].
 
+use std::net::{IpAddr, SocketAddr};
+
 use sipmsg::SipMessage;
 
 use crate::location::Binding;
@@ -31,6 +33,57 @@ pub struct ContactUpdate {
     pub instance: Option<String>,
     /// `reg-id` (RFC 5626), if any.
     pub reg_id: Option<u32>,
+    /// The phone is behind NAT: reach it at the REGISTER's source address, not its Contact.
+    pub nat: bool,
+}
+
+/// How the registrar decides whether a phone is behind NAT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatMode {
+    /// NAT when the top Via sent-by differs from the source address, or the Contact names a
+    /// private address that is not the source (what Kamailio's `nat_uac_test` checks).
+    Detect,
+    /// Always send to the source address of the REGISTER.
+    Always,
+    /// Always send to the Contact.
+    Never,
+}
+
+/// Whether requests to this contact must go to the REGISTER's source address.
+pub fn behind_nat(mode: NatMode, req: &SipMessage, contact: &str, source: SocketAddr) -> bool {
+    match mode {
+        NatMode::Always => return true,
+        NatMode::Never => return false,
+        NatMode::Detect => {}
+    }
+    let Some(target) = contact_addr(contact) else { return true };
+    if let Ok(via) = req.top_via() {
+        let sent_by: Option<IpAddr> = via.host.trim_matches(['[', ']']).parse().ok();
+        let port = via.port.unwrap_or(5060);
+        if sent_by != Some(source.ip()) || port != source.port() {
+            return true;
+        }
+    }
+    is_private(target.ip()) && target.ip() != source.ip()
+}
+
+/// The address a Contact URI names, when its host is an IP literal.
+pub fn contact_addr(contact: &str) -> Option<SocketAddr> {
+    let uri = sipmsg::Uri::parse(contact).ok()?;
+    let ip: IpAddr = uri.host.trim_matches(['[', ']']).parse().ok()?;
+    let default = if uri.scheme == "sips" || uri.param("transport") == Some("tls") { 5061 } else { 5060 };
+    Some(SocketAddr::new(ip, uri.port.unwrap_or(default)))
+}
+
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private() || (o[0] == 100 && (64..128).contains(&o[1])) || v4.is_link_local()
+        }
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
 }
 
 /// What a REGISTER asks the location store to do.
@@ -101,6 +154,7 @@ pub fn plan(req: &SipMessage, limits: Limits) -> Result<Update, Reject> {
             q: c.param("q").map(str::to_owned),
             instance: c.param("+sip.instance").map(|s| s.trim_matches('"').to_owned()),
             reg_id: c.param("reg-id").and_then(|v| v.parse().ok()),
+            nat: false,
         });
     }
     Ok(Update::Contacts(out))
@@ -145,6 +199,25 @@ mod tests {
             "REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nFrom: <sip:u@h>;tag=1\r\nTo: <sip:u@h>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n{extra}\r\n"
         );
         sipmsg::parse(text.as_bytes()).expect("parse")
+    }
+
+    #[test]
+    fn nat_is_detected_from_via_and_private_contacts() {
+        let src: SocketAddr = "203.0.113.5:40000".parse().expect("addr");
+        let with_via = |via: &str| {
+            let text = format!("REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bK1\r\n\r\n");
+            sipmsg::parse(text.as_bytes()).expect("parse")
+        };
+        let direct = with_via("203.0.113.5:40000");
+        assert!(!behind_nat(NatMode::Detect, &direct, "sip:u@203.0.113.5:40000", src));
+        // Contact elsewhere but Via matches the source: a public phone with another listener.
+        assert!(!behind_nat(NatMode::Detect, &direct, "sip:u@203.0.113.9:5062", src));
+        assert!(behind_nat(NatMode::Detect, &with_via("192.168.1.10:5060"), "sip:u@192.168.1.10", src));
+        assert!(behind_nat(NatMode::Detect, &direct, "sip:u@10.0.0.7:5060", src));
+        assert!(behind_nat(NatMode::Detect, &direct, "sip:u@phone.example", src));
+        assert!(behind_nat(NatMode::Always, &direct, "sip:u@203.0.113.5:40000", src));
+        assert!(!behind_nat(NatMode::Never, &with_via("10.0.0.1"), "sip:u@10.0.0.1", src));
+        assert_eq!(contact_addr("sips:u@[2001:db8::1]"), Some("[2001:db8::1]:5061".parse().expect("a")));
     }
 
     #[test]
