@@ -295,3 +295,104 @@ fn request_without_call_id_gets_400_naming_it() {
     assert_eq!(out[0].1.status(), Some(400));
     assert!(out[0].1.reason().unwrap_or_default().contains("Call-ID"));
 }
+
+/// Sets up an answered and acknowledged call; returns (B-leg INVITE, caller's view of our
+/// Contact, our To tag towards the caller).
+fn answered_call(h: &mut Harness) -> (SipMessage, String, String) {
+    h.call(vec![target("127.0.0.30:6000")]);
+    let (_, b_invite) = h.out().remove(0);
+    h.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\n"), ingress(ALIAS, "127.0.0.30:6000"));
+    let ok = h.out().into_iter().find(|(_, m)| m.status() == Some(200)).expect("200").1;
+    let a_tag = ok.to().expect("to").tag().expect("tag").to_owned();
+    let a_contact = ok.contacts().expect("contact")[0].uri.to_string();
+    h.send(
+        &format!(
+            "ACK {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKack1\r\n\
+From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCall-ID: c1@caller\r\nCSeq: 2 ACK\r\n\r\n"
+        ),
+        ingress(MAIN, CALLER),
+    );
+    h.out();
+    h.work();
+    (b_invite, a_contact, a_tag)
+}
+
+#[test]
+fn re_invite_from_the_caller_is_relayed_and_its_ack_follows_end_to_end() {
+    let mut h = Harness::new();
+    let (b_invite, a_contact, a_tag) = answered_call(&mut h);
+    h.send(
+        &format!(
+            "INVITE {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKre1\r\nMax-Forwards: 70\r\n\
+From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCall-ID: c1@caller\r\nCSeq: 3 INVITE\r\n\
+Contact: <sip:bob@127.0.0.20:5000>\r\nContent-Type: application/sdp\r\nContent-Length: 9\r\n\r\nv=0\r\nhold"
+        ),
+        ingress(MAIN, CALLER),
+    );
+    let out = h.out();
+    let re = out.iter().find(|(_, m)| m.method() == Some("INVITE")).expect("re-INVITE to callee");
+    assert_eq!(re.0.egress.local, local(ALIAS));
+    assert_eq!(re.1.call_id().ok(), b_invite.call_id().ok());
+    assert_eq!(re.1.cseq().expect("cseq").seq, 2, "next CSeq of our B-leg dialog");
+    assert_eq!(re.1.to().expect("to").tag(), Some("at1"));
+    assert_eq!(&re.1.body[..], b"v=0\r\nhold");
+    let re = re.1.clone();
+
+    h.send(&answer(&re, 200, "OK", "at1", "v=0\r\nheld"), ingress(ALIAS, "127.0.0.30:6000"));
+    let out = h.out();
+    let ok = out.iter().find(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(200));
+    assert_eq!(&ok.expect("200 to the caller").1.body[..], b"v=0\r\nheld");
+
+    h.send(
+        &format!(
+            "ACK {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKack2\r\n\
+From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCall-ID: c1@caller\r\nCSeq: 3 ACK\r\n\r\n"
+        ),
+        ingress(MAIN, CALLER),
+    );
+    let out = h.out();
+    let ack = out.iter().find(|(_, m)| m.method() == Some("ACK")).expect("ACK relayed");
+    assert_eq!(ack.1.cseq().expect("cseq").seq, 2, "ACK carries the re-INVITE's CSeq");
+}
+
+#[test]
+fn info_from_the_callee_reaches_the_caller_and_the_answer_comes_back() {
+    let mut h = Harness::new();
+    let (b_invite, _, _) = answered_call(&mut h);
+    let b_contact = b_invite.contacts().expect("contact")[0].uri.to_string();
+    let b_tag = b_invite.from().expect("from").tag().expect("tag").to_owned();
+    h.send(
+        &format!(
+            "INFO {b_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.30:6000;branch=z9hG4bKinfo1\r\nMax-Forwards: 70\r\n\
+From: <sip:alice@127.0.0.2>;tag=at1\r\nTo: <sip:bob@127.0.0.2>;tag={b_tag}\r\nCall-ID: {}\r\nCSeq: 9 INFO\r\n\
+Content-Type: application/dtmf-relay\r\nContent-Length: 10\r\n\r\nSignal=5\r\n",
+            b_invite.call_id().expect("cid")
+        ),
+        ingress(ALIAS, "127.0.0.30:6000"),
+    );
+    let out = h.out();
+    let info = out.iter().find(|(_, m)| m.method() == Some("INFO")).expect("INFO to caller");
+    assert_eq!(info.0.egress.remote, addr(CALLER));
+    assert_eq!(info.1.call_id().ok(), Some("c1@caller"));
+    assert_eq!(info.1.header("content-type"), Some("application/dtmf-relay"));
+    let info = info.1.clone();
+    let mut ok = SipMessage::response_to(&info, 200, "OK Fine", None);
+    ok.push_header("Content-Length", "0");
+    h.send(&String::from_utf8(ok.to_bytes()).expect("utf8"), ingress(MAIN, CALLER));
+    let out = h.out();
+    let back =
+        out.iter().find(|(t, _)| t.egress.remote == addr("127.0.0.30:6000")).expect("relayed");
+    assert_eq!((back.1.status(), back.1.reason()), (Some(200), Some("OK Fine")));
+    assert_eq!(back.1.cseq().expect("cseq").seq, 9);
+}
+
+#[test]
+fn unknown_in_dialog_request_gets_481() {
+    let mut h = Harness::new();
+    h.send(
+        "BYE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKb9\r\nFrom: <sip:b@h>;tag=1\r\nTo: <sip:x@h>;tag=2\r\nCall-ID: nope\r\nCSeq: 5 BYE\r\n\r\n",
+        ingress(MAIN, CALLER),
+    );
+    let out = h.out();
+    assert_eq!(out[0].1.status(), Some(481));
+}

@@ -149,7 +149,10 @@ impl ProcessorConfig {
         }
         for (i, a) in self.digest_algorithms.iter().enumerate() {
             if sipmsg::digest::Algorithm::parse(a).is_none() {
-                return bad(&format!("digest_algorithms[{i}]"), format!("{a:?} is not MD5 or SHA-256"));
+                return bad(
+                    &format!("digest_algorithms[{i}]"),
+                    format!("{a:?} is not MD5 or SHA-256"),
+                );
             }
         }
         if self.billing_timeout_ms == 0 {

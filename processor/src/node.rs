@@ -266,7 +266,12 @@ impl Node {
         let update = match registrar::plan(req, limits) {
             Ok(registrar::Update::Contacts(mut contacts)) => {
                 for c in &mut contacts {
-                    c.nat = registrar::behind_nat(self.config.nat_mode, req, &c.contact, ingress.remote);
+                    c.nat = registrar::behind_nat(
+                        self.config.nat_mode,
+                        req,
+                        &c.contact,
+                        ingress.remote,
+                    );
                 }
                 registrar::Update::Contacts(contacts)
             }

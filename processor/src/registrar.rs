@@ -72,7 +72,8 @@ pub fn behind_nat(mode: NatMode, req: &SipMessage, contact: &str, source: Socket
 pub fn contact_addr(contact: &str) -> Option<SocketAddr> {
     let uri = sipmsg::Uri::parse(contact).ok()?;
     let ip: IpAddr = uri.host.trim_matches(['[', ']']).parse().ok()?;
-    let default = if uri.scheme == "sips" || uri.param("transport") == Some("tls") { 5061 } else { 5060 };
+    let default =
+        if uri.scheme == "sips" || uri.param("transport") == Some("tls") { 5061 } else { 5060 };
     Some(SocketAddr::new(ip, uri.port.unwrap_or(default)))
 }
 
@@ -205,19 +206,28 @@ mod tests {
     fn nat_is_detected_from_via_and_private_contacts() {
         let src: SocketAddr = "203.0.113.5:40000".parse().expect("addr");
         let with_via = |via: &str| {
-            let text = format!("REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bK1\r\n\r\n");
+            let text =
+                format!("REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bK1\r\n\r\n");
             sipmsg::parse(text.as_bytes()).expect("parse")
         };
         let direct = with_via("203.0.113.5:40000");
         assert!(!behind_nat(NatMode::Detect, &direct, "sip:u@203.0.113.5:40000", src));
         // Contact elsewhere but Via matches the source: a public phone with another listener.
         assert!(!behind_nat(NatMode::Detect, &direct, "sip:u@203.0.113.9:5062", src));
-        assert!(behind_nat(NatMode::Detect, &with_via("192.168.1.10:5060"), "sip:u@192.168.1.10", src));
+        assert!(behind_nat(
+            NatMode::Detect,
+            &with_via("192.168.1.10:5060"),
+            "sip:u@192.168.1.10",
+            src
+        ));
         assert!(behind_nat(NatMode::Detect, &direct, "sip:u@10.0.0.7:5060", src));
         assert!(behind_nat(NatMode::Detect, &direct, "sip:u@phone.example", src));
         assert!(behind_nat(NatMode::Always, &direct, "sip:u@203.0.113.5:40000", src));
         assert!(!behind_nat(NatMode::Never, &with_via("10.0.0.1"), "sip:u@10.0.0.1", src));
-        assert_eq!(contact_addr("sips:u@[2001:db8::1]"), Some("[2001:db8::1]:5061".parse().expect("a")));
+        assert_eq!(
+            contact_addr("sips:u@[2001:db8::1]"),
+            Some("[2001:db8::1]:5061".parse().expect("a"))
+        );
     }
 
     #[test]
