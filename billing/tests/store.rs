@@ -1,9 +1,7 @@
 //! Store and gRPC service against a real `redis-server` on a unix socket.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sipalias_billing::account::{Aor, Status};
 use sipalias_billing::store::{CallStart, StopOutcome, Store};
@@ -13,65 +11,8 @@ use sipalias_proto::billing::{
     AccountStatus, AccountingStartRequest, AccountingStopRequest, AuthorizeRequest,
     DigestAlgorithm, GetAccountRequest, VerifyDigestRequest,
 };
+use sipalias_tests::redis::RedisServer;
 use sipmsg::digest::{self, Algorithm, ResponseInput};
-
-/// A `redis-server` child, killed (by its PID) and reaped when dropped so a failing test does
-/// not leave it behind.
-struct RedisServer {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl RedisServer {
-    fn start(dir: &Path) -> Self {
-        let socket = dir.join("r.sock");
-        let child = Command::new("redis-server")
-            .arg("--port")
-            .arg("0")
-            .arg("--unixsocket")
-            .arg(&socket)
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let server = Self { child: Some(child), socket };
-        server.wait_ready(Duration::from_secs(10));
-        server
-    }
-
-    /// Polls until the socket accepts a connection, instead of sleeping a fixed time.
-    fn wait_ready(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not accept within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket.display())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // `Child::kill` signals exactly this PID.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 const PREFIX: &str = "t:";
 
@@ -127,7 +68,7 @@ fn digest_request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_and_service_against_real_redis() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut redis = RedisServer::start(dir.path());
+    let redis = RedisServer::start(dir.path()).expect("redis-server");
     let config = config(&redis);
     let store = Store::connect(&config).await.expect("connect");
 
@@ -385,7 +326,7 @@ async fn store_and_service_against_real_redis() {
     assert_eq!(empty.expect_err("empty call_ref").code(), tonic::Code::InvalidArgument);
 
     // Redis gone: RPCs fail with UNAVAILABLE rather than a wrong answer.
-    redis.stop();
+    redis.process().kill().expect("kill redis-server");
     let err = rpc
         .get_account(GetAccountRequest { aor: "alice@example.com".to_owned() })
         .await

@@ -363,27 +363,7 @@ impl B2bua {
         source: &SipMessage,
         copy: &[&str],
     ) -> SipMessage {
-        let mut req = SipMessage::request(method, d.remote_target.clone());
-        req.push_header(
-            "Via",
-            format!(
-                "SIP/2.0/{} {};branch={};rport",
-                d.egress.local.transport.via_token(),
-                d.egress.local.addr,
-                self.ids.branch()
-            ),
-        );
-        req.push_header("Max-Forwards", "70");
-        for r in &d.route_set {
-            req.push_header("Route", r.clone());
-        }
-        req.push_header("From", format!("{};tag={}", d.local_uri, d.local_tag));
-        match &d.remote_tag {
-            Some(t) => req.push_header("To", format!("{};tag={t}", d.remote_uri)),
-            None => req.push_header("To", d.remote_uri.clone()),
-        }
-        req.push_header("Call-ID", d.call_id.clone());
-        req.push_header("CSeq", format!("{cseq} {method}"));
+        let mut req = dialog_request(&self.ids, d, method, cseq);
         if method != "BYE" && method != "CANCEL" {
             req.push_header("Contact", d.contact.clone());
         }
@@ -778,8 +758,21 @@ impl B2bua {
 
 /// ACK for a 2xx on dialog `d` (RFC 3261 §13.2.2.4): a new branch, the INVITE's CSeq number.
 fn build_ack(ids: &Ids, d: &Dialog, cseq: u32, source: &SipMessage) -> SipMessage {
-    let mut ack = SipMessage::request("ACK", d.remote_target.clone());
-    ack.push_header(
+    let mut ack = dialog_request(ids, d, "ACK", cseq);
+    if !source.body.is_empty() {
+        if let Some(ct) = source.header("content-type") {
+            ack.push_header("Content-Type", ct.to_owned());
+        }
+        ack.body = source.body.clone();
+    }
+    ack
+}
+
+/// The headers every request we send on dialog `d` starts with (RFC 3261 §12.2.1.1): a new
+/// Via branch on the dialog's socket, its route set, From/To with tags, Call-ID and CSeq.
+fn dialog_request(ids: &Ids, d: &Dialog, method: &str, cseq: u32) -> SipMessage {
+    let mut req = SipMessage::request(method, d.remote_target.clone());
+    req.push_header(
         "Via",
         format!(
             "SIP/2.0/{} {};branch={};rport",
@@ -788,24 +781,18 @@ fn build_ack(ids: &Ids, d: &Dialog, cseq: u32, source: &SipMessage) -> SipMessag
             ids.branch()
         ),
     );
-    ack.push_header("Max-Forwards", "70");
+    req.push_header("Max-Forwards", "70");
     for r in &d.route_set {
-        ack.push_header("Route", r.clone());
+        req.push_header("Route", r.clone());
     }
-    ack.push_header("From", format!("{};tag={}", d.local_uri, d.local_tag));
+    req.push_header("From", format!("{};tag={}", d.local_uri, d.local_tag));
     match &d.remote_tag {
-        Some(t) => ack.push_header("To", format!("{};tag={t}", d.remote_uri)),
-        None => ack.push_header("To", d.remote_uri.clone()),
+        Some(t) => req.push_header("To", format!("{};tag={t}", d.remote_uri)),
+        None => req.push_header("To", d.remote_uri.clone()),
     }
-    ack.push_header("Call-ID", d.call_id.clone());
-    ack.push_header("CSeq", format!("{cseq} ACK"));
-    if !source.body.is_empty() {
-        if let Some(ct) = source.header("content-type") {
-            ack.push_header("Content-Type", ct.to_owned());
-        }
-        ack.body = source.body.clone();
-    }
-    ack
+    req.push_header("Call-ID", d.call_id.clone());
+    req.push_header("CSeq", format!("{cseq} {method}"));
+    req
 }
 
 /// The name-addr without header parameters (tag etc.), as `<uri>` with display name.
