@@ -9,7 +9,7 @@ use std::future::Future;
 use sipalias_proto::billing::billing_server::{Billing, BillingServer};
 use sipalias_proto::billing::{
     AccountStatus, AccountingResponse, AccountingStartRequest, AccountingStopRequest,
-    AuthorizeRequest, AuthorizeResponse, DigestAlgorithm, GetAccountRequest, GetAccountResponse,
+    AuthorizeRequest, AuthorizeResponse, DenyReason, DigestAlgorithm, GetAccountRequest, GetAccountResponse,
     VerifyDigestRequest, VerifyDigestResponse,
 };
 use sipmsg::digest::Algorithm;
@@ -136,20 +136,22 @@ impl Billing for BillingService {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, RpcStatus> {
         let req = request.into_inner();
-        let deny = |reason: &str| {
+        let deny = |reason: &str, code: DenyReason| {
             Ok(Response::new(AuthorizeResponse {
                 allowed: false,
                 reason: reason.to_owned(),
                 max_duration_secs: 0,
+                deny: code as i32,
             }))
         };
         match self.lookup("Authorize", &req.caller).await? {
-            None => deny("unknown caller"),
-            Some(a) if a.status == Status::Blocked => deny("account blocked"),
+            None => deny("unknown caller", DenyReason::UnknownAccount),
+            Some(a) if a.status == Status::Blocked => deny("account blocked", DenyReason::Blocked),
             Some(_) => Ok(Response::new(AuthorizeResponse {
                 allowed: true,
                 reason: String::new(),
                 max_duration_secs: self.default_max_duration_secs,
+                deny: DenyReason::Unspecified as i32,
             })),
         }
     }
@@ -168,7 +170,7 @@ impl Billing for BillingService {
             answered_ms: req.answered_at_ms,
         };
         self.store.accounting_start(&start).await.map_err(|e| store_error("AccountingStart", e))?;
-        Ok(Response::new(AccountingResponse { recorded: true }))
+        Ok(Response::new(AccountingResponse { recorded: true, charge_micros: 0 }))
     }
 
     async fn accounting_stop(
@@ -185,7 +187,7 @@ impl Billing for BillingService {
             debug!(call_ref = %req.call_ref, "stop already recorded");
         }
         // Per the contract a retried stop is still "recorded": it was, the first time.
-        Ok(Response::new(AccountingResponse { recorded: true }))
+        Ok(Response::new(AccountingResponse { recorded: true, charge_micros: 0 }))
     }
 }
 

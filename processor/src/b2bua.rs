@@ -73,6 +73,8 @@ pub struct CallPlan {
     pub targets: Vec<Target>,
     /// Longest call allowed by billing, 0 = unlimited.
     pub max_duration_secs: u32,
+    /// The call's id towards billing (reservation, start and stop).
+    pub call_ref: String,
 }
 
 /// Work for the async shell.
@@ -326,7 +328,7 @@ impl B2bua {
         self.calls.insert(
             id,
             Call {
-                call_ref: format!("{call_id};{local_tag}"),
+                call_ref: plan.call_ref.clone(),
                 state: CallState::Setup,
                 a_key: key,
                 a_invite: invite,
@@ -733,6 +735,7 @@ impl B2bua {
                 ended_at_ms: cx.wall_ms,
                 cause: cause.to_owned(),
                 idempotency_key: format!("{};stop", c.call_ref),
+                answered: true,
             }));
         }
         self.remove_call(call);

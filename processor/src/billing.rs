@@ -102,12 +102,14 @@ impl Billing {
         callee: &str,
         call_id: &str,
         ingress_ip: &str,
+        call_ref: &str,
     ) -> Result<AuthorizeResponse, Error> {
         let req = AuthorizeRequest {
             caller: caller.to_owned(),
             callee: callee.to_owned(),
             call_id: call_id.to_owned(),
             ingress_ip: ingress_ip.to_owned(),
+            call_ref: call_ref.to_owned(),
         };
         self.call("Authorize", self.client.clone().authorize(req)).await
     }

@@ -111,6 +111,7 @@ impl Harness {
             callee_aor: "alice@sip.example.net".into(),
             targets,
             max_duration_secs: 0,
+            call_ref: "c1@caller;bt1".into(),
         };
         let (now, wall) = (self.now, self.wall());
         self.core.start_call(now, wall, key.clone(), plan, &i);

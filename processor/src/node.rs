@@ -337,9 +337,17 @@ impl Node {
             return Ok(Err(self.reply(req, 404, "Not Found")));
         }
         let call_id = req.call_id()?;
+        let from_tag = req.from()?.tag().unwrap_or_default().to_owned();
+        let call_ref = format!("{call_id};{from_tag}");
         let auth = self
             .billing
-            .authorize(&caller_aor, &callee_aor, call_id, &ingress.local.addr.ip().to_string())
+            .authorize(
+                &caller_aor,
+                &callee_aor,
+                call_id,
+                &ingress.local.addr.ip().to_string(),
+                &call_ref,
+            )
             .await?;
         if !auth.allowed {
             tracing::info!(%caller_aor, %callee_aor, reason = %auth.reason, "billing denied the call");
@@ -374,6 +382,7 @@ impl Node {
             callee_aor,
             targets,
             max_duration_secs: auth.max_duration_secs,
+            call_ref,
         }))
     }
 
