@@ -171,6 +171,10 @@ struct Call {
     caller_aor: String,
     callee_aor: String,
     answered_at_ms: u64,
+    /// Longest the call may last once answered (billing's limit), if any.
+    max_duration: Option<std::time::Duration>,
+    /// When an answered call is cut off.
+    cutoff_at: Option<Instant>,
 }
 
 impl Call {
@@ -222,7 +226,12 @@ pub struct B2bua {
     by_call_id: HashMap<String, (u64, Side)>,
     by_server: HashMap<ServerKey, u64>,
     by_client: HashMap<ClientKey, Pending>,
+    /// Cut-off deadlines of answered calls with a maximum duration; stale entries are skipped.
+    deadlines: std::collections::BTreeSet<(Instant, u64)>,
 }
+
+/// Reason header of the BYEs sent when billing's maximum duration is reached.
+pub const CUTOFF_REASON: &str = "SIP;cause=200;text=\"Maximum call duration reached\"";
 
 impl B2bua {
     /// An empty call table.
@@ -234,6 +243,7 @@ impl B2bua {
             by_call_id: HashMap::new(),
             by_server: HashMap::new(),
             by_client: HashMap::new(),
+            deadlines: std::collections::BTreeSet::new(),
         }
     }
 
@@ -248,22 +258,23 @@ impl B2bua {
     }
 
     /// Starts ringing every target of `plan` for the caller's INVITE on server transaction `key`.
-    /// If the caller gave up meanwhile (the transaction is final), nothing is sent.
+    /// If the caller gave up meanwhile (the transaction is final), nothing is sent and `false`
+    /// is returned (the caller then releases billing's reservation).
     pub fn start_call(
         &mut self,
         cx: &mut Ctx<'_>,
         key: ServerKey,
         plan: CallPlan,
         ingress: &Ingress,
-    ) {
+    ) -> bool {
         if cx.tx.server_is_final(&key) {
-            return;
+            return false;
         }
-        let Some(invite) = cx.tx.server_request(&key).cloned() else { return };
+        let Some(invite) = cx.tx.server_request(&key).cloned() else { return false };
         let (Ok(from), Ok(to), Ok(call_id), Ok(cseq)) =
             (invite.from(), invite.to(), invite.call_id(), invite.cseq())
         else {
-            return;
+            return false;
         };
         let local_tag = self.ids.tag();
         let a_contact = self.contact_for(&ingress.reply_egress());
@@ -339,8 +350,37 @@ impl B2bua {
                 caller_aor: plan.caller_aor,
                 callee_aor: plan.callee_aor,
                 answered_at_ms: 0,
+                max_duration: (plan.max_duration_secs > 0)
+                    .then(|| std::time::Duration::from_secs(u64::from(plan.max_duration_secs))),
+                cutoff_at: None,
             },
         );
+        true
+    }
+
+    /// When [`B2bua::handle_deadlines`] must next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Cuts off answered calls that reached their maximum duration: BYE to both legs with a
+    /// `Reason` header, and an accounting stop with cause `cut-off`.
+    pub fn handle_deadlines(&mut self, cx: &mut Ctx<'_>) {
+        while let Some(&(at, call)) = self.deadlines.first() {
+            if at > cx.now {
+                break;
+            }
+            self.deadlines.remove(&(at, call));
+            let Some(c) = self.calls.get(&call) else { continue };
+            if c.state != CallState::Answered || c.cutoff_at != Some(at) {
+                continue;
+            }
+            let Some(w) = c.winner else { continue };
+            tracing::info!(call_ref = %c.call_ref, "maximum call duration reached: cutting off");
+            self.send_bye(cx, call, Side::A, CUTOFF_REASON);
+            self.send_bye(cx, call, Side::B(w), CUTOFF_REASON);
+            self.end_call(cx, call, "cut-off");
+        }
     }
 
     fn contact_for(&self, egress: &Egress) -> String {
@@ -526,6 +566,11 @@ impl B2bua {
                 c.winner = Some(idx);
                 c.state = CallState::Answered;
                 c.answered_at_ms = cx.wall_ms;
+                if let Some(max) = c.max_duration {
+                    let at = cx.now + max;
+                    c.cutoff_at = Some(at);
+                    self.deadlines.insert((at, call));
+                }
                 let (tag, contact, key) =
                     (c.a.local_tag.clone(), c.a.contact.clone(), c.a_key.clone());
                 cx.work.push(Work::AccountingStart(AccountingStartRequest {
@@ -573,7 +618,8 @@ impl B2bua {
                 }
             }
         }
-        self.remove_call(call);
+        let cause = if c.state == CallState::Cancelled { "cancelled" } else { "not-answered" };
+        self.end_call(cx, call, cause);
     }
 
     /// Sends CANCEL on branch `idx` if it has a provisional response, or marks it to be
@@ -726,16 +772,16 @@ impl B2bua {
         self.by_client.insert(k, Pending::Ignore);
     }
 
+    /// Removes a call and tells billing: an answered call is charged; for one that never was,
+    /// the stop only releases what authorization reserved.
     fn end_call(&mut self, cx: &mut Ctx<'_>, call: u64, cause: &str) {
-        if let Some(c) = self.calls.get(&call)
-            && c.state == CallState::Answered
-        {
+        if let Some(c) = self.calls.get(&call) {
             cx.work.push(Work::AccountingStop(AccountingStopRequest {
                 call_ref: c.call_ref.clone(),
                 ended_at_ms: cx.wall_ms,
                 cause: cause.to_owned(),
                 idempotency_key: format!("{};stop", c.call_ref),
-                answered: true,
+                answered: c.state == CallState::Answered,
             }));
         }
         self.remove_call(call);

@@ -99,6 +99,10 @@ impl Harness {
 
     /// Caller INVITE → 100 Trying and setup work; then the plan is applied.
     fn call(&mut self, targets: Vec<Target>) -> ServerKey {
+        self.call_limited(targets, 0)
+    }
+
+    fn call_limited(&mut self, targets: Vec<Target>, max_duration_secs: u32) -> ServerKey {
         self.send(&invite("c1@caller", "z9hG4bKa1"), ingress(MAIN, CALLER));
         let out = self.out();
         assert_eq!(out.len(), 1, "only 100 Trying before setup");
@@ -110,7 +114,7 @@ impl Harness {
             caller_aor: "bob@sip.example.net".into(),
             callee_aor: "alice@sip.example.net".into(),
             targets,
-            max_duration_secs: 0,
+            max_duration_secs,
             call_ref: "c1@caller;bt1".into(),
         };
         let (now, wall) = (self.now, self.wall());
@@ -300,7 +304,11 @@ fn request_without_call_id_gets_400_naming_it() {
 /// Sets up an answered and acknowledged call; returns (B-leg INVITE, caller's view of our
 /// Contact, our To tag towards the caller).
 fn answered_call(h: &mut Harness) -> (SipMessage, String, String) {
-    h.call(vec![target("127.0.0.30:6000")]);
+    answered_call_limited(h, 0)
+}
+
+fn answered_call_limited(h: &mut Harness, max_duration_secs: u32) -> (SipMessage, String, String) {
+    h.call_limited(vec![target("127.0.0.30:6000")], max_duration_secs);
     let (_, b_invite) = h.out().remove(0);
     h.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\n"), ingress(ALIAS, "127.0.0.30:6000"));
     let ok = h.out().into_iter().find(|(_, m)| m.status() == Some(200)).expect("200").1;
@@ -396,4 +404,48 @@ fn unknown_in_dialog_request_gets_481() {
     );
     let out = h.out();
     assert_eq!(out[0].1.status(), Some(481));
+}
+
+#[test]
+fn call_reaching_its_maximum_duration_is_cut_off_on_both_legs() {
+    let mut h = Harness::new();
+    answered_call_limited(&mut h, 600);
+    let answered = h.now;
+    let deadline = h.core.poll_timeout().expect("a timer");
+    // Transaction timers (2xx retransmission) come first; run until the cut-off.
+    let mut byes = Vec::new();
+    while let Some(at) = h.core.poll_timeout() {
+        if at > answered + Duration::from_secs(601) {
+            break;
+        }
+        h.advance_to(at);
+        byes.extend(h.out().into_iter().filter(|(_, m)| m.method() == Some("BYE")));
+        if !byes.is_empty() {
+            break;
+        }
+    }
+    assert!(deadline <= answered + Duration::from_secs(600));
+    assert_eq!(h.now - answered, Duration::from_secs(600), "cut off exactly at the maximum");
+    assert_eq!(byes.len(), 2, "BYE to both legs");
+    let remotes: Vec<_> = byes.iter().map(|(t, _)| t.egress.remote).collect();
+    assert!(remotes.contains(&addr(CALLER)) && remotes.contains(&addr("127.0.0.30:6000")));
+    for (_, bye) in &byes {
+        assert_eq!(bye.header("reason"), Some(crate::b2bua::CUTOFF_REASON));
+    }
+    assert!(
+        matches!(h.work().as_slice(), [Work::AccountingStop(s)] if s.cause == "cut-off" && s.answered)
+    );
+}
+
+#[test]
+fn unanswered_call_releases_its_reservation() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000")]);
+    let (_, b_invite) = h.out().remove(0);
+    h.send(&answer(&b_invite, 486, "Busy Here", "at1", ""), ingress(ALIAS, "127.0.0.30:6000"));
+    let out = h.out();
+    assert!(out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(486)));
+    assert!(
+        matches!(h.work().as_slice(), [Work::AccountingStop(s)] if !s.answered && s.cause == "not-answered")
+    );
 }

@@ -50,6 +50,23 @@ pub struct ProcessorConfig {
     /// How to reach registered phones: `detect` (source address when NAT is detected, else the
     /// Contact), `always` (always the source address) or `never` (always the Contact).
     pub nat_mode: crate::registrar::NatMode,
+    /// What a new call gets when billing does not answer within `billing_timeout_ms`:
+    /// `reject` (`503` + `Retry-After`) or `allow` (connect, if the caller is recognised without
+    /// billing, limited to `billing_outage_max_duration_secs`).
+    pub billing_outage: BillingOutage,
+    /// Longest call allowed while billing is down under `billing_outage = "allow"`.
+    pub billing_outage_max_duration_secs: u32,
+}
+
+/// Call policy while billing is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BillingOutage {
+    /// Refuse new calls with `503` + `Retry-After`.
+    Reject,
+    /// Let callers recognised from a live registration (same account, same source address and
+    /// socket as their binding) call, with a capped duration.
+    Allow,
 }
 
 impl Default for ProcessorConfig {
@@ -72,6 +89,8 @@ impl Default for ProcessorConfig {
             retry_after_secs: 5,
             digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
             nat_mode: crate::registrar::NatMode::Detect,
+            billing_outage: BillingOutage::Reject,
+            billing_outage_max_duration_secs: 3600,
         }
     }
 }
@@ -155,6 +174,13 @@ impl ProcessorConfig {
                 );
             }
         }
+        if self.billing_outage == BillingOutage::Allow && self.billing_outage_max_duration_secs == 0
+        {
+            return bad(
+                "billing_outage_max_duration_secs",
+                "must be non-zero when billing_outage = \"allow\"".into(),
+            );
+        }
         if self.billing_timeout_ms == 0 {
             return bad("billing_timeout_ms", "must be non-zero".into());
         }
@@ -208,6 +234,11 @@ mod tests {
             ("min_expires=7200", "processor.min_expires"),
             ("t1_ms=0", "processor.t1_ms"),
             ("digest_algorithms=['MD5','SHA-512']", "processor.digest_algorithms[1]"),
+            ("billing_outage='maybe'", "billing_outage"),
+            (
+                "billing_outage='allow'\nbilling_outage_max_duration_secs=0",
+                "processor.billing_outage_max_duration_secs",
+            ),
         ] {
             let secret = if toml.starts_with("auth_secret") {
                 ""

@@ -72,15 +72,22 @@ impl Core {
         self.process_events(now, wall_ms);
     }
 
-    /// Timers due at `now`.
+    /// Timers due at `now`: transaction timers and call cut-offs.
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.tx.handle_timeout(now);
+        self.process_events(now, wall_ms);
+        let mut cx =
+            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+        self.b2bua.handle_deadlines(&mut cx);
         self.process_events(now, wall_ms);
     }
 
     /// When [`Core::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.tx.poll_timeout()
+        match (self.tx.poll_timeout(), self.b2bua.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Answers server transaction `key` (from async REGISTER/INVITE handling).
@@ -101,7 +108,7 @@ impl Core {
         self.tx.server_is_final(key)
     }
 
-    /// Starts the B legs of an authorized call.
+    /// Starts the B legs of an authorized call; `false` if the caller gave up meanwhile.
     pub fn start_call(
         &mut self,
         now: Instant,
@@ -109,16 +116,17 @@ impl Core {
         key: ServerKey,
         plan: CallPlan,
         ingress: &Ingress,
-    ) {
+    ) -> bool {
         let mut cx =
             Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
-        self.b2bua.start_call(&mut cx, key, plan, ingress);
+        let started = self.b2bua.start_call(&mut cx, key, plan, ingress);
         self.process_events(now, wall_ms);
+        started
     }
 
     /// Next message to put on the wire.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.tx.poll_transmit().or_else(|| self.out.pop())
+        self.tx.poll_transmit().or_else(|| (!self.out.is_empty()).then(|| self.out.remove(0)))
     }
 
     /// Next piece of async work for the shell.

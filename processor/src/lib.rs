@@ -6,6 +6,7 @@
 //! [`b2bua`], [`transaction`], [`registrar`], [`auth`]) is sans-IO; [`node`] and [`edge`] are the
 //! async shell around it.
 
+pub mod accounting;
 pub mod auth;
 pub mod b2bua;
 pub mod billing;
@@ -38,6 +39,7 @@ pub async fn run(
     tracing::info!(id = %config.id, "processor started");
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(node.clone().run_timers());
+    tasks.spawn(node.accounting().clone().run_drain(Duration::from_secs(1)));
     for url in &config.dispatchers {
         tasks.spawn(edge::maintain(node.clone(), url.clone()));
     }

@@ -159,6 +159,11 @@ impl Location {
         Ok(Location { conn, prefix: prefix.to_owned(), apply: redis::Script::new(APPLY_LUA) })
     }
 
+    /// The Redis connection, shared with other stores of the processor.
+    pub fn redis(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// The hash key of an AOR.
     pub fn key(&self, aor: &str) -> String {
         format!("{}loc:{{{aor}}}", self.prefix)

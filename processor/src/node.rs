@@ -8,9 +8,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sipmsg::SipMessage;
 use tokio::sync::Notify;
 
+use sipalias_proto::billing::{AccountingStopRequest, DenyReason};
+
+use crate::accounting::{Accounting, Event};
 use crate::auth::{ChallengeKind, NonceCheck, NonceKey, challenge, credentials_for};
 use crate::b2bua::{CallPlan, Target, Work};
 use crate::billing::Billing;
+use crate::config::BillingOutage;
 use crate::config::ProcessorConfig;
 use crate::core::Core;
 use crate::edge::Links;
@@ -36,6 +40,7 @@ pub struct Node {
     sockets: SocketTable,
     location: Location,
     billing: Billing,
+    accounting: Accounting,
     nonces: NonceKey,
 }
 
@@ -59,11 +64,17 @@ impl Node {
             timer: Notify::new(),
             links: Links::default(),
             sockets: SocketTable::default(),
+            accounting: Accounting::new(billing.clone(), location.redis(), &config.key_prefix),
             location,
             billing,
             nonces,
             config,
         })
+    }
+
+    /// Accounting delivery (and its outage queue).
+    pub fn accounting(&self) -> &Accounting {
+        &self.accounting
     }
 
     /// This processor's id.
@@ -158,9 +169,23 @@ impl Node {
             Work::Invite { key, request, ingress } => {
                 match self.setup_call(&request, &ingress).await {
                     Ok(Ok(plan)) => {
+                        let call_ref = plan.call_ref.clone();
+                        let mut started = false;
                         self.with_core(|core, now, wall| {
-                            core.start_call(now, wall, key, plan, &ingress)
+                            started = core.start_call(now, wall, key, plan, &ingress);
                         });
+                        if !started {
+                            // The caller gave up while we were authorizing: release the
+                            // reservation billing made for this call.
+                            let stop = AccountingStopRequest {
+                                idempotency_key: format!("{call_ref};stop"),
+                                call_ref,
+                                ended_at_ms: wall_ms(),
+                                cause: "cancelled".into(),
+                                answered: false,
+                            };
+                            self.accounting.deliver(Event::Stop(stop)).await;
+                        }
                     }
                     Ok(Err(resp)) => {
                         self.with_core(|core, now, wall| core.respond(now, wall, &key, resp))
@@ -171,18 +196,8 @@ impl Node {
                     }
                 }
             }
-            Work::AccountingStart(req) => {
-                let call_ref = req.call_ref.clone();
-                if let Err(e) = self.billing.start(req).await {
-                    tracing::warn!(%call_ref, error = %e, "accounting start not recorded");
-                }
-            }
-            Work::AccountingStop(req) => {
-                let call_ref = req.call_ref.clone();
-                if let Err(e) = self.billing.stop(req).await {
-                    tracing::warn!(%call_ref, error = %e, "accounting stop not recorded");
-                }
-            }
+            Work::AccountingStart(req) => self.accounting.deliver(Event::Start(req)).await,
+            Work::AccountingStop(req) => self.accounting.deliver(Event::Stop(req)).await,
         }
     }
 
@@ -204,6 +219,7 @@ impl Node {
     async fn authenticate(
         &self,
         req: &SipMessage,
+        ingress: &Ingress,
         domain: &str,
         realm: &str,
     ) -> Result<Auth, Error> {
@@ -228,7 +244,26 @@ impl Node {
             NonceCheck::Fresh => {}
         }
         let aor = format!("{}@{domain}", creds.username);
-        let verdict = self.billing.verify(&aor, method, &creds, alg).await?;
+        let verdict = match self.billing.verify(&aor, method, &creds, alg).await {
+            Ok(v) => v,
+            Err(e) if method == "INVITE" && self.config.billing_outage == BillingOutage::Allow => {
+                // Billing is down: a caller calling from the very address and socket of a live
+                // registration of this account is taken as that account (it authenticated to
+                // register there); anyone else gets the 503.
+                let bindings = self.location.lookup(&aor, now).await?;
+                let known = bindings.iter().any(|b| {
+                    b.received == ingress.remote.to_string()
+                        && b.ingress.ip == ingress.local.addr.ip().to_string()
+                        && b.ingress.port == ingress.local.addr.port()
+                });
+                if !known {
+                    return Err(e);
+                }
+                tracing::warn!(%aor, error = %e, "billing down: caller recognised from its registration");
+                return Ok(Auth::Ok(creds.username));
+            }
+            Err(e) => return Err(e),
+        };
         if !verdict.valid {
             tracing::warn!(%aor, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
             return Ok(new_challenge(false));
@@ -249,7 +284,7 @@ impl Node {
         let Some(user) = to.uri.user_name().map(str::to_owned) else {
             return Ok(self.reply(req, 400, "Missing User In To"));
         };
-        let authed = match self.authenticate(req, &info.domain, &info.realm).await? {
+        let authed = match self.authenticate(req, ingress, &info.domain, &info.realm).await? {
             Auth::Ok(u) => u,
             Auth::Challenge(c) => return Ok(c),
             Auth::Refuse(s, r) => return Ok(self.reply(req, s, r)),
@@ -300,7 +335,7 @@ impl Node {
         let Some(info) = self.sockets.get(ingress.local.addr.ip()) else {
             return Ok(Err(self.reply(req, 500, "Unknown Local Socket")));
         };
-        let caller = match self.authenticate(req, &info.domain, &info.realm).await? {
+        let caller = match self.authenticate(req, ingress, &info.domain, &info.realm).await? {
             Auth::Ok(u) => u,
             Auth::Challenge(c) => return Ok(Err(c)),
             Auth::Refuse(s, r) => return Ok(Err(self.reply(req, s, r))),
@@ -332,32 +367,20 @@ impl Node {
             return Ok(Err(self.reply(req, 416, "Unsupported URI Scheme")));
         };
         let callee_aor = format!("{user}@{domain}");
-        if self.billing.account(&callee_aor).await?.is_none() {
-            tracing::info!(%caller_aor, %callee_aor, "call to unknown user");
-            return Ok(Err(self.reply(req, 404, "Not Found")));
+        let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
+        match self.billing.account(&callee_aor).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::info!(%caller_aor, %callee_aor, "call to unknown user");
+                return Ok(Err(self.reply(req, 404, "Not Found")));
+            }
+            // Billing down: an unknown callee then simply has no binding (480 below).
+            Err(e) if outage_allowed => {
+                tracing::warn!(error = %e, "billing down: callee not checked")
+            }
+            Err(e) => return Err(e),
         }
-        let call_id = req.call_id()?;
-        let from_tag = req.from()?.tag().unwrap_or_default().to_owned();
-        let call_ref = format!("{call_id};{from_tag}");
-        let auth = self
-            .billing
-            .authorize(
-                &caller_aor,
-                &callee_aor,
-                call_id,
-                &ingress.local.addr.ip().to_string(),
-                &call_ref,
-            )
-            .await?;
-        if !auth.allowed {
-            tracing::info!(%caller_aor, %callee_aor, reason = %auth.reason, "billing denied the call");
-            let mut resp = self.reply(req, 403, "Forbidden");
-            resp.push_header(
-                "Reason",
-                format!("SIP;cause=403;text=\"{}\"", auth.reason.replace('"', "'")),
-            );
-            return Ok(Err(resp));
-        }
+        // Locate before authorizing, so a call that cannot ring reserves nothing.
         let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
         let targets: Vec<Target> = bindings
             .iter()
@@ -376,18 +399,46 @@ impl Node {
             tracing::info!(%caller_aor, %callee_aor, "callee has no binding");
             return Ok(Err(self.reply(req, 480, "Temporarily Unavailable")));
         }
-        tracing::info!(%caller_aor, %callee_aor, call_id, branches = targets.len(), "call authorized");
-        Ok(Ok(CallPlan {
-            caller_aor,
-            callee_aor,
-            targets,
-            max_duration_secs: auth.max_duration_secs,
-            call_ref,
-        }))
+        let call_id = req.call_id()?;
+        let from_tag = req.from()?.tag().unwrap_or_default().to_owned();
+        let call_ref = format!("{call_id};{from_tag}");
+        let ingress_ip = ingress.local.addr.ip().to_string();
+        let max_duration_secs = match self
+            .billing
+            .authorize(&caller_aor, &callee_aor, call_id, &ingress_ip, &call_ref)
+            .await
+        {
+            Ok(auth) if auth.allowed => auth.max_duration_secs,
+            Ok(auth) => {
+                let (status, reason) = deny_status(auth.deny);
+                tracing::info!(%caller_aor, %callee_aor, reason = %auth.reason, status, "billing denied the call");
+                let mut resp = self.reply(req, status, reason);
+                let text = auth.reason.replace(['"', '\\'], "'");
+                resp.push_header("Reason", format!("SIP;cause={status};text=\"{text}\""));
+                return Ok(Err(resp));
+            }
+            Err(e) if outage_allowed => {
+                tracing::warn!(%caller_aor, error = %e, "billing down: call allowed with the outage limit");
+                self.config.billing_outage_max_duration_secs
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!(%caller_aor, %callee_aor, call_id, branches = targets.len(), max_duration_secs, "call authorized");
+        Ok(Ok(CallPlan { caller_aor, callee_aor, targets, max_duration_secs, call_ref }))
     }
 
     /// Whether server transaction `key` is still waiting for an answer.
     pub fn is_pending(&self, key: &ServerKey) -> bool {
         !self.lock().is_final(key)
+    }
+}
+
+/// The SIP answer for a call billing refused.
+fn deny_status(deny: i32) -> (u16, &'static str) {
+    match DenyReason::try_from(deny) {
+        Ok(DenyReason::InsufficientFunds) => (402, "Payment Required"),
+        Ok(DenyReason::TooManyCalls) => (403, "Too Many Concurrent Calls"),
+        Ok(DenyReason::NoRate) => (403, "No Rate For Destination"),
+        _ => (403, "Forbidden"),
     }
 }
