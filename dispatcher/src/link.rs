@@ -373,7 +373,9 @@ fn udp_route(egress: &Egress) -> Result<(SocketAddr, SocketAddr), String> {
 }
 
 fn edge_error(send_id: u64, reason: String) -> DispatcherMessage {
-    DispatcherMessage { kind: Some(DKind::Error(EdgeError { send_id, reason })) }
+    DispatcherMessage {
+        kind: Some(DKind::Error(EdgeError { send_id, reason, closed_connection_id: 0 })),
+    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ impl Links {
                 id,
                 egress: Some(t.egress.to_proto()),
                 message: t.bytes,
+                flow_only: false,
             })),
         };
         if link.try_send(msg).is_err() {
@@ -137,6 +138,9 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
                     tracing::warn!(dispatcher = %dispatcher_id, send_id = e.send_id, reason = %e.reason, "dispatcher refused a send");
                 }
                 Some(DKind::Welcome(w)) => node.sockets().learn(&w.sockets),
+                Some(DKind::Closed(c)) => {
+                    tracing::debug!(dispatcher = %dispatcher_id, connection = c.connection_id, "connection closed");
+                }
                 None => {}
             },
             Ok(None) => break Ok(()),
