@@ -589,6 +589,11 @@ impl B2bua {
             }
             _ => {
                 let b = &mut c.branches[idx];
+                if b.state == BranchState::Done {
+                    // Already failed (e.g. 430 on a dead flow); its transaction's late timeout
+                    // or a stray final changes nothing.
+                    return;
+                }
                 b.state = BranchState::Done;
                 b.final_status = Some(resp);
                 self.finish_if_all_failed(cx, call);
@@ -636,6 +641,27 @@ impl B2bua {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The dispatcher could not use stream connection `connection_id` for a flow-only send
+    /// (RFC 5626): every branch still calling over it fails with `430 Flow Failed`.
+    pub fn flow_failed(&mut self, cx: &mut Ctx<'_>, connection_id: u64) {
+        let mut hit = Vec::new();
+        for (id, c) in &self.calls {
+            for (idx, b) in c.branches.iter().enumerate() {
+                if b.dialog.egress.flow_only
+                    && b.dialog.egress.connection_id == connection_id
+                    && b.state == BranchState::Calling
+                {
+                    hit.push((*id, idx));
+                }
+            }
+        }
+        for (call, idx) in hit {
+            let mut resp = SipMessage::response(430, "Flow Failed");
+            resp.push_header("CSeq", "1 INVITE");
+            self.branch_response(cx, call, idx, resp);
         }
     }
 

@@ -38,6 +38,7 @@ fn target(callee: &str) -> Target {
     Target {
         contact: format!("sip:alice@{callee}"),
         egress: Egress {
+            flow_only: false,
             local: local(ALIAS),
             remote: addr(callee),
             connection_id: 0,
@@ -448,4 +449,22 @@ fn unanswered_call_releases_its_reservation() {
     assert!(
         matches!(h.work().as_slice(), [Work::AccountingStop(s)] if !s.answered && s.cause == "not-answered")
     );
+}
+
+#[test]
+fn callee_flow_gone_gives_the_caller_430() {
+    let mut h = Harness::new();
+    let mut t = target("127.0.0.30:6000");
+    t.egress.local.transport = Transport::Tcp;
+    t.egress.connection_id = 7;
+    t.egress.flow_only = true;
+    h.call(vec![t]);
+    let out = h.out();
+    assert_eq!(out[0].0.egress.connection_id, 7);
+    assert!(out[0].1.top_via().expect("via").transport == "TCP");
+    let (now, wall) = (h.now, h.wall());
+    h.core.handle_flow_failed(now, wall, 7);
+    let out = h.out();
+    let resp = out.iter().find(|(t, _)| t.egress.remote == addr(CALLER)).expect("final to caller");
+    assert_eq!((resp.1.status(), resp.1.reason()), (Some(430), Some("Flow Failed")));
 }

@@ -124,6 +124,14 @@ impl Core {
         started
     }
 
+    /// A flow-only send over connection `connection_id` failed: its branches get `430`.
+    pub fn handle_flow_failed(&mut self, now: Instant, wall_ms: u64, connection_id: u64) {
+        let mut cx =
+            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+        self.b2bua.flow_failed(&mut cx, connection_id);
+        self.process_events(now, wall_ms);
+    }
+
     /// Next message to put on the wire.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.tx.poll_transmit().or_else(|| (!self.out.is_empty()).then(|| self.out.remove(0)))

@@ -40,7 +40,7 @@ impl Links {
                 id,
                 egress: Some(t.egress.to_proto()),
                 message: t.bytes,
-                flow_only: false,
+                flow_only: t.egress.flow_only,
             })),
         };
         if link.try_send(msg).is_err() {
@@ -136,6 +136,9 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
                 }
                 Some(DKind::Error(e)) => {
                     tracing::warn!(dispatcher = %dispatcher_id, send_id = e.send_id, reason = %e.reason, "dispatcher refused a send");
+                    if e.closed_connection_id != 0 {
+                        node.handle_flow_failed(e.closed_connection_id);
+                    }
                 }
                 Some(DKind::Welcome(w)) => node.sockets().learn(&w.sockets),
                 Some(DKind::Closed(c)) => {

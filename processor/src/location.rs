@@ -70,19 +70,24 @@ impl Binding {
     pub fn egress(&self) -> Option<Egress> {
         let ip = self.ingress.ip.parse().ok()?;
         let received = self.received.parse().ok()?;
-        let remote = if self.nat {
+        let transport = Transport::parse(&self.ingress.transport)?;
+        // Over a stream the live connection is used whatever the address; the address only
+        // matters for reconnecting, and a phone listens on its Contact, not on the ephemeral
+        // port it connected from.
+        let remote = if self.nat && transport == Transport::Udp {
             received
         } else {
             crate::registrar::contact_addr(&self.contact).unwrap_or(received)
         };
         Some(Egress {
-            local: LocalAddr {
-                addr: std::net::SocketAddr::new(ip, self.ingress.port),
-                transport: Transport::parse(&self.ingress.transport)?,
-            },
+            local: LocalAddr { addr: std::net::SocketAddr::new(ip, self.ingress.port), transport },
             remote,
             connection_id: self.connection_id,
             dispatcher_id: self.dispatcher.clone(),
+            // RFC 5626: a registration with reg-id and +sip.instance names its flow.
+            flow_only: transport != Transport::Udp
+                && self.reg_id.is_some()
+                && self.instance.is_some(),
         })
     }
 }

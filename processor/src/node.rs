@@ -138,6 +138,11 @@ impl Node {
         self.with_core(|core, now, wall| core.handle_message(now, wall, msg, ingress));
     }
 
+    /// The dispatcher reported that a flow-only send found its connection closed.
+    pub fn handle_flow_failed(self: &Arc<Self>, connection_id: u64) {
+        self.with_core(|core, now, wall| core.handle_flow_failed(now, wall, connection_id));
+    }
+
     /// Drives the transaction timers until the process ends.
     pub async fn run_timers(self: Arc<Self>) {
         loop {

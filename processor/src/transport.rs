@@ -106,6 +106,7 @@ impl Ingress {
             remote: self.remote,
             connection_id: self.connection_id,
             dispatcher_id: self.dispatcher_id.clone(),
+            flow_only: false,
         }
     }
 
@@ -136,6 +137,8 @@ pub struct Egress {
     pub connection_id: u64,
     /// The dispatcher that owns `local` (and the connection).
     pub dispatcher_id: String,
+    /// Use only connection `connection_id`: fail rather than open a new one (RFC 5626 flows).
+    pub flow_only: bool,
 }
 
 impl Egress {

@@ -44,6 +44,7 @@ fn egress(transport: Transport) -> Egress {
         remote: ([203, 0, 113, 5], 5060).into(),
         connection_id: connection(transport),
         dispatcher_id: "d1".into(),
+        flow_only: false,
     }
 }
 
