@@ -98,6 +98,15 @@ pub enum Work {
         /// Where it came from.
         ingress: Ingress,
     },
+    /// A keepalive OPTIONS to binding `field` of `aor` was answered (`ok`) or timed out.
+    KeepaliveResult {
+        /// The AOR.
+        aor: String,
+        /// The binding's field in the AOR's hash.
+        field: String,
+        /// Answered (any response) rather than timed out.
+        ok: bool,
+    },
     /// Tell billing a call was answered.
     AccountingStart(AccountingStartRequest),
     /// Tell billing a call ended.

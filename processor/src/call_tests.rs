@@ -468,3 +468,39 @@ fn callee_flow_gone_gives_the_caller_430() {
     let resp = out.iter().find(|(t, _)| t.egress.remote == addr(CALLER)).expect("final to caller");
     assert_eq!((resp.1.status(), resp.1.reason()), (Some(430), Some("Flow Failed")));
 }
+
+#[test]
+fn keepalive_options_leave_from_the_binding_socket_and_silence_is_reported() {
+    use crate::core::Keepalive;
+    let mut h = Harness::new();
+    let t = target("127.0.0.30:6000");
+    let ka = Keepalive {
+        aor: "alice@sip.example.net".into(),
+        field: t.contact.clone(),
+        contact: t.contact.clone(),
+        egress: t.egress.clone(),
+        host: "127.0.0.2".into(),
+        options: true,
+    };
+    let (now, wall) = (h.now, h.wall());
+    h.core.send_keepalive(now, wall, ka.clone());
+    let out = h.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0.egress.local, local(ALIAS));
+    assert_eq!(out[0].1.method(), Some("OPTIONS"));
+    assert_eq!(out[0].1.from().expect("from").uri.host, "127.0.0.2");
+    while let Some(at) = h.core.poll_timeout() {
+        h.advance_to(at);
+        h.out();
+    }
+    assert!(matches!(h.work().as_slice(), [Work::KeepaliveResult { ok: false, .. }]));
+
+    // Over a stream the ping is a bare CRLF on the phone's connection.
+    let mut stream = ka;
+    stream.options = false;
+    stream.egress.local.transport = Transport::Tcp;
+    stream.egress.connection_id = 9;
+    h.core.send_keepalive(h.now, h.wall(), stream);
+    let t = h.core.poll_transmit().expect("ping");
+    assert_eq!((t.bytes.as_slice(), t.egress.connection_id), (&b"\r\n\r\n"[..], 9));
+}

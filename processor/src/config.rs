@@ -56,6 +56,23 @@ pub struct ProcessorConfig {
     pub billing_outage: BillingOutage,
     /// Longest call allowed while billing is down under `billing_outage = "allow"`.
     pub billing_outage_max_duration_secs: u32,
+    /// Seconds between NAT keepalives to each binding; 0 disables them.
+    pub keepalive_interval_secs: u32,
+    /// How UDP bindings are pinged: `options` (an OPTIONS request, whose silence is noticed)
+    /// or `crlf` (a double-CRLF packet). Stream bindings always get CRLF over their connection.
+    pub keepalive_method: KeepaliveMethod,
+    /// Remove a binding after this many unanswered OPTIONS in a row; 0 never removes.
+    pub keepalive_max_failures: u32,
+}
+
+/// How UDP bindings are pinged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepaliveMethod {
+    /// `OPTIONS` request.
+    Options,
+    /// Double CRLF.
+    Crlf,
 }
 
 /// Call policy while billing is unreachable.
@@ -91,6 +108,9 @@ impl Default for ProcessorConfig {
             nat_mode: crate::registrar::NatMode::Detect,
             billing_outage: BillingOutage::Reject,
             billing_outage_max_duration_secs: 3600,
+            keepalive_interval_secs: 30,
+            keepalive_method: KeepaliveMethod::Options,
+            keepalive_max_failures: 0,
         }
     }
 }

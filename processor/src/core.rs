@@ -2,6 +2,7 @@
 //! transmits and async work come out. Owns the transaction layer and the B2BUA, and decides
 //! what each request is for (RFC 3261 §8.2 checks, CANCEL and in-dialog matching).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,8 +10,8 @@ use sipmsg::SipMessage;
 
 use crate::b2bua::{B2bua, CallPlan, Ctx, Work};
 use crate::ids::Ids;
-use crate::transaction::{ServerKey, Timers, TransactionLayer, TxEvent};
-use crate::transport::{Ingress, Transmit};
+use crate::transaction::{ClientKey, ServerKey, Timers, TransactionLayer, TxEvent};
+use crate::transport::{Egress, Ingress, Transmit};
 
 /// Methods we answer outside a dialog (sent in `Allow`).
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REGISTER";
@@ -26,6 +27,25 @@ pub struct Core {
     ids: Arc<Ids>,
     out: Vec<Transmit>,
     work: Vec<Work>,
+    /// Keepalive OPTIONS in flight: client transaction → (AOR, binding field).
+    keepalives: HashMap<ClientKey, (String, String)>,
+}
+
+/// A NAT keepalive to send to one binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keepalive {
+    /// The AOR.
+    pub aor: String,
+    /// The binding's field in the AOR's hash.
+    pub field: String,
+    /// The binding's Contact (Request-URI of an OPTIONS ping).
+    pub contact: String,
+    /// From the socket it registered through, to the phone.
+    pub egress: Egress,
+    /// From/To host (the alias IP for an alias socket, the domain otherwise).
+    pub host: String,
+    /// Ping with OPTIONS (over UDP) rather than a CRLF keepalive.
+    pub options: bool,
 }
 
 impl Core {
@@ -37,6 +57,7 @@ impl Core {
             ids,
             out: Vec::new(),
             work: Vec::new(),
+            keepalives: HashMap::new(),
         }
     }
 
@@ -132,6 +153,33 @@ impl Core {
         self.process_events(now, wall_ms);
     }
 
+    /// Pings a binding: an OPTIONS (a transaction, so a silent phone is noticed through Timer
+    /// F) or a double-CRLF keepalive (RFC 5626 §3.5.1), from the binding's own socket.
+    pub fn send_keepalive(&mut self, now: Instant, wall_ms: u64, ka: Keepalive) {
+        if !ka.options {
+            self.out.push(Transmit { egress: ka.egress, bytes: b"\r\n\r\n".to_vec() });
+            return;
+        }
+        let mut req = SipMessage::request("OPTIONS", ka.contact.clone());
+        req.push_header(
+            "Via",
+            format!(
+                "SIP/2.0/{} {};branch={};rport",
+                ka.egress.local.transport.via_token(),
+                ka.egress.local.addr,
+                self.ids.branch()
+            ),
+        );
+        req.push_header("Max-Forwards", "70");
+        req.push_header("From", format!("<sip:keepalive@{}>;tag={}", ka.host, self.ids.tag()));
+        req.push_header("To", format!("<{}>", ka.contact));
+        req.push_header("Call-ID", self.ids.call_id());
+        req.push_header("CSeq", "1 OPTIONS");
+        let key = self.tx.start_client(now, req, ka.egress);
+        self.keepalives.insert(key, (ka.aor, ka.field));
+        self.process_events(now, wall_ms);
+    }
+
     /// Next message to put on the wire.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.tx.poll_transmit().or_else(|| (!self.out.is_empty()).then(|| self.out.remove(0)))
@@ -157,9 +205,22 @@ impl Core {
                 }
                 TxEvent::Ack { request, .. } => self.b2bua.handle_ack(&mut cx, &request),
                 TxEvent::Response { key, response } => {
+                    if let Some((aor, field)) = self.keepalives.get(&key).cloned() {
+                        if response.status().unwrap_or(0) >= 200 {
+                            self.keepalives.remove(&key);
+                            cx.work.push(Work::KeepaliveResult { aor, field, ok: true });
+                        }
+                        continue;
+                    }
                     self.b2bua.handle_response(&mut cx, key, response)
                 }
-                TxEvent::Timeout { key } => self.b2bua.handle_timeout(&mut cx, key),
+                TxEvent::Timeout { key } => {
+                    if let Some((aor, field)) = self.keepalives.remove(&key) {
+                        cx.work.push(Work::KeepaliveResult { aor, field, ok: false });
+                        continue;
+                    }
+                    self.b2bua.handle_timeout(&mut cx, key)
+                }
                 TxEvent::AckTimeout { key } => self.b2bua.handle_ack_timeout(&mut cx, &key),
             }
         }

@@ -15,6 +15,7 @@ pub mod core;
 pub mod edge;
 pub mod error;
 pub mod ids;
+pub mod keepalive;
 pub mod location;
 pub mod node;
 pub mod registrar;
@@ -39,6 +40,7 @@ pub async fn run(
     tracing::info!(id = %config.id, "processor started");
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(node.clone().run_timers());
+    tasks.spawn(node.clone().run_keepalives());
     tasks.spawn(node.accounting().clone().run_drain(Duration::from_secs(1)));
     for url in &config.dispatchers {
         tasks.spawn(edge::maintain(node.clone(), url.clone()));

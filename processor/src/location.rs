@@ -230,6 +230,26 @@ impl Location {
         decode_pairs(&key, &raw, now_ms)
     }
 
+    /// One binding of an AOR, if present and live.
+    pub async fn get(&self, aor: &str, field: &str, now_ms: u64) -> Result<Option<Binding>, Error> {
+        let key = self.key(aor);
+        let mut conn = self.conn.clone();
+        let raw: Option<String> =
+            redis::cmd("HGET").arg(&key).arg(field).query_async(&mut conn).await?;
+        let Some(json) = raw else { return Ok(None) };
+        let b: Binding = serde_json::from_str(&json)
+            .map_err(|e| Error::Corrupt { key: key.clone(), detail: e.to_string() })?;
+        Ok((b.expires_at_ms > now_ms).then_some(b))
+    }
+
+    /// Removes one binding (a phone that stopped answering keepalives).
+    pub async fn remove(&self, aor: &str, field: &str) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: i64 =
+            redis::cmd("HDEL").arg(self.key(aor)).arg(field).query_async(&mut conn).await?;
+        Ok(())
+    }
+
     /// The live bindings of an AOR.
     pub async fn lookup(&self, aor: &str, now_ms: u64) -> Result<Vec<Binding>, Error> {
         let key = self.key(aor);

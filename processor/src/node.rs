@@ -14,17 +14,20 @@ use crate::accounting::{Accounting, Event};
 use crate::auth::{ChallengeKind, NonceCheck, NonceKey, challenge, credentials_for};
 use crate::b2bua::{CallPlan, Target, Work};
 use crate::billing::Billing;
-use crate::config::BillingOutage;
 use crate::config::ProcessorConfig;
+use crate::config::{BillingOutage, KeepaliveMethod};
 use crate::core::Core;
+use crate::core::Keepalive;
 use crate::edge::Links;
 use crate::error::Error;
 use crate::ids::Ids;
+use crate::keepalive::{Due, Schedule};
 use crate::location::{Location, RegisterMeta};
 use crate::registrar::{self, Limits};
 use crate::sockets::SocketTable;
 use crate::transaction::ServerKey;
 use crate::transport::Ingress;
+use crate::transport::Transport;
 
 /// Wall clock in Unix milliseconds.
 pub fn wall_ms() -> u64 {
@@ -41,6 +44,7 @@ pub struct Node {
     location: Location,
     billing: Billing,
     accounting: Accounting,
+    schedule: Schedule,
     nonces: NonceKey,
 }
 
@@ -65,6 +69,7 @@ impl Node {
             links: Links::default(),
             sockets: SocketTable::default(),
             accounting: Accounting::new(billing.clone(), location.redis(), &config.key_prefix),
+            schedule: Schedule::new(location.redis(), &config.key_prefix),
             location,
             billing,
             nonces,
@@ -143,6 +148,64 @@ impl Node {
         self.with_core(|core, now, wall| core.handle_flow_failed(now, wall, connection_id));
     }
 
+    /// Sends the keepalives that fall to this processor, for as long as it runs.
+    pub async fn run_keepalives(self: Arc<Self>) {
+        let interval_ms = u64::from(self.config.keepalive_interval_secs) * 1000;
+        if interval_ms == 0 {
+            return;
+        }
+        // Claim often enough that a ping is never late by more than a tenth of the interval.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+            (interval_ms / 10).clamp(50, 1000),
+        ));
+        loop {
+            tick.tick().await;
+            let now = wall_ms();
+            let due = match self.schedule.claim(now, now + interval_ms, 500).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(error = %e, "keepalive schedule unavailable");
+                    continue;
+                }
+            };
+            for d in due {
+                self.ping(d, now).await;
+            }
+        }
+    }
+
+    async fn ping(self: &Arc<Self>, due: Due, now: u64) {
+        let binding = match self.location.get(&due.aor, &due.field, now).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                let _ = self.schedule.remove(&due.aor, &due.field).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(aor = %due.aor, error = %e, "binding not read for keepalive");
+                return;
+            }
+        };
+        let Some(mut egress) = binding.egress() else { return };
+        let stream = egress.local.transport != Transport::Udp;
+        // A ping must never open a connection: it keeps the phone's own one alive.
+        egress.flow_only |= stream;
+        let host = match self.sockets.get(egress.local.addr.ip()) {
+            Some(i) if i.alias => egress.local.addr.ip().to_string(),
+            Some(i) => i.domain,
+            None => due.aor.split('@').nth(1).unwrap_or_default().to_owned(),
+        };
+        let ka = Keepalive {
+            aor: due.aor,
+            field: due.field,
+            contact: binding.contact,
+            egress,
+            host,
+            options: !stream && self.config.keepalive_method == KeepaliveMethod::Options,
+        };
+        self.with_core(|core, now, wall| core.send_keepalive(now, wall, ka));
+    }
+
     /// Drives the transaction timers until the process ends.
     pub async fn run_timers(self: Arc<Self>) {
         loop {
@@ -199,6 +262,24 @@ impl Node {
                         let resp = self.error_response(&request, &e, "call setup failed");
                         self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
                     }
+                }
+            }
+            Work::KeepaliveResult { aor, field, ok } => {
+                let max = u64::from(self.config.keepalive_max_failures);
+                match self.schedule.record(&aor, &field, ok).await {
+                    Ok(n) if max > 0 && n >= max => {
+                        tracing::info!(%aor, contact = %field, failures = n, "binding stopped answering keepalives: removed");
+                        let removed = self.location.remove(&aor, &field).await;
+                        let unscheduled = self.schedule.remove(&aor, &field).await;
+                        if let Err(e) = removed.and(unscheduled) {
+                            tracing::warn!(%aor, error = %e, "could not remove a dead binding");
+                        }
+                    }
+                    Ok(n) if n > 0 => {
+                        tracing::debug!(%aor, contact = %field, failures = n, "keepalive unanswered")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(%aor, error = %e, "keepalive outcome not recorded"),
                 }
             }
             Work::AccountingStart(req) => self.accounting.deliver(Event::Start(req)).await,
@@ -327,6 +408,13 @@ impl Node {
         };
         let now = wall_ms();
         let bindings = self.location.apply(&aor, &update, &meta, now).await?;
+        if self.config.keepalive_interval_secs > 0 {
+            let fields: Vec<String> = bindings.iter().map(|b| b.contact.clone()).collect();
+            let first = now + u64::from(self.config.keepalive_interval_secs) * 1000;
+            if let Err(e) = self.schedule.add(&aor, &fields, first).await {
+                tracing::warn!(%aor, error = %e, "keepalive not scheduled");
+            }
+        }
         tracing::info!(%aor, via = %ingress.local, bindings = bindings.len(), "registered");
         Ok(registrar::ok_response(req, &bindings, now, &self.lock().tag()))
     }

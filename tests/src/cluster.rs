@@ -47,11 +47,14 @@ pub struct ClusterOptions {
     pub processors: usize,
     /// Processor `t1_ms` (RFC 3261 T1); `None` keeps the processor's default (500).
     pub t1_ms: Option<u64>,
+    /// Processor `keepalive_interval_secs`; 0 (the harness default) turns NAT keepalives off so
+    /// test phones only see the requests a test makes.
+    pub keepalive_interval_secs: u32,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { processors: 2, t1_ms: None }
+        ClusterOptions { processors: 2, t1_ms: None, keepalive_interval_secs: 0 }
     }
 }
 
@@ -112,6 +115,7 @@ impl Cluster {
             sip_port,
             extra_port,
             t1_ms: options.t1_ms,
+            keepalive_interval_secs: options.keepalive_interval_secs,
         });
         std::fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
 
@@ -377,11 +381,20 @@ struct ConfigValues<'a> {
     sip_port: u16,
     extra_port: u16,
     t1_ms: Option<u64>,
+    keepalive_interval_secs: u32,
 }
 
 /// The one TOML file all three binaries read (layout of `deploy/local.toml`).
 fn config_toml(v: &ConfigValues<'_>) -> String {
-    let ConfigValues { grpc, billing, redis_url, sip_port, extra_port, t1_ms } = v;
+    let ConfigValues {
+        grpc,
+        billing,
+        redis_url,
+        sip_port,
+        extra_port,
+        t1_ms,
+        keepalive_interval_secs,
+    } = v;
     let t1 = t1_ms.map(|t| format!("t1_ms = {t}\n")).unwrap_or_default();
     format!(
         r#"# Written by the sipalias end-to-end harness.
@@ -415,6 +428,7 @@ billing_url = "http://{billing}"
 redis_url = "{redis_url}"
 key_prefix = "{KEY_PREFIX}"
 auth_secret = "e2e-shared-secret"
+keepalive_interval_secs = {keepalive_interval_secs}
 {t1}
 [billing]
 listen = "{billing}"
@@ -457,6 +471,7 @@ mod tests {
             sip_port: 15060,
             extra_port: 15080,
             t1_ms: Some(50),
+            keepalive_interval_secs: 0,
         };
         let toml = config_toml(&v);
         assert!(toml.contains("extra_udp_ports = [15080]"));

@@ -10,6 +10,7 @@
 
 mod calls;
 mod failures;
+mod keepalive;
 mod registration;
 mod sipp;
 
