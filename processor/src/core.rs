@@ -3,10 +3,11 @@
 //! what each request is for (RFC 3261 §8.2 checks, CANCEL and in-dialog matching).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sipmsg::SipMessage;
+use sipmsg::{SipMessage, Uri};
 
 use crate::b2bua::{B2bua, CallPlan, Ctx, Work};
 use crate::ids::Ids;
@@ -67,7 +68,11 @@ impl Core {
         (c, s, self.b2bua.len())
     }
 
-    /// A message from a dispatcher. Requests missing a mandatory header get `400` (ACK: dropped).
+    /// A message from a dispatcher. A request that fails [`SipMessage::validate_request`] (or
+    /// names no SIP or SIPS address-of-record in a REGISTER) is answered statelessly, before the
+    /// transaction layer, with the status the error maps to: `400`, or `505` for another SIP
+    /// version (ACK: dropped). A response that fails [`SipMessage::validate_response`] is dropped
+    /// (RFC 4475 §3.1.2.5). See `docs/torture-tests.md`.
     pub fn handle_message(
         &mut self,
         now: Instant,
@@ -76,21 +81,49 @@ impl Core {
         ingress: Ingress,
     ) {
         if msg.is_request() {
-            if let Err(e) = msg.validate_request() {
-                tracing::info!(error = %e, remote = %ingress.remote, "bad request");
-                if msg.method() != Some("ACK") && msg.top_via().is_ok() {
-                    let resp = SipMessage::response_to(&msg, 400, &e.reason_phrase(), None);
-                    self.out
-                        .push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
-                }
+            if let Err(e) = check_request(&msg) {
+                self.reject(&msg, &e, &ingress);
                 return;
             }
             stamp_received(&mut msg, &ingress);
             self.tx.handle_request(now, msg, ingress);
         } else {
+            if let Err(e) = msg.validate_response() {
+                tracing::info!(error = %e, remote = %ingress.remote, "bad response dropped");
+                return;
+            }
             self.tx.handle_response(now, msg, ingress);
         }
         self.process_events(now, wall_ms);
+    }
+
+    /// Bytes from a dispatcher: what parses goes to [`Core::handle_message`]. A request whose
+    /// body cannot be framed (Content-Length beyond the datagram, negative or repeated: RFC 4475
+    /// clerr, ncl, mcl01) is answered `400` from its head, as RFC 3261 §18.3 asks; anything else
+    /// that does not parse is dropped, since there is nothing to answer it from.
+    pub fn handle_datagram(&mut self, now: Instant, wall_ms: u64, bytes: &[u8], ingress: Ingress) {
+        match sipmsg::parse(bytes) {
+            Ok(msg) => self.handle_message(now, wall_ms, msg, ingress),
+            Err(e) => match sipmsg::parse::parse_head(bytes) {
+                Ok(head) if head.is_request() => self.reject(&head, &e, &ingress),
+                _ => {
+                    tracing::info!(remote = %ingress.remote, error = %e, "unparseable message dropped")
+                }
+            },
+        }
+    }
+
+    /// Answers a request that cannot be processed, statelessly (RFC 3261 §8.2). Never an ACK;
+    /// never a request without a Via, which no response could be matched by. A Via that does not
+    /// parse is still copied: the answer goes back to the source address regardless.
+    fn reject(&mut self, req: &SipMessage, e: &sipmsg::Error, ingress: &Ingress) {
+        tracing::info!(error = %e, remote = %ingress.remote, "bad request");
+        if req.method() == Some("ACK") || req.header("via").is_none() {
+            return;
+        }
+        let resp =
+            SipMessage::response_to(req, e.status(), &e.reason_phrase(), Some(&self.ids.tag()));
+        self.out.push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
     }
 
     /// Timers due at `now`: transaction timers and call cut-offs.
@@ -245,6 +278,19 @@ fn route_request(
         }
         let _ = cx.tx.respond(cx.now, &key, resp);
     };
+    // RFC 3261 §8.2.2.1 (RFC 4475 §3.3.2–3): we route sip:, sips: and tel: only.
+    let scheme = req.request_uri().and_then(|u| Uri::parse(u).ok()).map(|u| u.scheme);
+    if !matches!(scheme.as_deref(), Some("sip" | "sips" | "tel")) {
+        reply(cx, 416, "Unsupported URI Scheme", None);
+        return;
+    }
+    // RFC 3261 §8.2.2.3 (RFC 4475 §3.3.5): as a UAS we support no extension, and a B2BUA cannot
+    // pass a requirement on. Proxy-Require is for proxies; CANCEL ignores both.
+    let unsupported = req.header_list("require");
+    if method != "CANCEL" && !unsupported.is_empty() {
+        reply(cx, 420, "Bad Extension", Some(("Unsupported", &unsupported.join(", "))));
+        return;
+    }
     if req.header("max-forwards").and_then(|v| v.trim().parse::<u32>().ok()) == Some(0)
         && method != "REGISTER"
         && method != "OPTIONS"
@@ -286,13 +332,25 @@ fn route_request(
     }
 }
 
+/// [`SipMessage::validate_request`], plus what a registrar must refuse before any work: a REGISTER
+/// whose To is not a SIP or SIPS URI names no address-of-record (RFC 3261 §10.2, RFC 4475 §3.3.4).
+fn check_request(req: &SipMessage) -> Result<(), sipmsg::Error> {
+    req.validate_request()?;
+    if req.method() == Some("REGISTER") && !req.to()?.uri.is_sip() {
+        return Err(sipmsg::Error::BadHeader { name: "To", detail: "not a SIP AOR".into() });
+    }
+    Ok(())
+}
+
 /// RFC 3581 / RFC 3261 §18.2.1: record where the request really came from in its top Via, so
 /// responses (which copy the Via) go back through the phone's NAT binding.
 fn stamp_received(msg: &mut SipMessage, ingress: &Ingress) {
     let Ok(mut via) = msg.top_via() else { return };
     let src_ip = ingress.remote.ip().to_string();
     let wants_rport = via.param("rport").is_some();
-    if !wants_rport && via.host == src_ip {
+    // An IPv6 sent-by is bracketed (RFC 5118), `received` is not (RFC 3261 §18.2.1).
+    let sent_by: Option<IpAddr> = via.host.trim_matches(['[', ']']).parse().ok();
+    if !wants_rport && sent_by == Some(ingress.remote.ip()) {
         return;
     }
     via.params

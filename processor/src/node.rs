@@ -133,14 +133,16 @@ impl Node {
 
     /// A message the dispatcher routed to us.
     pub fn handle_inbound(self: &Arc<Self>, bytes: &[u8], ingress: Ingress) {
-        let msg = match sipmsg::parse(bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::info!(remote = %ingress.remote, error = %e, "unparseable message dropped");
-                return;
+        // Parse outside the core's lock; only a message that fails goes through the slower
+        // path that still answers a request whose head is readable (400, 505, …).
+        match sipmsg::parse(bytes) {
+            Ok(msg) => {
+                self.with_core(|core, now, wall| core.handle_message(now, wall, msg, ingress))
             }
-        };
-        self.with_core(|core, now, wall| core.handle_message(now, wall, msg, ingress));
+            Err(_) => {
+                self.with_core(|core, now, wall| core.handle_datagram(now, wall, bytes, ingress))
+            }
+        }
     }
 
     /// The dispatcher reported that a flow-only send found its connection closed.

@@ -2,7 +2,8 @@
 
 /// Why a message or one of its parts could not be understood.
 ///
-/// Each variant maps to a `400 Bad Request` reason phrase via [`Error::reason_phrase`].
+/// Each variant maps to the SIP answer for a request that failed with it: [`Error::status`] and
+/// [`Error::reason_phrase`] are the one place that mapping lives.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -15,6 +16,9 @@ pub enum Error {
     /// The request line or status line is malformed.
     #[error("malformed start line: {0}")]
     StartLine(String),
+    /// A well-formed request line names a SIP version other than 2.0 (answered with `505`).
+    #[error("unsupported SIP version {0:?}")]
+    VersionNotSupported(String),
     /// A header line has no colon or an invalid name.
     #[error("malformed header line: {0}")]
     HeaderLine(String),
@@ -49,9 +53,21 @@ pub enum Error {
 }
 
 impl Error {
-    /// A reason phrase for a `400` answering a request that failed with this error.
+    /// The status code answering a request that failed with this error: `505` for another SIP
+    /// version, `513` for an oversized message, `400` for everything else.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::VersionNotSupported(_) => 505,
+            Error::TooLarge { .. } => 513,
+            _ => 400,
+        }
+    }
+
+    /// The reason phrase to go with [`Error::status`].
     pub fn reason_phrase(&self) -> String {
         match self {
+            Error::VersionNotSupported(_) => "Version Not Supported".to_owned(),
+            Error::StartLine(_) => "Bad Request-Line".to_owned(),
             Error::Missing(h) => format!("Missing {h} header"),
             Error::BadHeader { name, .. } => format!("Bad {name} header"),
             Error::BadUri(_) => "Bad Request-URI".to_owned(),

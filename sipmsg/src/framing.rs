@@ -34,8 +34,15 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Frame, Error> {
         let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
         let name = trim(&line[..colon]);
         if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
+            if length.is_some() {
+                // Two lengths: the message's extent is unknown (RFC 4475 §3.3.9).
+                return Err(Error::BadHeader {
+                    name: "Content-Length",
+                    detail: "multiple values".into(),
+                });
+            }
             let value = std::str::from_utf8(trim(&line[colon + 1..])).unwrap_or("x");
-            length = Some(value.parse::<usize>().map_err(|_| Error::BadHeader {
+            length = Some(crate::parse::parse_length(value).ok_or_else(|| Error::BadHeader {
                 name: "Content-Length",
                 detail: value.to_owned(),
             })?);
@@ -82,5 +89,9 @@ mod tests {
             Err(Error::TooLarge { limit: 65535 })
         );
         assert_eq!(frame(&[b'A'; 2000], 1000), Err(Error::TooLarge { limit: 1000 }));
+        for bad in ["l: 1\r\nContent-Length: 1", "l: -1", "l: +1"] {
+            let msg = format!("OPTIONS sip:a SIP/2.0\r\n{bad}\r\n\r\nab");
+            assert!(matches!(frame(msg.as_bytes(), 1000), Err(Error::BadHeader { .. })), "{bad}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::error::Error;
+use crate::parse::{is_token_char, trim_lws};
 use crate::uri::{Uri, split_host_port};
 
 /// Generic parameters of a header (`;name=value`), in order.
@@ -36,34 +37,82 @@ pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
     parts.into_iter().filter(|p| !p.is_empty())
 }
 
-/// Parses `;a=b;c` into parameters (quoted values kept with their quotes).
-fn parse_params(s: &str) -> Params {
+/// Parses `;a=b;c` (the text after the first `;`) into parameters, quoted values kept with their
+/// quotes. Whitespace around `;` and `=` is dropped (RFC 3261 §25.1 `SEMI`, `EQUAL`). An empty
+/// parameter (`;;`, a trailing `;`), a name that is not a token, an empty value or an unterminated
+/// quoted value is an error (RFC 4475 §3.1.2.1).
+fn parse_params(s: &str) -> Result<Params, String> {
     let mut out = Vec::new();
-    let mut quoted = false;
-    let mut start = 0;
+    for piece in split_unquoted(s, ';')? {
+        let piece = trim_lws(piece);
+        let (name, value) = match piece.split_once('=') {
+            Some((k, v)) => (trim_lws(k), Some(trim_lws(v))),
+            None => (piece, None),
+        };
+        if name.is_empty() || !name.bytes().all(is_token_char) {
+            return Err(format!("bad parameter {piece:?}"));
+        }
+        if value.is_some_and(str::is_empty) {
+            return Err(format!("parameter {name} has an empty value"));
+        }
+        out.push((name.to_owned(), value.map(str::to_owned)));
+    }
+    Ok(out)
+}
+
+/// Splits on `sep` outside quoted strings, honouring quoted-pairs (`\"` does not end a quote).
+fn split_unquoted(s: &str, sep: char) -> Result<Vec<&str>, String> {
     let mut pieces = Vec::new();
+    let (mut quoted, mut escaped) = (false, false);
+    let mut start = 0;
     for (i, c) in s.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
         match c {
+            '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
-            ';' if !quoted => {
+            c if c == sep && !quoted => {
                 pieces.push(&s[start..i]);
-                start = i + 1;
+                start = i + c.len_utf8();
             }
             _ => {}
         }
     }
-    pieces.push(&s[start..]);
-    for p in pieces {
-        let p = p.trim();
-        if p.is_empty() {
-            continue;
-        }
-        match p.split_once('=') {
-            Some((k, v)) => out.push((k.trim().to_owned(), Some(v.trim().to_owned()))),
-            None => out.push((p.to_owned(), None)),
-        }
+    if quoted {
+        return Err(format!("unterminated quoted string in {s:?}"));
     }
-    out
+    pieces.push(&s[start..]);
+    Ok(pieces)
+}
+
+/// RFC 3261 `display-name = *(token LWS) / quoted-string`. Non-ASCII is tolerated in unquoted
+/// names (phones send it); ASCII separators such as `,` are not (RFC 4475 §3.1.2.15).
+fn check_display_name(d: &str) -> Result<(), String> {
+    if d.is_empty() {
+        return Ok(());
+    }
+    if let Some(inner) = d.strip_prefix('"') {
+        // One quoted-string and nothing after it.
+        let mut escaped = false;
+        for (i, c) in inner.char_indices() {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                return if i + 1 == inner.len() {
+                    Ok(())
+                } else {
+                    Err(format!("text after the quoted display name {d:?}"))
+                };
+            }
+        }
+        return Err(format!("unterminated quoted display name {d:?}"));
+    }
+    let ok = |c: char| !c.is_ascii() || c == ' ' || c == '\t' || is_token_char(c as u8);
+    if d.chars().all(ok) { Ok(()) } else { Err(format!("display name {d:?} needs quotes")) }
 }
 
 fn find_param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
@@ -95,13 +144,22 @@ pub struct NameAddr {
 }
 
 impl NameAddr {
-    /// Parses a single element (already split from a list).
+    /// Parses a single element (already split from a list): `name-addr` or `addr-spec` with
+    /// header parameters (RFC 3261 §20.10). Quoted-pairs in the display name are honoured; no
+    /// whitespace is allowed just inside `<>` (RFC 4475 §3.1.2.14); an `addr-spec` with `?` or
+    /// `,` would have needed `<>` (RFC 3261 §20.10, RFC 4475 §3.1.2.13).
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let s = s.trim();
-        let mut quoted = false;
+        let s = trim_lws(s);
+        let bad = |detail: String| Error::BadUri(detail);
+        let (mut quoted, mut escaped) = (false, false);
         let mut lt = None;
         for (i, c) in s.char_indices() {
+            if escaped {
+                escaped = false;
+                continue;
+            }
             match c {
+                '\\' if quoted => escaped = true,
                 '"' => quoted = !quoted,
                 '<' if !quoted => {
                     lt = Some(i);
@@ -111,20 +169,36 @@ impl NameAddr {
             }
         }
         if let Some(lt) = lt {
-            let gt =
-                s[lt..].find('>').map(|g| g + lt).ok_or_else(|| Error::BadUri(s.to_owned()))?;
-            let display = s[..lt].trim();
+            let gt = s[lt..].find('>').map(|g| g + lt).ok_or_else(|| bad(s.to_owned()))?;
+            let inner = &s[lt + 1..gt];
+            if inner.starts_with([' ', '\t']) || inner.ends_with([' ', '\t']) {
+                return Err(bad(format!("whitespace inside <> in {s:?}")));
+            }
+            let display = trim_lws(&s[..lt]);
+            check_display_name(display).map_err(bad)?;
+            let after = trim_lws(&s[gt + 1..]);
+            let params = match after.strip_prefix(';') {
+                Some(p) => parse_params(p).map_err(bad)?,
+                None if after.is_empty() => Vec::new(),
+                None => return Err(bad(format!("text after > in {s:?}"))),
+            };
             Ok(NameAddr {
                 display: (!display.is_empty()).then(|| display.to_owned()),
-                uri: Uri::parse(&s[lt + 1..gt])?,
-                params: parse_params(&s[gt + 1..]),
+                uri: Uri::parse(inner)?,
+                params,
             })
         } else {
+            if quoted {
+                return Err(bad(format!("unterminated quoted string in {s:?}")));
+            }
             // addr-spec: parameters after the URI belong to the header (RFC 3261 §20).
             let (uri, params) = match s.find(';') {
-                Some(i) => (&s[..i], parse_params(&s[i + 1..])),
+                Some(i) => (&s[..i], parse_params(&s[i + 1..]).map_err(bad)?),
                 None => (s, Vec::new()),
             };
+            if uri.contains(['?', ',']) {
+                return Err(bad(format!("{uri:?} must be enclosed in <>")));
+            }
             Ok(NameAddr { display: None, uri: Uri::parse(uri)?, params })
         }
     }
@@ -204,7 +278,7 @@ impl Via {
     /// Parses one Via element, tolerating whitespace around the protocol slashes.
     pub fn parse(s: &str) -> Result<Self, Error> {
         let bad = |d: &str| Error::BadHeader { name: "Via", detail: format!("{d}: {s}") };
-        let s = s.trim();
+        let s = trim_lws(s);
         let mut rest = s;
         let mut proto = Vec::with_capacity(3);
         for i in 0..3 {
@@ -222,7 +296,7 @@ impl Via {
         }
         let rest = rest.trim_start();
         let (sent_by, params) = match rest.find(';') {
-            Some(i) => (&rest[..i], parse_params(&rest[i + 1..])),
+            Some(i) => (&rest[..i], parse_params(&rest[i + 1..]).map_err(|d| bad(&d))?),
             None => (rest, Vec::new()),
         };
         let sent_by: String = sent_by.chars().filter(|c| !c.is_ascii_whitespace()).collect();
@@ -309,6 +383,29 @@ mod tests {
     }
 
     #[test]
+    fn name_addr_quoted_pairs_and_strictness() {
+        let n = NameAddr::parse(r#""a \"b\" <c>" <sip:x@y>;tag=1"#).expect("quoted-pair");
+        assert_eq!(n.display.as_deref(), Some(r#""a \"b\" <c>""#));
+        assert_eq!(n.uri.to_string(), "sip:x@y");
+        assert_eq!(n.param("p"), None);
+        let q = NameAddr::parse(r#"<sip:x@y>;p="a;b\"c""#).expect("quoted value");
+        assert_eq!(q.param("p"), Some(r#""a;b\"c""#));
+        for bad in [
+            r#""open <sip:x@y>"#,
+            "Doe, John <sip:x@y>",
+            "< sip:x@y>",
+            "<sip:x@y>;;tag=1",
+            "<sip:x@y>;",
+            "<sip:x@y>;tag=",
+            "<sip:x@y> junk",
+            "sip:x@y?Route=a",
+            r#""a" b <sip:x@y>"#,
+        ] {
+            assert!(NameAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn via_with_spaces_and_params() {
         let v =
             Via::parse("SIP / 2.0 / UDP 192.0.2.1 : 5060 ;branch=z9hG4bK776;rport").expect("via");
@@ -318,6 +415,7 @@ mod tests {
         assert_eq!(v.branch(), Some("z9hG4bK776"));
         assert_eq!(v.param("rport"), Some(""));
         assert!(Via::parse("SIP/3.0/UDP h").is_err());
+        assert!(Via::parse("SIP/2.0/UDP h;;branch=z9hG4bK1").is_err());
         assert!(Via::parse("garbage").is_err());
     }
 

@@ -4,6 +4,20 @@ use bytes::Bytes;
 
 use crate::error::Error;
 use crate::headers::{CSeq, NameAddr, Via, split_list};
+use crate::parse::parse_length;
+use crate::uri::Uri;
+
+/// The RFC 3261 branch prefix (§8.1.1.7); a branch that is nothing but this identifies nothing.
+const MAGIC_COOKIE: &str = "z9hG4bK";
+
+/// Headers a request may carry once only (RFC 3261 §7.3.1: not defined as comma lists).
+const SINGLE_VALUED: &[(&str, &str)] = &[
+    ("call-id", "Call-ID"),
+    ("cseq", "CSeq"),
+    ("from", "From"),
+    ("to", "To"),
+    ("max-forwards", "Max-Forwards"),
+];
 
 /// The first line of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,25 +98,45 @@ pub struct SipMessage {
     pub headers: Vec<Header>,
     /// Body, exactly Content-Length bytes.
     pub body: Bytes,
+    /// The request line's SIP-Version when it is not exactly `SIP/2.0` (see [`Self::version`]).
+    version: Option<String>,
 }
 
 impl SipMessage {
     /// A request with no headers yet.
     pub fn request(method: &str, uri: impl Into<String>) -> Self {
-        SipMessage {
-            start: StartLine::Request { method: method.to_owned(), uri: uri.into() },
-            headers: Vec::new(),
-            body: Bytes::new(),
-        }
+        Self::with_version(
+            StartLine::Request { method: method.to_owned(), uri: uri.into() },
+            None,
+            Vec::new(),
+            Bytes::new(),
+        )
     }
 
     /// A response with no headers yet.
     pub fn response(status: u16, reason: impl Into<String>) -> Self {
-        SipMessage {
-            start: StartLine::Response { status, reason: reason.into() },
-            headers: Vec::new(),
-            body: Bytes::new(),
-        }
+        Self::with_version(
+            StartLine::Response { status, reason: reason.into() },
+            None,
+            Vec::new(),
+            Bytes::new(),
+        )
+    }
+
+    pub(crate) fn with_version(
+        start: StartLine,
+        version: Option<String>,
+        headers: Vec<Header>,
+        body: Bytes,
+    ) -> Self {
+        SipMessage { start, headers, body, version }
+    }
+
+    /// The SIP-Version of the start line as written: `SIP/2.0` for every message we build and
+    /// every response we accept; a parsed request may name another (RFC 4475 §3.1.2.16), which
+    /// [`Self::validate_request`] refuses with [`Error::VersionNotSupported`].
+    pub fn version(&self) -> &str {
+        self.version.as_deref().unwrap_or("SIP/2.0")
     }
 
     /// A response to `req` per RFC 3261 §8.2.6.2: Via, From, To, Call-ID and CSeq copied.
@@ -277,18 +311,61 @@ impl SipMessage {
         self.header("expires").and_then(|v| v.trim().parse().ok())
     }
 
-    /// Checks the headers every request needs (RFC 3261 §8.1.1) are present and parse.
+    /// Checks that a request can be answered and processed (RFC 3261 §8.2; RFC 4475 §3.1.2):
+    /// SIP/2.0; Call-ID, CSeq, From, To and Max-Forwards at most once; the mandatory headers
+    /// present and well formed; every Via well formed, the top one with a real branch; the CSeq
+    /// method equal to the request's; Max-Forwards 0–255; a Request-URI that is an absolute URI
+    /// (a SIP one without headers, RFC 3261 §19.1.1) and Contacts that parse.
+    ///
+    /// The first problem found is returned; [`Error::status`] says how to answer it.
     pub fn validate_request(&self) -> Result<(), Error> {
+        if !self.version().eq_ignore_ascii_case("SIP/2.0") {
+            return Err(Error::VersionNotSupported(self.version().to_owned()));
+        }
+        for (key, name) in SINGLE_VALUED {
+            if self.headers.iter().filter(|h| h.key == *key).count() > 1 {
+                return Err(Error::BadHeader { name, detail: "multiple values".into() });
+            }
+        }
         self.call_id()?;
         let cseq = self.cseq()?;
         self.from()?;
         self.to()?;
-        self.top_via()?;
+        let vias = self.vias()?;
+        let top = vias.first().ok_or(Error::Missing("Via"))?;
+        if top.branch() == Some(MAGIC_COOKIE) {
+            return Err(Error::BadHeader {
+                name: "Via",
+                detail: "branch has no identifier".into(),
+            });
+        }
         if let Some(m) = self.method()
             && !cseq.method.eq_ignore_ascii_case(m)
         {
             return Err(Error::BadHeader { name: "CSeq", detail: "method mismatch".into() });
         }
+        if let Some(v) = self.header("max-forwards") {
+            // RFC 3261 §20.22: an integer 0–255.
+            if parse_length(v).is_none_or(|n| n > 255) {
+                return Err(Error::BadHeader { name: "Max-Forwards", detail: v.to_owned() });
+            }
+        }
+        if let Some(uri) = self.request_uri() {
+            check_request_uri(uri)?;
+        }
+        self.contacts()?;
+        Ok(())
+    }
+
+    /// Checks what a response needs before it can be matched to a client transaction: Call-ID,
+    /// CSeq, From, To and a top Via that parse. A response failing this is discarded
+    /// (RFC 4475 §3.1.2.5: "An element receiving this response will simply discard it").
+    pub fn validate_response(&self) -> Result<(), Error> {
+        self.call_id()?;
+        self.cseq()?;
+        self.from()?;
+        self.to()?;
+        self.top_via()?;
         Ok(())
     }
 
@@ -301,7 +378,9 @@ impl SipMessage {
                 out.extend_from_slice(method.as_bytes());
                 out.push(b' ');
                 out.extend_from_slice(uri.as_bytes());
-                out.extend_from_slice(b" SIP/2.0\r\n");
+                out.push(b' ');
+                out.extend_from_slice(self.version().as_bytes());
+                out.extend_from_slice(b"\r\n");
             }
             StartLine::Response { status, reason } => {
                 out.extend_from_slice(format!("SIP/2.0 {status} ").as_bytes());
@@ -318,7 +397,12 @@ impl SipMessage {
                     out.truncate(out.len() - h.name.len() - 2);
                     continue;
                 }
-                out.extend_from_slice(self.body.len().to_string().as_bytes());
+                // Keep the value as written when it is right (`0150` stays `0150`).
+                if parse_length(&h.value) == Some(self.body.len()) {
+                    out.extend_from_slice(h.value.as_bytes());
+                } else {
+                    out.extend_from_slice(self.body.len().to_string().as_bytes());
+                }
                 wrote_length = true;
             } else {
                 out.extend_from_slice(h.value.as_bytes());
@@ -332,6 +416,17 @@ impl SipMessage {
         out.extend_from_slice(&self.body);
         out
     }
+}
+
+/// A Request-URI must be an absolute URI (RFC 3261 §25.1); a SIP or SIPS one must parse and may
+/// not carry headers (§19.1.1, RFC 4475 §3.1.2.11). Which schemes we serve is the application's
+/// decision (`416`), not a syntax question.
+fn check_request_uri(uri: &str) -> Result<(), Error> {
+    let parsed = Uri::parse(uri)?;
+    if parsed.is_sip() && parsed.headers.is_some() {
+        return Err(Error::BadUri(uri.to_owned()));
+    }
+    Ok(())
 }
 
 fn bad(name: &'static str, e: Error) -> Error {
@@ -374,6 +469,31 @@ mod tests {
         assert!(text.contains("t: <sip:a@b>;tag=xyz\r\n"), "{text}");
         assert!(text.contains("i: c1\r\n"));
         assert!(text.contains("Content-Length: 0\r\n"));
+    }
+
+    #[test]
+    fn other_sip_versions_parse_and_are_refused_with_505() {
+        let text = b"OPTIONS sip:a@b sip/3.1\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+        let m = parse(text).expect("parse");
+        assert_eq!(m.version(), "sip/3.1");
+        assert_eq!(m.validate_request().map_err(|e| e.status()), Err(505));
+        assert_eq!(m.to_bytes(), text.to_vec(), "written back as it came");
+        let lower =
+            parse(&String::from_utf8_lossy(text).replace("sip/3.1", "sip/2.0").into_bytes());
+        assert_eq!(
+            lower.expect("parse").validate_request(),
+            Ok(()),
+            "the name is case-insensitive"
+        );
+    }
+
+    #[test]
+    fn content_length_kept_as_written_when_right() {
+        let m = parse(b"MESSAGE sip:a@b SIP/2.0\r\nl: 002\r\n\r\nhi").expect("parse");
+        assert!(m.to_bytes().ends_with(b"l: 002\r\n\r\nhi"));
+        let mut changed = m.clone();
+        changed.body = Bytes::from_static(b"hey");
+        assert!(changed.to_bytes().ends_with(b"l: 3\r\n\r\nhey"));
     }
 
     #[test]

@@ -9,8 +9,36 @@ use crate::message::{Header, SipMessage, StartLine};
 ///
 /// Leading CRLFs are skipped (RFC 3261 §7.5). Folded header lines are joined with one space.
 /// With Content-Length the body is exactly that long (extra bytes are discarded, RFC 3261 §18.3;
-/// fewer is [`Error::Truncated`]); without it the body is the rest of the datagram.
+/// fewer is [`Error::Truncated`]; a second Content-Length is an error, since the body's extent
+/// is then unknown); without it the body is the rest of the datagram.
+///
+/// The request line's SIP-Version is read leniently (any `SIP/x.y`) and kept, so that
+/// [`SipMessage::validate_request`] can answer another version with `505` (RFC 3261 §8.2.2.1
+/// needs the request parsed to answer it); a response must be `SIP/2.0`.
 pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
+    let parts = split(input)?;
+    let body = frame_body(&parts.headers, parts.rest)?;
+    Ok(SipMessage::with_version(parts.start, parts.version, parts.headers, body))
+}
+
+/// Parses the start line and headers of a message whose body cannot be framed (Content-Length
+/// beyond the end of the datagram, negative or repeated), leaving the body empty. It exists so
+/// that such a request can still be answered (RFC 3261 §18.3: "the server SHOULD generate a 400");
+/// never process what it returns as a request.
+pub fn parse_head(input: &[u8]) -> Result<SipMessage, Error> {
+    let parts = split(input)?;
+    Ok(SipMessage::with_version(parts.start, parts.version, parts.headers, Bytes::new()))
+}
+
+/// A message cut into its start line, headers and everything after the empty line.
+struct Parts<'a> {
+    start: StartLine,
+    version: Option<String>,
+    headers: Vec<Header>,
+    rest: &'a [u8],
+}
+
+fn split(input: &[u8]) -> Result<Parts<'_>, Error> {
     let mut start = 0;
     while input[start..].starts_with(b"\r\n") {
         start += 2;
@@ -19,7 +47,7 @@ pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
     let (head_len, body_start) = find_head_end(input).ok_or(Error::Unterminated)?;
     let head = std::str::from_utf8(&input[..head_len]).map_err(|_| Error::NotUtf8)?;
     let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let start_line = parse_start_line(lines.next().unwrap_or_default())?;
+    let (start_line, version) = parse_start_line(lines.next().unwrap_or_default())?;
 
     let mut headers: Vec<Header> = Vec::with_capacity(16);
     for line in lines {
@@ -29,7 +57,7 @@ pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
         if line.starts_with([' ', '\t']) {
             // Folded continuation of the previous header (RFC 3261 §7.3.1).
             let prev = headers.last_mut().ok_or_else(|| Error::HeaderLine(line.to_owned()))?;
-            let more = line.trim();
+            let more = trim_lws(line);
             if !more.is_empty() {
                 if !prev.value.is_empty() {
                     prev.value.push(' ');
@@ -39,28 +67,42 @@ pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
             continue;
         }
         let colon = line.find(':').ok_or_else(|| Error::HeaderLine(line.to_owned()))?;
-        let name = line[..colon].trim_end();
+        let name = line[..colon].trim_end_matches([' ', '\t']);
         if name.is_empty() || !name.bytes().all(is_token_char) {
             return Err(Error::HeaderLine(line.to_owned()));
         }
-        headers.push(Header::new(name, line[colon + 1..].trim()));
+        headers.push(Header::new(name, trim_lws(&line[colon + 1..])));
     }
+    Ok(Parts { start: start_line, version, headers, rest: &input[body_start..] })
+}
 
-    let rest = &input[body_start..];
-    let body = match headers.iter().find(|h| h.key == "content-length") {
-        Some(h) => {
-            let want: usize = h.value.parse().map_err(|_| Error::BadHeader {
-                name: "Content-Length",
-                detail: h.value.clone(),
-            })?;
-            if rest.len() < want {
-                return Err(Error::Truncated { have: rest.len(), want });
-            }
-            Bytes::copy_from_slice(&rest[..want])
-        }
-        None => Bytes::copy_from_slice(rest),
-    };
-    Ok(SipMessage { start: start_line, headers, body })
+/// The body as Content-Length frames it within `rest` (RFC 3261 §18.3).
+fn frame_body(headers: &[Header], rest: &[u8]) -> Result<Bytes, Error> {
+    let mut lengths = headers.iter().filter(|h| h.key == "content-length");
+    let Some(h) = lengths.next() else { return Ok(Bytes::copy_from_slice(rest)) };
+    if lengths.next().is_some() {
+        return Err(Error::BadHeader { name: "Content-Length", detail: "multiple values".into() });
+    }
+    let want = parse_length(&h.value)
+        .ok_or_else(|| Error::BadHeader { name: "Content-Length", detail: h.value.clone() })?;
+    if rest.len() < want {
+        return Err(Error::Truncated { have: rest.len(), want });
+    }
+    Ok(Bytes::copy_from_slice(&rest[..want]))
+}
+
+/// A Content-Length value: `1*DIGIT` (no sign, unlike `str::parse`) that fits a `usize`.
+pub(crate) fn parse_length(value: &str) -> Option<usize> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// Trims SIP linear whitespace (SP and HTAB) from both ends. Unicode whitespace is content: a
+/// header value may legitimately start or end with, say, a no-break space.
+pub(crate) fn trim_lws(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
 }
 
 /// Returns (length of the head without the blank line, offset of the body).
@@ -77,22 +119,32 @@ fn find_head_end(input: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-fn is_token_char(b: u8) -> bool {
+/// RFC 3261 §25.1 `token` characters.
+pub(crate) fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
 }
 
-fn parse_start_line(line: &str) -> Result<StartLine, Error> {
+/// `SIP-Version = "SIP" "/" 1*DIGIT "." 1*DIGIT`, "SIP" in any case (RFC 3261 §7.1).
+pub(crate) fn is_sip_version(v: &str) -> bool {
+    let Some((name, number)) = v.split_once('/') else { return false };
+    let Some((major, minor)) = number.split_once('.') else { return false };
+    name.eq_ignore_ascii_case("SIP")
+        && [major, minor].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The start line, and the request's SIP-Version when it is not exactly `SIP/2.0`.
+fn parse_start_line(line: &str) -> Result<(StartLine, Option<String>), Error> {
     let bad = || Error::StartLine(line.chars().take(80).collect());
     if let Some(rest) = line.strip_prefix("SIP/2.0 ") {
         let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
-        if code.len() != 3 {
+        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         let status: u16 = code.parse().map_err(|_| bad())?;
         if !(100..=699).contains(&status) {
             return Err(bad());
         }
-        return Ok(StartLine::Response { status, reason: reason.to_owned() });
+        return Ok((StartLine::Response { status, reason: reason.to_owned() }, None));
     }
     let mut parts = line.split(' ');
     let (Some(method), Some(uri), Some(version), None) =
@@ -103,10 +155,11 @@ fn parse_start_line(line: &str) -> Result<StartLine, Error> {
     if method.is_empty() || !method.bytes().all(is_token_char) || uri.is_empty() {
         return Err(bad());
     }
-    if version != "SIP/2.0" {
+    if !is_sip_version(version) {
         return Err(bad());
     }
-    Ok(StartLine::Request { method: method.to_owned(), uri: uri.to_owned() })
+    let version = (version != "SIP/2.0").then(|| version.to_owned());
+    Ok((StartLine::Request { method: method.to_owned(), uri: uri.to_owned() }, version))
 }
 
 #[cfg(test)]
@@ -185,7 +238,8 @@ v=0\n";
             b"INVITE  SIP/2.0\r\n\r\n",
             b"SIP/2.0 99 Low\r\n\r\n",
             b"SIP/2.0 2000 OK\r\n\r\n",
-            b"INVITE sip:a SIP/3.0\r\n\r\n",
+            b"INVITE sip:a SIP/x\r\n\r\n",
+            b"INVITE sip:a HTTP/1.1\r\n\r\n",
             b"INVITE sip:a SIP/2.0\r\nNoColon\r\n\r\n",
             b"INVITE sip:a SIP/2.0\r\n folded-first\r\n\r\n",
             b"\xff\xfe\r\n\r\n",

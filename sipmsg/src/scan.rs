@@ -46,18 +46,26 @@ pub fn scan(buf: &[u8]) -> Result<Scan<'_>, NotSip> {
     let mut out =
         Scan { method: None, request_uri: None, status: None, top_branch: None, call_id: None };
     if let Some(rest) = first.strip_prefix("SIP/2.0 ") {
-        let code = rest.get(..3).and_then(|c| c.parse::<u16>().ok()).ok_or(NotSip::StartLine)?;
+        // Exactly three digits: `SIP/2.0 4294967301 …` is not a 429 (RFC 4475 §3.1.2.19).
+        let code = rest
+            .get(..3)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|_| rest.as_bytes().get(3).is_none_or(|b| *b == b' '))
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or(NotSip::StartLine)?;
         if !(100..=699).contains(&code) {
             return Err(NotSip::StartLine);
         }
         out.status = Some(code);
     } else {
+        // Any SIP version passes: the processor answers one it does not speak with `505`
+        // (RFC 4475 §3.1.2.16) instead of the request vanishing here.
         let mut parts = first.split(' ');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(m), Some(uri), Some("SIP/2.0"), None)
-                if !m.is_empty()
-                    && m.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)) =>
+            (Some(m), Some(uri), Some(version), None)
+                if crate::parse::is_sip_version(version)
+                    && !m.is_empty()
+                    && m.bytes().all(crate::parse::is_token_char) =>
             {
                 out.method = Some(m);
                 out.request_uri = Some(uri);
@@ -152,6 +160,10 @@ mod tests {
         assert_eq!(scan(b"\x00\x01\x02"), Err(NotSip::Unterminated));
         assert_eq!(scan(b"SIP/2.0 abc\r\n\r\n"), Err(NotSip::StartLine));
         assert_eq!(scan(b"INVITE sip:a SIP/2.0\r\nVia: x"), Err(NotSip::Unterminated));
+        assert_eq!(scan(b"SIP/2.0 4294967301 big\r\n\r\n"), Err(NotSip::StartLine));
+        assert_eq!(scan(b"SIP/2.0 20\r\n\r\n"), Err(NotSip::StartLine));
+        let other_version = scan(b"OPTIONS sip:a SIP/7.0\r\ni: x\r\n\r\n").expect("scan");
+        assert_eq!(other_version.method, Some("OPTIONS"));
     }
 
     #[test]

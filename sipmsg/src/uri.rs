@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::error::Error;
+use crate::parse::trim_lws;
 
 /// A parsed URI. `sip:`/`sips:` URIs are split into parts; other schemes (`tel:` …) keep the
 /// text after the scheme in `host` and have no user or port.
@@ -24,13 +25,17 @@ pub struct Uri {
 }
 
 impl Uri {
-    /// Parses a URI.
+    /// Parses a URI. The scheme must be RFC 3986 syntax; `sip:`/`sips:` URIs are split into
+    /// parts (the user part ends at the last `@`, since `?`, `;` and `,` are legal in it, RFC 3261
+    /// §25.1 and RFC 4475 §3.1.1.2) and their host must be a name, an IPv4 address or a
+    /// bracketed IPv6 reference (RFC 5118 §4.2). Escapes are kept as written, never decoded.
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let s = s.trim();
+        let s = trim_lws(s);
         let bad = || Error::BadUri(s.to_owned());
         let (scheme, rest) = s.split_once(':').ok_or_else(bad)?;
-        if scheme.is_empty()
+        if !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
             || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            || !rest.chars().all(is_uri_char)
         {
             return Err(bad());
         }
@@ -48,18 +53,17 @@ impl Uri {
                 headers: None,
             });
         }
-        let (rest, headers) = match rest.split_once('?') {
-            Some((r, h)) => (r, Some(h.to_owned())),
-            None => (rest, None),
-        };
-        // The user part may contain ';' (RFC 3261 allows it in user), so split at the last '@'.
-        let (user, hostpart) = match rest.rfind('@') {
+        let (user, after) = match rest.rfind('@') {
             Some(at) => (Some(rest[..at].to_owned()), &rest[at + 1..]),
             None => (None, rest),
         };
         if user.as_deref() == Some("") {
             return Err(bad());
         }
+        let (hostpart, headers) = match after.split_once('?') {
+            Some((h, hdrs)) => (h, Some(hdrs.to_owned())),
+            None => (after, None),
+        };
         let mut parts = hostpart.split(';');
         let hostport = parts.next().unwrap_or_default();
         let params = parts
@@ -70,9 +74,6 @@ impl Uri {
             })
             .collect();
         let (host, port) = split_host_port(hostport).ok_or_else(bad)?;
-        if host.is_empty() {
-            return Err(bad());
-        }
         Ok(Uri { scheme, user, host, port, params, headers })
     }
 
@@ -115,23 +116,50 @@ impl Uri {
     }
 }
 
-/// Splits `host[:port]`, handling bracketed IPv6 references.
+/// Splits `host[:port]`. The host is a bracketed IPv6 reference (kept with its brackets; what is
+/// inside is only checked for its alphabet, so RFC 3261's three-colon form is tolerated as RFC
+/// 5118 §4.10 asks), or a name or IPv4 address; an unbracketed host with a colon is an IPv6
+/// address missing its brackets and is refused (RFC 5118 §4.2). The port is `1*DIGIT`.
 pub fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
-    if let Some(rest) = s.strip_prefix('[') {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']')?;
-        let host = format!("[{}]", &rest[..end]);
-        let after = &rest[end + 1..];
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p.parse().ok()?),
-            None if after.is_empty() => None,
-            None => return None,
+        let inner = &rest[..end];
+        let ok = |b: u8| b.is_ascii_hexdigit() || b":.".contains(&b);
+        let (addr, zone) = inner.split_once('%').unwrap_or((inner, ""));
+        if !addr.contains(':')
+            || !addr.bytes().all(ok)
+            || !zone.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b))
+        {
+            return None;
+        }
+        let port = match &rest[end + 1..] {
+            "" => None,
+            after => Some(after.strip_prefix(':')?),
         };
-        return Some((host, port));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) => Some((h.to_owned(), Some(p.parse().ok()?))),
-        None => Some((s.to_owned(), None)),
-    }
+        (&s[..end + 2], port)
+    } else {
+        let (host, port) = match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._".contains(&b);
+        if host.is_empty() || !host.bytes().all(ok) {
+            return None;
+        }
+        (host, port)
+    };
+    let port = match port {
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().ok()?),
+        Some(_) => return None,
+        None => None,
+    };
+    Some((host.to_owned(), port))
+}
+
+/// Characters a URI may contain as text: no whitespace or controls, and none of the delimiters
+/// that end a URI in a header (`<`, `>`, `"`). Non-ASCII is tolerated.
+fn is_uri_char(c: char) -> bool {
+    !c.is_ascii_control() && !" <>\"{}|\\^`".contains(c)
 }
 
 impl fmt::Display for Uri {
@@ -188,8 +216,41 @@ mod tests {
     }
 
     #[test]
+    fn user_part_may_hold_question_marks_and_semicolons() {
+        let u = Uri::parse("sip:a?b;c=d@host;lr?h=v").expect("parse");
+        assert_eq!(u.user.as_deref(), Some("a?b;c=d"));
+        assert_eq!(
+            (u.host.as_str(), u.param("lr"), u.headers.as_deref()),
+            ("host", Some(""), Some("h=v"))
+        );
+    }
+
+    #[test]
+    fn ipv6_references() {
+        let three_colons = Uri::parse("sip:u@[2001:db8:::192.0.2.1]").expect("tolerated");
+        assert_eq!(three_colons.host, "[2001:db8:::192.0.2.1]");
+        let zone = Uri::parse("sip:[fe80::1%25eth0]:5060").expect("zone");
+        assert_eq!(zone.port, Some(5060));
+        for bad in ["sip:2001:db8::10", "sip:[example.com]", "sip:[::1]x", "sip:[::1]:", "sip:h:+5"]
+        {
+            assert!(Uri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn rejects_garbage() {
-        for s in ["", "sip:", "nocolon", "sip:@host", "sip:a@host:99999", "sip:[::1"] {
+        for s in [
+            "",
+            "sip:",
+            "nocolon",
+            "sip:@host",
+            "sip:a@host:99999",
+            "sip:[::1",
+            "<sip:a@b>",
+            "sip:a@b c",
+            "sip:a@exa<mple.com",
+            "1sip:a@b",
+        ] {
             assert!(Uri::parse(s).is_err(), "{s}");
         }
     }
