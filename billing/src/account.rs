@@ -98,6 +98,40 @@ impl fmt::Display for Status {
     }
 }
 
+/// How an account pays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Pays in advance: calls are allowed only while the balance covers them.
+    Prepaid,
+    /// Pays afterwards: the balance may go down to minus the credit limit (if there is one).
+    Postpaid,
+}
+
+impl Kind {
+    /// The value stored in Redis (`prepaid` / `postpaid`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Prepaid => "prepaid",
+            Kind::Postpaid => "postpaid",
+        }
+    }
+
+    /// Parses the stored (or typed) value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prepaid" => Some(Kind::Prepaid),
+            "postpaid" => Some(Kind::Postpaid),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The HA1s stored for one realm. At least one is present for every realm of an account.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RealmCredentials {
@@ -136,6 +170,32 @@ pub struct Account {
     pub created_ms: u64,
     /// HA1s by realm.
     pub realms: BTreeMap<String, RealmCredentials>,
+    /// Prepaid or postpaid. Accounts created before billing had kinds are postpaid.
+    pub kind: Kind,
+    /// Balance in micro-units (see [`crate::money`]); calls debit it, top-ups credit it.
+    pub balance_micros: i64,
+    /// Postpaid only: how far below zero the balance may go. `None` = no limit (the default,
+    /// so accounts created without one can always call).
+    pub credit_limit_micros: Option<i64>,
+    /// Name of the account's rate plan; `None` = the configured `default_rate_plan`, and
+    /// without one the account's calls are not rated.
+    pub rate_plan: Option<String>,
+    /// Most calls the account may have in progress at once; 0 = no limit.
+    pub max_concurrent_calls: u32,
+}
+
+/// Billing settings given when an account is created or changed. `None` leaves a setting as it
+/// is (or at its default, for a new account).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountSettings {
+    /// Prepaid or postpaid.
+    pub kind: Option<Kind>,
+    /// Credit limit: `Some(None)` removes the limit.
+    pub credit_limit_micros: Option<Option<i64>>,
+    /// Rate plan: `Some(None)` falls back to the configured default.
+    pub rate_plan: Option<Option<String>>,
+    /// Concurrent-call limit (0 = none).
+    pub max_concurrent_calls: Option<u32>,
 }
 
 /// Validates an HA1 given on the command line and returns it in lower case, the form stored

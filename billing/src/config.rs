@@ -37,6 +37,9 @@ pub struct BillingConfig {
     /// Longest call `Authorize` allows, in seconds; 0 means no limit
     /// (`billing.default_max_duration_secs`, default 0).
     pub default_max_duration_secs: u32,
+    /// Rate plan of accounts that name none (`billing.default_rate_plan`, default empty = none:
+    /// such accounts' calls are not rated).
+    pub default_rate_plan: String,
 }
 
 impl Default for BillingConfig {
@@ -46,6 +49,7 @@ impl Default for BillingConfig {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             key_prefix: "sipalias:".to_owned(),
             default_max_duration_secs: 0,
+            default_rate_plan: String::new(),
         }
     }
 }
@@ -81,7 +85,8 @@ impl BillingConfig {
         Ok(config)
     }
 
-    /// Checks what serde cannot: that the prefix is usable and the Redis URL parses.
+    /// Checks what serde cannot: that the prefix is usable, the default rate plan is a valid
+    /// name and the Redis URL parses.
     pub fn validate(&self) -> Result<(), Error> {
         if self.key_prefix.is_empty() {
             return Err(key_error("key_prefix", "must not be empty"));
@@ -90,6 +95,15 @@ impl BillingConfig {
             return Err(key_error(
                 "key_prefix",
                 "must not contain whitespace or control characters",
+            ));
+        }
+        if !self.default_rate_plan.is_empty()
+            && crate::rating::validate_plan_name("default_rate_plan", &self.default_rate_plan)
+                .is_err()
+        {
+            return Err(key_error(
+                "default_rate_plan",
+                "must be empty or 1 to 64 characters of A-Z a-z 0-9 _ . -",
             ));
         }
         // `Client::open` only parses; it does not connect. The URL may carry a password, so
@@ -181,6 +195,7 @@ mod tests {
             listen = "127.0.0.1:9000"
             redis_url = "redis+unix:///run/redis/redis.sock"
             default_max_duration_secs = 3600
+            default_rate_plan = "retail"
             "#,
         )
         .expect("config");
@@ -188,6 +203,14 @@ mod tests {
         assert_eq!(c.redis_url, "redis+unix:///run/redis/redis.sock");
         assert_eq!(c.key_prefix, "sipalias:");
         assert_eq!(c.default_max_duration_secs, 3600);
+        assert_eq!(c.default_rate_plan, "retail");
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let c = BillingConfig::from_toml_str(include_str!("../../deploy/local.toml"))
+            .expect("deploy/local.toml");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7080");
     }
 
     #[test]
@@ -222,6 +245,11 @@ mod tests {
 
         let msg = config_error(BillingConfig::from_toml_str("[billing]\nkey_prefix = \"\"\n"));
         assert!(msg.starts_with("billing.key_prefix: "), "{msg}");
+
+        let msg = config_error(BillingConfig::from_toml_str(
+            "[billing]\ndefault_rate_plan = \"two words\"\n",
+        ));
+        assert!(msg.starts_with("billing.default_rate_plan: "), "{msg}");
     }
 
     #[test]

@@ -39,6 +39,18 @@ pub enum Error {
     #[error("no such account: {0}")]
     AccountNotFound(String),
 
+    /// The rate plan named (`--rate-plan`, `rate-plan delete`) has no entries.
+    #[error("no such rate plan: {0} (create it with `rate-plan set`)")]
+    RatePlanNotFound(String),
+
+    /// An accounting update kept finding the call's records changed under it (another update
+    /// of the same call raced with it). Nothing was applied; retrying is safe.
+    #[error("call {call_ref}: its records changed during the update; try again")]
+    Contended {
+        /// The call.
+        call_ref: String,
+    },
+
     /// A record in Redis does not have the expected shape (written by something else, or
     /// by an incompatible version).
     #[error("corrupt record {key}: {reason}")]

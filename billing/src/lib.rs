@@ -2,12 +2,16 @@
 //!
 //! Processors call billing over gRPC (`proto/proto/billing.proto`) to check digest
 //! credentials, to authorize calls and to record accounting. This crate keeps accounts (digest
-//! HA1s per realm, never passwords) and call detail records in Redis, serves the contract with
-//! tonic, and provides the `sipalias-billing` CLI to run the service and manage accounts.
+//! HA1s per realm, never passwords; prepaid balances or postpaid credit limits), rate plans,
+//! reservations of calls in progress and call detail records in Redis, serves the contract
+//! with tonic, and provides the `sipalias-billing` CLI to run the service and manage accounts,
+//! rates and CDRs.
 //!
 //! - [`config`]: `[billing]` table of the cluster TOML file, with env overrides.
-//! - [`account`]: AORs, account status and the pure digest check.
-//! - [`store`]: the Redis layout and its operations.
+//! - [`account`]: AORs, account status, kind and settings, and the pure digest check.
+//! - [`money`]: amounts as integer micro-units and their decimal form.
+//! - [`rating`]: rate plans' prefix match, call pricing and the funds check, without I/O.
+//! - [`store`]: the Redis layout and its operations (atomic Lua scripts for money).
 //! - [`service`]: the gRPC service and [`service::serve`].
 //! - [`cli`]: the command line.
 //!
@@ -17,6 +21,8 @@ pub mod account;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod money;
+pub mod rating;
 pub mod service;
 pub mod store;
 

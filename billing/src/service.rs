@@ -1,16 +1,17 @@
 //! The gRPC `Billing` service (see `proto/proto/billing.proto`) over the Redis [`Store`].
 //!
-//! Answers are decisions, not errors: an unknown account or a wrong password is a normal
-//! `valid=false` / `allowed=false` reply with a reason. Only a failing Redis is an RPC error
-//! (`UNAVAILABLE`), so the processor can tell "no" from "cannot say right now".
+//! Answers are decisions, not errors: an unknown account, a wrong password or an empty balance
+//! is a normal `valid=false` / `allowed=false` reply with a reason (and, for Authorize, a
+//! `DenyReason`). Only a failing Redis is an RPC error (`UNAVAILABLE`, meaning nothing was
+//! applied), so the processor can tell "no" from "cannot say right now".
 
 use std::future::Future;
 
 use sipalias_proto::billing::billing_server::{Billing, BillingServer};
 use sipalias_proto::billing::{
     AccountStatus, AccountingResponse, AccountingStartRequest, AccountingStopRequest,
-    AuthorizeRequest, AuthorizeResponse, DenyReason, DigestAlgorithm, GetAccountRequest, GetAccountResponse,
-    VerifyDigestRequest, VerifyDigestResponse,
+    AuthorizeRequest, AuthorizeResponse, DenyReason, DigestAlgorithm, GetAccountRequest,
+    GetAccountResponse, VerifyDigestRequest, VerifyDigestResponse,
 };
 use sipmsg::digest::Algorithm;
 use tokio::net::TcpListener;
@@ -21,19 +22,19 @@ use tracing::{debug, info, warn};
 use crate::account::{self, Account, Aor, DigestAttempt, Status};
 use crate::config::BillingConfig;
 use crate::error::Error;
-use crate::store::{CallStart, StopOutcome, Store};
+use crate::store::{Authorization, CallStart, CallStop, Denial, Store, now_ms};
 
 /// Implementation of the `Billing` gRPC service.
 #[derive(Debug, Clone)]
 pub struct BillingService {
     store: Store,
-    default_max_duration_secs: u32,
 }
 
 impl BillingService {
-    /// A service answering from `store`, with the limits of `config`.
-    pub fn new(store: Store, config: &BillingConfig) -> Self {
-        Self { store, default_max_duration_secs: config.default_max_duration_secs }
+    /// A service answering from `store` (which carries the authorization defaults of the
+    /// configuration).
+    pub fn new(store: Store) -> Self {
+        Self { store }
     }
 
     /// Looks an account up by the AOR the processor sent. An AOR that does not even parse
@@ -60,11 +61,28 @@ fn wire_status(account: Option<&Account>) -> AccountStatus {
     }
 }
 
+/// The wire form of a denial. A late Authorize for a call that already ended has no code of
+/// its own: the processor is not waiting for that answer any more.
+fn wire_denial(denial: Denial) -> DenyReason {
+    match denial {
+        Denial::UnknownAccount => DenyReason::UnknownAccount,
+        Denial::Blocked => DenyReason::Blocked,
+        Denial::TooManyCalls => DenyReason::TooManyCalls,
+        Denial::InsufficientFunds => DenyReason::InsufficientFunds,
+        Denial::NoRate => DenyReason::NoRate,
+        Denial::CallEnded => DenyReason::Unspecified,
+    }
+}
+
 /// Maps a store error to an RPC status, logging the ones that mean billing is unhealthy.
 fn store_error(rpc: &'static str, e: Error) -> RpcStatus {
     match e {
         Error::InvalidInput { .. } | Error::InvalidAor { .. } => {
             RpcStatus::invalid_argument(e.to_string())
+        }
+        Error::Contended { .. } => {
+            warn!(rpc, error = %e, "accounting update contended");
+            RpcStatus::unavailable(e.to_string())
         }
         Error::CorruptRecord { .. } => {
             warn!(rpc, error = %e, "billing data is corrupt");
@@ -136,24 +154,38 @@ impl Billing for BillingService {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, RpcStatus> {
         let req = request.into_inner();
-        let deny = |reason: &str, code: DenyReason| {
-            Ok(Response::new(AuthorizeResponse {
-                allowed: false,
-                reason: reason.to_owned(),
-                max_duration_secs: 0,
-                deny: code as i32,
-            }))
+        let decision = self
+            .store
+            .authorize(&req.caller, &req.callee, &req.call_ref, now_ms())
+            .await
+            .map_err(|e| store_error("Authorize", e))?;
+        let reply = match decision {
+            Authorization::Allowed { max_duration_secs, reserved_micros, repeated } => {
+                debug!(
+                    call_ref = %req.call_ref, caller = %req.caller, callee = %req.callee,
+                    max_duration_secs, reserved_micros, repeated, "call authorized"
+                );
+                AuthorizeResponse {
+                    allowed: true,
+                    reason: String::new(),
+                    max_duration_secs,
+                    deny: DenyReason::Unspecified as i32,
+                }
+            }
+            Authorization::Denied(denial) => {
+                debug!(
+                    call_ref = %req.call_ref, caller = %req.caller, callee = %req.callee,
+                    reason = denial.reason(), "call denied"
+                );
+                AuthorizeResponse {
+                    allowed: false,
+                    reason: denial.reason().to_owned(),
+                    max_duration_secs: 0,
+                    deny: wire_denial(denial) as i32,
+                }
+            }
         };
-        match self.lookup("Authorize", &req.caller).await? {
-            None => deny("unknown caller", DenyReason::UnknownAccount),
-            Some(a) if a.status == Status::Blocked => deny("account blocked", DenyReason::Blocked),
-            Some(_) => Ok(Response::new(AuthorizeResponse {
-                allowed: true,
-                reason: String::new(),
-                max_duration_secs: self.default_max_duration_secs,
-                deny: DenyReason::Unspecified as i32,
-            })),
-        }
+        Ok(Response::new(reply))
     }
 
     async fn accounting_start(
@@ -169,8 +201,16 @@ impl Billing for BillingService {
             callee_ingress_ip: req.callee_ingress_ip,
             answered_ms: req.answered_at_ms,
         };
-        self.store.accounting_start(&start).await.map_err(|e| store_error("AccountingStart", e))?;
-        Ok(Response::new(AccountingResponse { recorded: true, charge_micros: 0 }))
+        let result = self
+            .store
+            .accounting_start(&start, now_ms())
+            .await
+            .map_err(|e| store_error("AccountingStart", e))?;
+        debug!(call_ref = %start.call_ref, outcome = ?result.outcome, charge_micros = result.charge_micros, "start");
+        Ok(Response::new(AccountingResponse {
+            recorded: true,
+            charge_micros: result.charge_micros,
+        }))
     }
 
     async fn accounting_stop(
@@ -178,16 +218,25 @@ impl Billing for BillingService {
         request: Request<AccountingStopRequest>,
     ) -> Result<Response<AccountingResponse>, RpcStatus> {
         let req = request.into_inner();
-        let outcome = self
+        let stop = CallStop {
+            call_ref: req.call_ref,
+            ended_ms: req.ended_at_ms,
+            cause: req.cause,
+            idempotency_key: req.idempotency_key,
+            answered: req.answered,
+        };
+        let result = self
             .store
-            .accounting_stop(&req.call_ref, req.ended_at_ms, &req.cause, &req.idempotency_key)
+            .accounting_stop(&stop, now_ms())
             .await
             .map_err(|e| store_error("AccountingStop", e))?;
-        if outcome == StopOutcome::AlreadyRecorded {
-            debug!(call_ref = %req.call_ref, "stop already recorded");
-        }
-        // Per the contract a retried stop is still "recorded": it was, the first time.
-        Ok(Response::new(AccountingResponse { recorded: true, charge_micros: 0 }))
+        debug!(call_ref = %stop.call_ref, outcome = ?result.outcome, charge_micros = result.charge_micros, "stop");
+        // Per the contract a retried stop is still "recorded": it was, the first time, and
+        // it carries the charge applied then.
+        Ok(Response::new(AccountingResponse {
+            recorded: true,
+            charge_micros: result.charge_micros,
+        }))
     }
 }
 
@@ -203,7 +252,7 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let store = Store::connect(&config).await?;
     let addr = listener.local_addr()?;
-    let service = BillingService::new(store, &config);
+    let service = BillingService::new(store);
     info!("billing listening on {addr}");
     tonic::transport::Server::builder()
         .add_service(BillingServer::new(service))

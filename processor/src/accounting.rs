@@ -1,5 +1,5 @@
 //! Accounting delivery that survives a billing outage: a start or stop that billing does not
-//! take is appended to a Redis stream (`<prefix>acct:pending`) and re-delivered by every
+//! take is appended to a Redis stream (`<prefix>acctq:pending`) and re-delivered by every
 //! processor's drain loop until billing takes it. Billing applies each stop once per
 //! idempotency key, so a re-delivery after a lost reply, or two processors draining the same
 //! entry, never charges twice.
@@ -57,7 +57,7 @@ pub struct Accounting {
 impl Accounting {
     /// Delivery through `billing`, with the pending queue in `redis` under `prefix`.
     pub fn new(billing: Billing, redis: ConnectionManager, prefix: &str) -> Self {
-        Accounting { billing, redis, key: format!("{prefix}acct:pending") }
+        Accounting { billing, redis, key: format!("{prefix}acctq:pending") }
     }
 
     async fn send(&self, event: &Event) -> Result<(), Error> {

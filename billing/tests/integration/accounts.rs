@@ -1,29 +1,18 @@
-//! Store and gRPC service against a real `redis-server` on a unix socket.
+//! Accounts, digest checks, unrated accounting and the gRPC basics: what billing did before
+//! it handled money, which must keep working for accounts created without billing options.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use sipalias_billing::account::{Aor, Status};
-use sipalias_billing::store::{CallStart, StopOutcome, Store};
+use sipalias_billing::account::{AccountSettings, Aor, Kind, Status};
+use sipalias_billing::store::{AccountingOutcome, CallStart, CdrQuery};
 use sipalias_billing::{BillingConfig, Error};
-use sipalias_proto::billing::billing_client::BillingClient;
 use sipalias_proto::billing::{
-    AccountStatus, AccountingStartRequest, AccountingStopRequest, AuthorizeRequest,
+    AccountStatus, AccountingStartRequest, AccountingStopRequest, AuthorizeRequest, DenyReason,
     DigestAlgorithm, GetAccountRequest, VerifyDigestRequest,
 };
-use sipalias_tests::redis::RedisServer;
 use sipmsg::digest::{self, Algorithm, ResponseInput};
 
-const PREFIX: &str = "t:";
-
-fn config(redis: &RedisServer) -> BillingConfig {
-    let toml = format!(
-        "[processor]\nignored = true\n[billing]\nredis_url = {:?}\nkey_prefix = {PREFIX:?}\n\
-         default_max_duration_secs = 3600\n",
-        redis.url()
-    );
-    BillingConfig::from_toml_str(&toml).expect("config")
-}
+use crate::{env, now, stop};
 
 fn aor(s: &str) -> Aor {
     Aor::parse(s).expect("aor")
@@ -67,20 +56,29 @@ fn digest_request(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_and_service_against_real_redis() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = RedisServer::start(dir.path()).expect("redis-server");
-    let config = config(&redis);
-    let store = Store::connect(&config).await.expect("connect");
+    let env = env("default_max_duration_secs = 3600").await;
+    let store = &env.store;
+    let all = CdrQuery::default();
 
     // Empty database: empty listings, not errors.
     assert!(store.list().await.expect("empty list").is_empty());
-    assert!(store.list_cdrs(0).await.expect("empty cdrs").is_empty());
+    assert!(store.list_cdrs(&all).await.expect("empty cdrs").is_empty());
 
     // --- accounts -------------------------------------------------------------------------
     let alice = aor("alice@Example.com");
-    let created = store.add_account(&alice, "pw-a", &[], false).await.expect("add alice");
+    let created = store
+        .add_account(&alice, "pw-a", &[], false, &AccountSettings::default(), None)
+        .await
+        .expect("add alice");
     assert_eq!(created.aor.to_string(), "alice@example.com");
     assert_eq!(created.status, Status::Active);
+    // Without billing options: postpaid, no credit limit, default plan, no call limit.
+    assert_eq!(created.kind, Kind::Postpaid);
+    assert_eq!(
+        (created.balance_micros, created.credit_limit_micros, created.rate_plan.as_deref()),
+        (0, None, None)
+    );
+    assert_eq!(created.max_concurrent_calls, 0);
     let creds = created.realms.get("example.com").expect("default realm is the domain");
     assert_eq!(
         creds.ha1_md5.as_deref(),
@@ -92,10 +90,14 @@ async fn store_and_service_against_real_redis() {
     );
 
     // No silent overwrite; --force replaces the credentials.
-    let again = store.add_account(&alice, "other", &[], false).await;
+    let again =
+        store.add_account(&alice, "other", &[], false, &AccountSettings::default(), None).await;
     assert!(matches!(again, Err(Error::AccountExists(_))), "{again:?}");
     let realms = vec!["example.com".to_owned(), "alt.example".to_owned()];
-    let replaced = store.add_account(&alice, "pw-a2", &realms, true).await.expect("force");
+    let replaced = store
+        .add_account(&alice, "pw-a2", &realms, true, &AccountSettings::default(), None)
+        .await
+        .expect("force");
     assert_eq!(replaced.created_ms, created.created_ms);
     assert_eq!(replaced.realms.len(), 2);
 
@@ -118,7 +120,10 @@ async fn store_and_service_against_real_redis() {
     assert!(matches!(none, Err(Error::InvalidInput { .. })), "{none:?}");
 
     let carol = aor("carol@example.com");
-    store.add_account(&carol, "pw-c", &[], false).await.expect("add carol");
+    store
+        .add_account(&carol, "pw-c", &[], false, &AccountSettings::default(), None)
+        .await
+        .expect("add carol");
     store.set_status(&carol, Status::Blocked).await.expect("block");
     let missing = store.set_status(&aor("nobody@example.com"), Status::Blocked).await;
     assert!(matches!(missing, Err(Error::AccountNotFound(_))), "{missing:?}");
@@ -141,8 +146,7 @@ async fn store_and_service_against_real_redis() {
     );
 
     // The documented key layout, read with a plain client.
-    let client = redis::Client::open(redis.url()).expect("client");
-    let mut raw = client.get_multiplexed_async_connection().await.expect("raw connection");
+    let mut raw = env.raw().await;
     let hash: HashMap<String, String> = redis::cmd("HGETALL")
         .arg("t:acct:alice@example.com")
         .query_async(&mut raw)
@@ -153,11 +157,13 @@ async fn store_and_service_against_real_redis() {
     assert_eq!(
         fields,
         [
+            "balance_micros",
             "created_ms",
             "ha1:md5:alt.example",
             "ha1:md5:example.com",
             "ha1:sha256:alt.example",
             "ha1:sha256:example.com",
+            "kind",
             "status"
         ]
     );
@@ -167,7 +173,7 @@ async fn store_and_service_against_real_redis() {
     members.sort_unstable();
     assert_eq!(members, ["alice@example.com", "bob@example.com", "carol@example.com"]);
 
-    // --- accounting -----------------------------------------------------------------------
+    // --- accounting (unrated: nobody has a rate plan) -----------------------------------
     let start = CallStart {
         call_ref: "call-1".to_owned(),
         caller: "alice@example.com".to_owned(),
@@ -176,15 +182,21 @@ async fn store_and_service_against_real_redis() {
         callee_ingress_ip: "192.0.2.2".to_owned(),
         answered_ms: 1_700_000_000_000,
     };
-    store.accounting_start(&start).await.expect("start");
-    let first = store.accounting_stop("call-1", 1_700_000_065_432, "caller-bye", "k1").await;
-    assert_eq!(first.expect("stop"), StopOutcome::Recorded);
-    let second = store.accounting_stop("call-1", 1_700_000_099_999, "callee-bye", "k1").await;
-    assert_eq!(second.expect("retried stop"), StopOutcome::AlreadyRecorded);
+    let started = store.accounting_start(&start, now()).await.expect("start");
+    assert_eq!(started.outcome, AccountingOutcome::Recorded);
+    let first = store.accounting_stop(&stop("call-1", 1_700_000_065_432), now()).await;
+    let first = first.expect("stop");
+    assert_eq!((first.outcome, first.charge_micros), (AccountingOutcome::Charged, 0));
+    let mut retry = stop("call-1", 1_700_000_099_999);
+    retry.cause = "callee-bye".to_owned();
+    let second = store.accounting_stop(&retry, now()).await.expect("retried stop");
+    assert_eq!(second.outcome, AccountingOutcome::Duplicate);
 
     // A stop that overtook its start: recorded with what is known, completed by the start.
-    store.accounting_stop("call-2", 1_700_000_200_000, "callee-bye", "k2").await.expect("stop 2");
-    let cdrs = store.list_cdrs(0).await.expect("cdrs");
+    let early = stop("call-2", 1_700_000_200_000);
+    let early = store.accounting_stop(&early, now()).await.expect("stop 2");
+    assert_eq!(early.outcome, AccountingOutcome::AwaitingStart);
+    let cdrs = store.list_cdrs(&all).await.expect("cdrs");
     let c2 = cdrs.iter().find(|c| c.call_ref == "call-2").expect("call-2 listed");
     assert_eq!((c2.answered_ms, c2.duration_ms), (None, None));
     let start2 = CallStart {
@@ -192,9 +204,10 @@ async fn store_and_service_against_real_redis() {
         answered_ms: 1_700_000_150_000,
         ..start.clone()
     };
-    store.accounting_start(&start2).await.expect("late start");
+    let late = store.accounting_start(&start2, now()).await.expect("late start");
+    assert_eq!(late.outcome, AccountingOutcome::Charged);
 
-    let cdrs = store.list_cdrs(10).await.expect("cdrs");
+    let cdrs = store.list_cdrs(&CdrQuery { limit: 10, ..all.clone() }).await.expect("cdrs");
     assert_eq!(cdrs.len(), 2, "one record per call: {cdrs:?}");
     // Newest (by answer time) first.
     assert_eq!(cdrs[0].call_ref, "call-2");
@@ -205,18 +218,16 @@ async fn store_and_service_against_real_redis() {
     assert_eq!(c1.ended_ms, Some(1_700_000_065_432));
     assert_eq!(c1.duration_ms, Some(65_432));
     assert_eq!(c1.cause, "caller-bye");
-    assert_eq!(c1.stop_key.as_deref(), Some("k1"));
+    assert_eq!(c1.stop_key.as_deref(), Some("call-1;stop"));
     assert_eq!(c1.caller_ingress_ip, "192.0.2.1");
-    assert_eq!(store.list_cdrs(1).await.expect("limit").len(), 1);
+    assert_eq!((c1.charge_micros, c1.billed_secs, c1.rate_plan.as_str()), (Some(0), None, ""));
+    assert_eq!(
+        store.list_cdrs(&CdrQuery { limit: 1, ..all.clone() }).await.expect("limit").len(),
+        1
+    );
 
     // --- gRPC service ---------------------------------------------------------------------
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(sipalias_billing::serve(config.clone(), listener, async move {
-        let _ = stop_rx.await;
-    }));
-    let mut rpc = BillingClient::connect(format!("http://{addr}")).await.expect("grpc connect");
+    let (mut rpc, server) = env.serve().await;
 
     let got = rpc
         .get_account(GetAccountRequest { aor: "alice@example.com".to_owned() })
@@ -281,14 +292,24 @@ async fn store_and_service_against_real_redis() {
         callee: "bob@example.com".to_owned(),
         call_id: "cid".to_owned(),
         ingress_ip: "192.0.2.1".to_owned(),
+        call_ref: format!("cid;{caller}"),
     };
+    // An account created without billing options may call (unrated, capped by the config).
     let a = rpc.authorize(authorize("alice@example.com")).await.expect("authorize").into_inner();
     assert!(a.allowed);
     assert_eq!(a.max_duration_secs, 3600);
+    assert_eq!(a.deny(), DenyReason::Unspecified);
     let a = rpc.authorize(authorize("carol@example.com")).await.expect("authorize").into_inner();
     assert_eq!((a.allowed, a.reason.as_str()), (false, "account blocked"));
+    assert_eq!(a.deny(), DenyReason::Blocked);
     let a = rpc.authorize(authorize("ghost@example.com")).await.expect("authorize").into_inner();
     assert_eq!((a.allowed, a.reason.as_str()), (false, "unknown caller"));
+    assert_eq!(a.deny(), DenyReason::UnknownAccount);
+    let a = rpc.authorize(authorize("not an aor")).await.expect("authorize").into_inner();
+    assert_eq!(a.deny(), DenyReason::UnknownAccount);
+    let no_ref = AuthorizeRequest { call_ref: String::new(), ..authorize("alice@example.com") };
+    let err = rpc.authorize(no_ref).await.expect_err("empty call_ref");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let r = rpc
         .accounting_start(AccountingStartRequest {
@@ -310,13 +331,15 @@ async fn store_and_service_against_real_redis() {
                 ended_at_ms: 1_700_000_301_500,
                 cause: "caller-bye".to_owned(),
                 idempotency_key: "k3".to_owned(),
+                answered: true,
             })
             .await
             .expect("accounting stop")
             .into_inner();
         assert!(r.recorded, "a retried stop is reported as recorded");
+        assert_eq!(r.charge_micros, 0, "unrated");
     }
-    let newest = store.list_cdrs(1).await.expect("cdrs");
+    let newest = store.list_cdrs(&CdrQuery { limit: 1, ..all.clone() }).await.expect("cdrs");
     assert_eq!(newest[0].call_ref, "call-3");
     assert_eq!(newest[0].duration_ms, Some(1_500));
 
@@ -326,16 +349,14 @@ async fn store_and_service_against_real_redis() {
     assert_eq!(empty.expect_err("empty call_ref").code(), tonic::Code::InvalidArgument);
 
     // Redis gone: RPCs fail with UNAVAILABLE rather than a wrong answer.
-    redis.process().kill().expect("kill redis-server");
+    env.redis.process().kill().expect("kill redis-server");
     let err = rpc
         .get_account(GetAccountRequest { aor: "alice@example.com".to_owned() })
         .await
         .expect_err("redis is down");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
-    let _ = stop_tx.send(());
-    let served = tokio::time::timeout(Duration::from_secs(10), server).await;
-    assert!(matches!(served, Ok(Ok(Ok(())))), "server shut down cleanly: {served:?}");
+    server.shutdown().await;
 }
 
 #[tokio::test]

@@ -1,0 +1,645 @@
+//! The `sipalias-billing` command line: run the service, manage accounts and rate plans, read
+//! CDRs.
+
+mod report;
+mod time;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::{info, warn};
+
+use crate::account::{AccountSettings, Aor, Kind, Status};
+use crate::config::BillingConfig;
+use crate::error::Error;
+use crate::money;
+use crate::rating::{self, Rate};
+use crate::service;
+use crate::store::{CdrQuery, Store};
+
+/// sipalias billing: accounts, rate plans, call authorization and accounting.
+#[derive(Debug, Parser)]
+#[command(name = "sipalias-billing", version)]
+pub struct Cli {
+    /// Cluster TOML file; its [billing] table is read. `SIPALIAS_BILLING__<KEY>` environment
+    /// variables override it.
+    #[arg(long, short = 'c', env = "SIPALIAS_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC billing service on `billing.listen` until SIGTERM or ctrl-c.
+    Serve,
+    /// Manage accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Manage rate plans.
+    #[command(subcommand)]
+    RatePlan(RatePlanCommand),
+    /// Read call detail records.
+    #[command(subcommand)]
+    Cdr(CdrCommand),
+}
+
+/// `account ...` commands.
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Create an account from a password; only MD5 and SHA-256 HA1s are stored.
+    Add(AddArgs),
+    /// Add HA1s exported from another system for one realm (creates the account if needed).
+    Import(ImportArgs),
+    /// List accounts: AOR, status, kind, balance, credit limit, rate plan, call limit, realms.
+    List,
+    /// Show one account: balance, what its calls in progress hold, and its settings.
+    Show(AorArg),
+    /// Change an account's billing settings.
+    Set(SetArgs),
+    /// Add to an account's balance (a negative amount corrects it downwards).
+    Topup(TopupArgs),
+    /// Block an account: its REGISTERs and calls are refused with 403.
+    Block(AorArg),
+    /// Unblock an account.
+    Unblock(AorArg),
+}
+
+/// Arguments of `account add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Address of record, user@domain.
+    #[arg(long)]
+    pub aor: String,
+    /// Password to derive the HA1s from (it is not stored).
+    #[arg(long)]
+    pub password: String,
+    /// Digest realm to create credentials for; repeatable. Default: the AOR's domain.
+    #[arg(long = "realm", value_name = "REALM")]
+    pub realms: Vec<String>,
+    /// Replace the credentials of an existing account (its status and balance are kept; the
+    /// billing options given are applied).
+    #[arg(long)]
+    pub force: bool,
+    /// Prepaid: calls only while the balance covers them.
+    #[arg(long, conflicts_with_all = ["postpaid", "credit_limit"])]
+    pub prepaid: bool,
+    /// Postpaid (the default): the balance may go down to minus the credit limit.
+    #[arg(long)]
+    pub postpaid: bool,
+    /// Opening balance, e.g. 10.00 (default 0). Only for a new account.
+    #[arg(long, value_name = "AMOUNT", value_parser = amount, allow_negative_numbers = true)]
+    pub balance: Option<i64>,
+    /// Postpaid credit limit, e.g. 50.00, or `unlimited` (the default).
+    #[arg(long, value_name = "AMOUNT", value_parser = credit_limit)]
+    pub credit_limit: Option<CreditLimit>,
+    /// Rate plan (must exist). Default: `billing.default_rate_plan`.
+    #[arg(long, value_name = "NAME")]
+    pub rate_plan: Option<String>,
+    /// Most calls in progress at once; 0 = no limit (the default).
+    #[arg(long, value_name = "N")]
+    pub max_calls: Option<u32>,
+}
+
+/// Arguments of `account set`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
+    .args(["kind", "rate_plan", "default_rate_plan", "credit_limit", "max_calls"])))]
+pub struct SetArgs {
+    /// Address of record, user@domain.
+    #[arg(long)]
+    pub aor: String,
+    /// `prepaid` or `postpaid`.
+    #[arg(long, value_parser = kind)]
+    pub kind: Option<Kind>,
+    /// Rate plan (must exist).
+    #[arg(long, value_name = "NAME", conflicts_with = "default_rate_plan")]
+    pub rate_plan: Option<String>,
+    /// Forget the account's rate plan: use `billing.default_rate_plan`.
+    #[arg(long)]
+    pub default_rate_plan: bool,
+    /// Postpaid credit limit, e.g. 50.00, or `unlimited`.
+    #[arg(long, value_name = "AMOUNT", value_parser = credit_limit)]
+    pub credit_limit: Option<CreditLimit>,
+    /// Most calls in progress at once; 0 = no limit.
+    #[arg(long, value_name = "N")]
+    pub max_calls: Option<u32>,
+}
+
+/// Arguments of `account topup`.
+#[derive(Debug, Args)]
+pub struct TopupArgs {
+    /// Address of record, user@domain.
+    #[arg(long)]
+    pub aor: String,
+    /// Amount to add, e.g. 5.00 (negative to correct).
+    #[arg(long, value_name = "AMOUNT", value_parser = amount, allow_negative_numbers = true)]
+    pub amount: i64,
+}
+
+/// Arguments of `account import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Address of record, user@domain.
+    #[arg(long)]
+    pub aor: String,
+    /// Digest realm the HA1s were computed for.
+    #[arg(long)]
+    pub realm: String,
+    /// MD5(user:realm:password), 32 hex digits.
+    #[arg(long, value_name = "HEX", required_unless_present = "ha1_sha256")]
+    pub ha1_md5: Option<String>,
+    /// SHA-256(user:realm:password), 64 hex digits.
+    #[arg(long, value_name = "HEX")]
+    pub ha1_sha256: Option<String>,
+}
+
+/// An `--aor` argument.
+#[derive(Debug, Args)]
+pub struct AorArg {
+    /// Address of record, user@domain.
+    #[arg(long)]
+    pub aor: String,
+}
+
+/// A credit limit as typed: an amount, or `unlimited` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditLimit(pub Option<i64>);
+
+/// `rate-plan ...` commands.
+#[derive(Debug, Subcommand)]
+pub enum RatePlanCommand {
+    /// Create or replace the rate of one destination prefix in a plan (creating the plan).
+    Set(RateSetArgs),
+    /// List plans and their entries.
+    List {
+        /// Only this plan.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Delete one entry of a plan, or the whole plan.
+    Delete {
+        /// The plan.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// Only this prefix (digits or `default`).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+/// Arguments of `rate-plan set`.
+#[derive(Debug, Args)]
+pub struct RateSetArgs {
+    /// Plan name (A-Z a-z 0-9 _ . -).
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// Destination prefix: digits of the called number (a leading + is ignored), or `default`
+    /// (or empty) for every destination no longer prefix matches.
+    #[arg(long)]
+    pub prefix: String,
+    /// Price of a minute, e.g. 0.10; applied per second of the billed time.
+    #[arg(long, value_name = "AMOUNT", value_parser = amount)]
+    pub per_minute: i64,
+    /// Charged once per answered call.
+    #[arg(long, value_name = "AMOUNT", value_parser = amount, default_value = "0")]
+    pub fee: i64,
+    /// Billing increments FIRST/NEXT in seconds: 60/60 per minute, 1/1 per second, 30/6, ...
+    #[arg(long, value_name = "FIRST/NEXT", default_value = "60/60")]
+    pub increments: String,
+}
+
+/// `cdr ...` commands.
+#[derive(Debug, Subcommand)]
+pub enum CdrCommand {
+    /// List CDRs, newest first (by answer time).
+    List {
+        /// How many; 0 for all.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print CSV (with a header line) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Only calls this AOR made or received.
+        #[arg(long)]
+        aor: Option<String>,
+        /// Only calls answered at or after this time: ms since the epoch, or a UTC date
+        /// YYYY-MM-DD, optionally with a time: YYYY-MM-DDTHH:MM or YYYY-MM-DDTHH:MM:SS.
+        #[arg(long, value_name = "TIME", value_parser = time::parse)]
+        since: Option<u64>,
+        /// Only calls answered before this time (same forms as --since).
+        #[arg(long, value_name = "TIME", value_parser = time::parse)]
+        until: Option<u64>,
+    },
+}
+
+fn amount(text: &str) -> Result<i64, String> {
+    money::parse("amount", text).map_err(reason)
+}
+
+fn credit_limit(text: &str) -> Result<CreditLimit, String> {
+    if matches!(text, "unlimited" | "none") {
+        return Ok(CreditLimit(None));
+    }
+    let limit = money::parse("credit limit", text).map_err(reason)?;
+    if limit < 0 {
+        return Err("a credit limit is not negative (0 = no credit)".to_owned());
+    }
+    Ok(CreditLimit(Some(limit)))
+}
+
+fn kind(text: &str) -> Result<Kind, String> {
+    Kind::parse(text).ok_or_else(|| "expected prepaid or postpaid".to_owned())
+}
+
+/// The reason of an input error, without the argument name clap prints anyway.
+fn reason(e: Error) -> String {
+    match e {
+        Error::InvalidInput { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
+/// Runs a parsed command line. Output goes to stdout; the caller prints the error, if any,
+/// and exits non-zero.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    let config = BillingConfig::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Account(cmd) => account(&config, cmd).await,
+        Command::RatePlan(cmd) => rate_plan(&config, cmd).await,
+        Command::Cdr(CdrCommand::List { limit, csv, aor, since, until }) => {
+            let aor = aor.map(|a| Aor::parse(&a)).transpose()?.map(|a| a.to_string());
+            let store = Store::connect(&config).await?;
+            let query = CdrQuery { limit, aor, since_ms: since, until_ms: until };
+            let cdrs = store.list_cdrs(&query).await?;
+            if csv {
+                print!("{}", report::cdrs_csv(&cdrs));
+            } else {
+                print!("{}", report::cdrs_table(&cdrs));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: BillingConfig) -> Result<(), Error> {
+    init_tracing();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind { addr: config.listen, source })?;
+    // Registered before connecting to Redis so a SIGTERM during startup is not lost.
+    let shutdown = shutdown_signal()?;
+    service::serve(config, listener, shutdown).await
+}
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // `try_init`: an embedding program may already have installed a subscriber.
+    // Colours only on a terminal: logs captured to a file or journal stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
+fn shutdown_signal() -> Result<impl Future<Output = ()>, Error> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        let ctrl_c = async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                // Without a SIGINT handler, wait for SIGTERM only rather than stop at once.
+                warn!(error = %e, "cannot listen for ctrl-c");
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received, shutting down"),
+            () = ctrl_c => info!("interrupt received, shutting down"),
+        }
+    })
+}
+
+async fn account(config: &BillingConfig, cmd: AccountCommand) -> Result<(), Error> {
+    // Parse the AOR before connecting, so a typo is reported without needing Redis.
+    match cmd {
+        AccountCommand::Add(args) => {
+            let aor = Aor::parse(&args.aor)?;
+            let kind = match (args.prepaid, args.postpaid) {
+                (true, _) => Some(Kind::Prepaid),
+                (_, true) => Some(Kind::Postpaid),
+                _ => None,
+            };
+            let settings = AccountSettings {
+                kind,
+                credit_limit_micros: args.credit_limit.map(|c| c.0),
+                rate_plan: args.rate_plan.map(Some),
+                max_concurrent_calls: args.max_calls,
+            };
+            let store = Store::connect(config).await?;
+            let account = store
+                .add_account(
+                    &aor,
+                    &args.password,
+                    &args.realms,
+                    args.force,
+                    &settings,
+                    args.balance,
+                )
+                .await?;
+            println!(
+                "account {} saved (realms: {}; {})",
+                account.aor,
+                report::realm_summary(&account),
+                report::billing_summary(&account)
+            );
+        }
+        AccountCommand::Import(args) => {
+            let aor = Aor::parse(&args.aor)?;
+            let store = Store::connect(config).await?;
+            let account = store
+                .import_account(
+                    &aor,
+                    &args.realm,
+                    args.ha1_md5.as_deref(),
+                    args.ha1_sha256.as_deref(),
+                )
+                .await?;
+            println!("account {} saved (realms: {})", account.aor, report::realm_summary(&account));
+        }
+        AccountCommand::List => {
+            let store = Store::connect(config).await?;
+            print!("{}", report::accounts_table(&store.list().await?));
+        }
+        AccountCommand::Show(AorArg { aor }) => {
+            let aor = Aor::parse(&aor)?;
+            let store = Store::connect(config).await?;
+            let usage = store
+                .account_usage(&aor)
+                .await?
+                .ok_or_else(|| Error::AccountNotFound(aor.to_string()))?;
+            print!("{}", report::account_details(&usage));
+        }
+        AccountCommand::Set(args) => {
+            let aor = Aor::parse(&args.aor)?;
+            let rate_plan = match (args.rate_plan, args.default_rate_plan) {
+                (Some(p), _) => Some(Some(p)),
+                (None, true) => Some(None),
+                (None, false) => None,
+            };
+            let settings = AccountSettings {
+                kind: args.kind,
+                credit_limit_micros: args.credit_limit.map(|c| c.0),
+                rate_plan,
+                max_concurrent_calls: args.max_calls,
+            };
+            let store = Store::connect(config).await?;
+            let account = store.update_account(&aor, &settings).await?;
+            println!("account {}: {}", account.aor, report::billing_summary(&account));
+        }
+        AccountCommand::Topup(args) => {
+            let aor = Aor::parse(&args.aor)?;
+            let balance = Store::connect(config).await?.topup(&aor, args.amount).await?;
+            println!("account {aor} balance {}", money::format(balance));
+        }
+        AccountCommand::Block(AorArg { aor }) => {
+            let aor = Aor::parse(&aor)?;
+            Store::connect(config).await?.set_status(&aor, Status::Blocked).await?;
+            println!("account {aor} blocked");
+        }
+        AccountCommand::Unblock(AorArg { aor }) => {
+            let aor = Aor::parse(&aor)?;
+            Store::connect(config).await?.set_status(&aor, Status::Active).await?;
+            println!("account {aor} active");
+        }
+    }
+    Ok(())
+}
+
+async fn rate_plan(config: &BillingConfig, cmd: RatePlanCommand) -> Result<(), Error> {
+    match cmd {
+        RatePlanCommand::Set(args) => {
+            let (first, next) = rating::parse_increments(&args.increments)?;
+            let rate = Rate {
+                rate_micros_per_minute: args.per_minute,
+                connection_fee_micros: args.fee,
+                first_increment_secs: first,
+                next_increment_secs: next,
+            };
+            // Validated before connecting, so a typo is reported without needing Redis.
+            rating::validate_plan_name("--name", &args.name)?;
+            rating::normalize_prefix(&args.prefix)?;
+            rate.validate()?;
+            let store = Store::connect(config).await?;
+            let prefix = store.set_rate(&args.name, &args.prefix, &rate).await?;
+            println!(
+                "rate plan {}: {prefix} at {} per minute, fee {}, increments {}",
+                args.name,
+                money::format(rate.rate_micros_per_minute),
+                money::format(rate.connection_fee_micros),
+                rate.increments()
+            );
+        }
+        RatePlanCommand::List { name } => {
+            if let Some(n) = &name {
+                rating::validate_plan_name("--name", n)?;
+            }
+            let store = Store::connect(config).await?;
+            print!(
+                "{}",
+                report::rate_plans_table(&store.rate_plan_entries(name.as_deref()).await?)
+            );
+        }
+        RatePlanCommand::Delete { name, prefix } => {
+            let store = Store::connect(config).await?;
+            let removed = store.delete_rate_plan(&name, prefix.as_deref()).await?;
+            let what = match prefix {
+                Some(p) => format!("entry {} deleted", rating::normalize_prefix(&p)?),
+                None => format!("deleted ({removed} entries)"),
+            };
+            println!("rate plan {name}: {what}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sipalias-billing").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_account_add_with_repeated_realms() {
+        let cli = parse(&[
+            "--config",
+            "/etc/sipalias.toml",
+            "account",
+            "add",
+            "--aor",
+            "alice@example.com",
+            "--password",
+            "pw",
+            "--realm",
+            "a",
+            "--realm",
+            "b",
+            "--force",
+        ])
+        .expect("parse");
+        assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("/etc/sipalias.toml")));
+        match cli.command {
+            Command::Account(AccountCommand::Add(a)) => {
+                assert_eq!(a.realms, ["a", "b"]);
+                assert!(a.force);
+                assert_eq!((a.prepaid, a.balance, a.credit_limit), (false, None, None));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn account_add_takes_billing_options_in_decimal() {
+        let cli = parse(&[
+            "account",
+            "add",
+            "--aor",
+            "a@b",
+            "--password",
+            "pw",
+            "--prepaid",
+            "--balance",
+            "-5.5",
+            "--rate-plan",
+            "retail",
+            "--max-calls",
+            "5",
+        ])
+        .expect("parse");
+        let Command::Account(AccountCommand::Add(a)) = cli.command else { panic!("not add") };
+        assert!(a.prepaid);
+        assert_eq!(a.balance, Some(-5_500_000));
+        assert_eq!(a.rate_plan.as_deref(), Some("retail"));
+        assert_eq!(a.max_calls, Some(5));
+
+        let cli = parse(&[
+            "account",
+            "add",
+            "--aor",
+            "a@b",
+            "--password",
+            "pw",
+            "--credit-limit",
+            "50.00",
+        ])
+        .expect("parse");
+        let Command::Account(AccountCommand::Add(a)) = cli.command else { panic!("not add") };
+        assert_eq!(a.credit_limit, Some(CreditLimit(Some(50_000_000))));
+
+        // A prepaid account has no credit limit; amounts are exact decimals.
+        let both = [
+            "account",
+            "add",
+            "--aor",
+            "a@b",
+            "--password",
+            "p",
+            "--prepaid",
+            "--credit-limit",
+            "1",
+        ];
+        assert!(parse(&both).is_err());
+        assert!(
+            parse(&["account", "add", "--aor", "a@b", "--password", "p", "--balance", "1e3"])
+                .is_err()
+        );
+        assert!(
+            parse(&["account", "add", "--aor", "a@b", "--password", "p", "--credit-limit", "-1"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn account_set_needs_a_change() {
+        assert!(parse(&["account", "set", "--aor", "a@b"]).is_err());
+        let cli = parse(&[
+            "account",
+            "set",
+            "--aor",
+            "a@b",
+            "--credit-limit",
+            "unlimited",
+            "--kind",
+            "postpaid",
+        ])
+        .expect("parse");
+        let Command::Account(AccountCommand::Set(s)) = cli.command else { panic!("not set") };
+        assert_eq!(s.credit_limit, Some(CreditLimit(None)));
+        assert_eq!(s.kind, Some(Kind::Postpaid));
+        assert!(parse(&["account", "set", "--aor", "a@b", "--kind", "gold"]).is_err());
+        assert!(
+            parse(&["account", "set", "--aor", "a@b", "--rate-plan", "x", "--default-rate-plan"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn topup_and_rate_plan_amounts() {
+        let cli = parse(&["account", "topup", "--aor", "a@b", "--amount", "-0.25"]).expect("parse");
+        let Command::Account(AccountCommand::Topup(t)) = cli.command else { panic!("not topup") };
+        assert_eq!(t.amount, -250_000);
+
+        let cli = parse(&[
+            "rate-plan",
+            "set",
+            "--name",
+            "retail",
+            "--prefix",
+            "44",
+            "--per-minute",
+            "0.10",
+        ])
+        .expect("parse");
+        let Command::RatePlan(RatePlanCommand::Set(r)) = cli.command else { panic!("not set") };
+        assert_eq!((r.per_minute, r.fee, r.increments.as_str()), (100_000, 0, "60/60"));
+    }
+
+    #[test]
+    fn cdr_list_filters() {
+        let cli = parse(&[
+            "cdr",
+            "list",
+            "--csv",
+            "--aor",
+            "a@b",
+            "--since",
+            "2025-11-27",
+            "--until",
+            "1764244800000",
+        ])
+        .expect("parse");
+        let Command::Cdr(CdrCommand::List { since, until, aor, csv, .. }) = cli.command else {
+            panic!("not cdr list")
+        };
+        assert!(csv);
+        assert_eq!(aor.as_deref(), Some("a@b"));
+        assert_eq!((since, until), (Some(1_764_201_600_000), Some(1_764_244_800_000)));
+    }
+
+    #[test]
+    fn import_needs_a_hash() {
+        assert!(parse(&["account", "import", "--aor", "a@b", "--realm", "b"]).is_err());
+    }
+}

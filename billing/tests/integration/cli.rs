@@ -1,0 +1,180 @@
+//! The `sipalias-billing` binary: accounts, rate plans, top-ups and CDRs as an operator types
+//! them, against the same Redis the store reads.
+
+use std::path::Path;
+use std::process::Command;
+
+use sipalias_billing::account::Aor;
+
+use crate::{Env, env, now, start, stop};
+
+/// Runs the binary with `--config` and returns (success, stdout, stderr).
+fn billing(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sipalias-billing"));
+    cmd.arg("--config").arg(config).args(args);
+    // A variable left in the developer's environment must not change the test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SIPALIAS_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.output().expect("run sipalias-billing");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let (success, stdout, stderr) = billing(config, args);
+    assert!(success, "{args:?} failed: {stderr}");
+    stdout
+}
+
+fn config_file(env: &Env) -> std::path::PathBuf {
+    let path = env.dir.path().join("sipalias.toml");
+    let toml =
+        format!("[billing]\nredis_url = {:?}\nkey_prefix = {:?}\n", env.redis.url(), crate::PREFIX);
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_manages_rates_accounts_top_ups_and_reads_cdrs() {
+    let env = env("").await;
+    let cfg = config_file(&env);
+
+    let out = ok(
+        &cfg,
+        &["rate-plan", "set", "--name", "retail", "--prefix", "+44", "--per-minute", "0.10"],
+    );
+    assert_eq!(out, "rate plan retail: 44 at 0.10 per minute, fee 0.00, increments 60/60\n");
+    ok(
+        &cfg,
+        &[
+            "rate-plan",
+            "set",
+            "--name",
+            "retail",
+            "--prefix",
+            "",
+            "--per-minute",
+            "0.2",
+            "--fee",
+            "0.05",
+            "--increments",
+            "1/1",
+        ],
+    );
+    let listed = ok(&cfg, &["rate-plan", "list"]);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(lines[0].starts_with("PLAN"), "{listed}");
+    assert!(
+        lines[1].contains("default") && lines[1].contains("0.20") && lines[1].contains("1/1"),
+        "{listed}"
+    );
+    assert!(
+        lines[2].contains("44") && lines[2].contains("0.10") && lines[2].contains("60/60"),
+        "{listed}"
+    );
+
+    let (success, _, stderr) = billing(
+        &cfg,
+        &["account", "add", "--aor", "bob@example.com", "--password", "pw", "--rate-plan", "nope"],
+    );
+    assert!(!success);
+    assert!(stderr.contains("no such rate plan: nope"), "{stderr}");
+
+    let out = ok(
+        &cfg,
+        &[
+            "account",
+            "add",
+            "--aor",
+            "alice@example.com",
+            "--password",
+            "pw",
+            "--prepaid",
+            "--balance",
+            "1.00",
+            "--rate-plan",
+            "retail",
+            "--max-calls",
+            "2",
+        ],
+    );
+    assert!(out.contains("prepaid, balance 1.00, rate plan retail, max 2 calls"), "{out}");
+    let out = ok(&cfg, &["account", "topup", "--aor", "alice@example.com", "--amount", "5.00"]);
+    assert_eq!(out, "account alice@example.com balance 6.00\n");
+    let out = ok(&cfg, &["account", "topup", "--aor", "alice@example.com", "--amount", "-0.5"]);
+    assert_eq!(out, "account alice@example.com balance 5.50\n");
+
+    // A call in progress shows in `account show`.
+    let alice = Aor::parse("alice@example.com").expect("aor");
+    let callee = "+447700900123@example.com";
+    env.store.authorize("alice@example.com", callee, "cli-1", now()).await.expect("authorize");
+    let shown = ok(&cfg, &["account", "show", "--aor", "alice@example.com"]);
+    for needle in ["prepaid", "5.50", "retail", "calls in progress", "cli-1"] {
+        assert!(shown.contains(needle), "{needle}: {shown}");
+    }
+    let reserved = shown.lines().find(|l| l.starts_with("reserved")).expect("reserved line");
+    assert!(reserved.ends_with("5.50"), "{shown}");
+
+    let t0 = 1_764_244_800_000;
+    env.store.accounting_start(&start("cli-1", &alice, callee, t0), now()).await.expect("start");
+    env.store.accounting_stop(&stop("cli-1", t0 + 61_000), now()).await.expect("stop");
+    let csv = ok(&cfg, &["cdr", "list", "--csv"]);
+    let mut rows = csv.lines();
+    let header: Vec<&str> = rows.next().expect("header").split(',').collect();
+    let row: Vec<&str> = rows.next().expect("row").split(',').collect();
+    let col = |name: &str| row[header.iter().position(|h| *h == name).expect(name)];
+    assert_eq!(col("call_ref"), "cli-1");
+    assert_eq!(col("charge_micros"), "200000");
+    assert_eq!(col("charge"), "0.20");
+    assert_eq!((col("rate_plan"), col("rate_prefix"), col("billed_secs")), ("retail", "44", "120"));
+    let table = ok(&cfg, &["cdr", "list"]);
+    assert!(table.contains("2025-11-27 12:00:00") && table.contains("0.20"), "{table}");
+    assert_eq!(ok(&cfg, &["cdr", "list", "--aor", "bob@example.com"]).lines().count(), 1);
+    assert_eq!(ok(&cfg, &["cdr", "list", "--since", "2025-11-28"]).lines().count(), 1);
+    assert_eq!(
+        ok(&cfg, &["cdr", "list", "--since", "2025-11-27", "--until", "2025-11-28"])
+            .lines()
+            .count(),
+        2
+    );
+
+    let out = ok(
+        &cfg,
+        &[
+            "account",
+            "set",
+            "--aor",
+            "alice@example.com",
+            "--kind",
+            "postpaid",
+            "--credit-limit",
+            "50",
+            "--max-calls",
+            "0",
+        ],
+    );
+    assert!(
+        out.contains("postpaid, balance 5.30, credit limit 50.00, rate plan retail, no call limit"),
+        "{out}"
+    );
+    let listed = ok(&cfg, &["account", "list"]);
+    assert!(
+        listed.contains("postpaid") && listed.contains("5.30") && listed.contains("50.00"),
+        "{listed}"
+    );
+
+    let out = ok(&cfg, &["rate-plan", "delete", "--name", "retail", "--prefix", "44"]);
+    assert_eq!(out, "rate plan retail: entry 44 deleted\n");
+    let out = ok(&cfg, &["rate-plan", "delete", "--name", "retail"]);
+    assert_eq!(out, "rate plan retail: deleted (1 entries)\n");
+    assert_eq!(ok(&cfg, &["rate-plan", "list"]).lines().count(), 1);
+    let (success, _, stderr) = billing(&cfg, &["rate-plan", "delete", "--name", "retail"]);
+    assert!(!success && stderr.contains("no such rate plan"), "{stderr}");
+}
