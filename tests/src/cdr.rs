@@ -25,6 +25,8 @@ pub struct Cdr {
     pub duration_ms: Option<u64>,
     /// Why it ended.
     pub cause: String,
+    /// What was charged, in micro-units, once charged.
+    pub charge_micros: Option<u64>,
 }
 
 /// Parses the CSV output (header line first).
@@ -59,6 +61,11 @@ pub fn parse_csv(text: &str) -> Result<Vec<Cdr>> {
             ended_ms: num("ended_ms")?,
             duration_ms: num("duration_ms")?,
             cause: text("cause")?,
+            charge_micros: if col.contains_key("charge_micros") {
+                num("charge_micros")?
+            } else {
+                None
+            },
         });
     }
     Ok(out)

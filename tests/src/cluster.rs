@@ -50,11 +50,18 @@ pub struct ClusterOptions {
     /// Processor `keepalive_interval_secs`; 0 (the harness default) turns NAT keepalives off so
     /// test phones only see the requests a test makes.
     pub keepalive_interval_secs: u32,
+    /// Extra lines for the `[processor]` table (e.g. `billing_outage = "allow"`).
+    pub processor_toml: String,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { processors: 2, t1_ms: None, keepalive_interval_secs: 0 }
+        ClusterOptions {
+            processors: 2,
+            t1_ms: None,
+            keepalive_interval_secs: 0,
+            processor_toml: String::new(),
+        }
     }
 }
 
@@ -64,7 +71,7 @@ pub struct Cluster {
     // Field order is drop order: clients of Redis before Redis, the directory last.
     processors: Vec<Option<Process>>,
     dispatcher: Process,
-    billing: Process,
+    billing: Option<Process>,
     redis: RedisServer,
     config: PathBuf,
     sip_port: u16,
@@ -116,6 +123,7 @@ impl Cluster {
             extra_port,
             t1_ms: options.t1_ms,
             keepalive_interval_secs: options.keepalive_interval_secs,
+            processor_toml: &options.processor_toml,
         });
         std::fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
 
@@ -139,7 +147,7 @@ impl Cluster {
         let mut cluster = Cluster {
             processors: Vec::new(),
             dispatcher,
-            billing,
+            billing: Some(billing),
             redis,
             config,
             sip_port,
@@ -211,9 +219,29 @@ impl Cluster {
         &self.dispatcher
     }
 
-    /// The billing process.
-    pub fn billing(&self) -> &Process {
-        &self.billing
+    /// The billing process, unless stopped with [`Cluster::stop_billing`].
+    pub fn billing(&self) -> Option<&Process> {
+        self.billing.as_ref()
+    }
+
+    /// Kills billing (an outage).
+    pub fn stop_billing(&mut self) -> Result<()> {
+        if let Some(b) = self.billing.take() {
+            b.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts billing again after [`Cluster::stop_billing`] and waits until it listens.
+    pub fn start_billing(&mut self) -> Result<()> {
+        if self.billing.is_some() {
+            bail!("billing is already running");
+        }
+        let billing =
+            Process::spawn("billing", service_command(binary::BILLING, &self.config, &["serve"])?)?;
+        billing.wait_for_line("billing listening on", START_TIMEOUT)?;
+        self.billing = Some(billing);
+        Ok(())
     }
 
     /// Processor `pN` (numbered from 1, as its id), if running.
@@ -228,8 +256,9 @@ impl Cluster {
 
     /// Fails naming the first service process that is no longer running.
     pub fn check_all_running(&self) -> Result<()> {
-        let all = [&self.dispatcher, &self.billing, self.redis.process()]
+        let all = [&self.dispatcher, self.redis.process()]
             .into_iter()
+            .chain(self.billing.iter())
             .chain(self.processors.iter().flatten());
         for p in all {
             if !p.is_running() {
@@ -302,6 +331,40 @@ impl Cluster {
             ALIAS3_REALM,
         ])?;
         Ok(())
+    }
+
+    /// Like [`Cluster::add_account`], with extra `account add` options (e.g. `--prepaid`,
+    /// `--balance 1.00`, `--rate-plan NAME`, `--max-calls 5`).
+    pub fn add_account_with(&self, user: &str, password: &str, extra: &[&str]) -> Result<()> {
+        let aor = format!("{user}@{DOMAIN}");
+        let mut args = vec![
+            "account",
+            "add",
+            "--aor",
+            &aor,
+            "--password",
+            password,
+            "--realm",
+            DOMAIN,
+            "--realm",
+            ALIAS2_REALM,
+            "--realm",
+            ALIAS3_REALM,
+        ];
+        args.extend_from_slice(extra);
+        self.billing_cli(&args)?;
+        Ok(())
+    }
+
+    /// The balance of `user@sip.example.net` in micro-units (`account show`).
+    pub fn balance_micros(&self, user: &str) -> Result<i64> {
+        let out = self.billing_cli(&["account", "show", "--aor", &format!("{user}@{DOMAIN}")])?;
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("balance"))
+            .with_context(|| format!("no balance in:\n{out}"))?;
+        let amount = line.trim_start().trim_start_matches("balance").trim();
+        parse_money(amount).with_context(|| format!("balance {amount:?}"))
     }
 
     /// Blocks `user@sip.example.net`.
@@ -382,6 +445,7 @@ struct ConfigValues<'a> {
     extra_port: u16,
     t1_ms: Option<u64>,
     keepalive_interval_secs: u32,
+    processor_toml: &'a str,
 }
 
 /// The one TOML file all three binaries read (layout of `deploy/local.toml`).
@@ -394,6 +458,7 @@ fn config_toml(v: &ConfigValues<'_>) -> String {
         extra_port,
         t1_ms,
         keepalive_interval_secs,
+        processor_toml,
     } = v;
     let t1 = t1_ms.map(|t| format!("t1_ms = {t}\n")).unwrap_or_default();
     format!(
@@ -429,7 +494,8 @@ redis_url = "{redis_url}"
 key_prefix = "{KEY_PREFIX}"
 auth_secret = "e2e-shared-secret"
 keepalive_interval_secs = {keepalive_interval_secs}
-{t1}
+{t1}{processor_toml}
+
 [billing]
 listen = "{billing}"
 redis_url = "{redis_url}"
@@ -472,6 +538,7 @@ mod tests {
             extra_port: 15080,
             t1_ms: Some(50),
             keepalive_interval_secs: 0,
+            processor_toml: "",
         };
         let toml = config_toml(&v);
         assert!(toml.contains("extra_udp_ports = [15080]"));
@@ -479,4 +546,20 @@ mod tests {
         assert!(toml.contains("dispatchers = [\"http://127.0.0.1:7070\"]"));
         assert!(!config_toml(&ConfigValues { t1_ms: None, ..v }).contains("t1_ms"));
     }
+}
+
+/// Parses a decimal amount such as `1.00` or `-0.5` into micro-units.
+pub fn parse_money(s: &str) -> Option<i64> {
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (units, frac) = s.split_once('.').unwrap_or((s, ""));
+    if frac.len() > 6 || units.is_empty() {
+        return None;
+    }
+    let units: i64 = units.parse().ok()?;
+    let frac: i64 = if frac.is_empty() { 0 } else { format!("{frac:0<6}").parse().ok()? };
+    let v = units * 1_000_000 + frac;
+    Some(if neg { -v } else { v })
 }

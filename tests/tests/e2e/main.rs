@@ -8,6 +8,7 @@
 //! (plus an extra port on .3). The rule under test everywhere: a phone sees the cluster only
 //! through the address it registered through.
 
+mod billing;
 mod calls;
 mod failures;
 mod keepalive;

@@ -1,0 +1,206 @@
+//! Billing through the whole cluster: prepaid cut-off, concurrent-call limits and a billing
+//! outage, with real billing, Redis, processors and phones.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use sipalias_tests::cluster::{Cluster, ClusterOptions};
+use sipalias_tests::phone::{Phone, sdp};
+
+use super::{WAIT, cluster, registered};
+
+/// Caller calls callee (registered through alias2) and the call is answered and ACKed.
+fn answered(
+    caller: &mut Phone,
+    server: &sipalias_tests::phone::Server,
+    callee: &mut Phone,
+) -> Result<(sipalias_tests::phone::Call, sipalias_tests::phone::Call)> {
+    let offer = sdp(caller.user(), caller.addr().ip(), 40_000);
+    let mut call = caller.invite(server, callee.user(), &offer)?;
+    let invite = callee.recv_request("INVITE", WAIT)?;
+    let answer = sdp(callee.user(), callee.addr().ip(), 50_000);
+    let callee_call = callee.answer(&invite, 200, "OK", &answer)?;
+    let ok = caller.final_response(&mut call, WAIT)?;
+    ensure!(ok.msg.status() == Some(200), "caller got {}", ok.summary());
+    caller.ack(&call)?;
+    callee.recv_request("ACK", WAIT)?;
+    Ok((call, callee_call))
+}
+
+#[test]
+fn prepaid_call_is_cut_off_at_its_limit_on_both_legs_and_debited_once() -> Result<()> {
+    let cluster = cluster()?;
+    // 0.60 per minute, per-second increments: 0.03 buys exactly 3 s.
+    cluster.billing_cli(&[
+        "rate-plan",
+        "set",
+        "--name",
+        "pp",
+        "--prefix",
+        "default",
+        "--per-minute",
+        "0.60",
+        "--increments",
+        "1/1",
+    ])?;
+    cluster.add_account_with(
+        "payer",
+        "pw1",
+        &["--prepaid", "--balance", "0.03", "--rate-plan", "pp"],
+    )?;
+    cluster.add_account("alice", "pw2")?;
+    let mut callee = registered(&cluster.alias2(), "alice", "pw2")?;
+    let mut caller = Phone::new("payer", "pw1")?;
+    let started = Instant::now();
+    answered(&mut caller, &cluster.main(), &mut callee)?;
+
+    let bye_callee = callee.recv_request("BYE", WAIT)?;
+    let bye_caller = caller.recv_request("BYE", WAIT)?;
+    let held = started.elapsed();
+    ensure!(held >= Duration::from_millis(2900), "cut off after {held:?}, before its 3 s");
+    ensure!(held <= Duration::from_secs(6), "cut off only after {held:?}");
+    for bye in [&bye_callee, &bye_caller] {
+        let reason = bye.msg.header("reason").unwrap_or_default();
+        ensure!(
+            reason.contains("Maximum call duration"),
+            "BYE without the cut-off Reason: {reason:?}"
+        );
+    }
+    ensure!(bye_callee.from == cluster.alias2().addr, "callee's BYE came from {}", bye_callee.from);
+    callee.respond(&bye_callee, 200, "OK", None)?;
+    caller.respond(&bye_caller, 200, "OK", None)?;
+
+    let cdr = cluster
+        .wait_for_cdr(WAIT, |c| c.caller.starts_with("payer@") && c.charge_micros.is_some())?;
+    ensure!(cdr.cause == "cut-off", "CDR cause {:?}", cdr.cause);
+    ensure!(cdr.charge_micros == Some(30_000), "charged {:?}, expected 0.03", cdr.charge_micros);
+    ensure!(cluster.balance_micros("payer")? == 0, "balance after the call is not 0.00");
+    Ok(())
+}
+
+#[test]
+fn account_limited_to_5_calls_gets_5_connected_and_5_refused() -> Result<()> {
+    let cluster = cluster()?;
+    cluster.add_account_with("busy", "pw1", &["--max-calls", "5"])?;
+    cluster.add_account("alice", "pw2")?;
+    let mut callee = registered(&cluster.alias2(), "alice", "pw2")?;
+    let mut calls = Vec::new();
+    let (mut connected, mut refused) = (0, 0);
+    for _ in 0..10 {
+        let mut caller = Phone::new("busy", "pw1")?;
+        let offer = sdp("busy", caller.addr().ip(), 40_000);
+        let mut call = caller.invite(&cluster.main(), "alice", &offer)?;
+        match callee.recv_request("INVITE", Duration::from_millis(1500)) {
+            Ok(invite) => {
+                callee.answer(&invite, 200, "OK", &sdp("alice", callee.addr().ip(), 50_000))?;
+                let ok = caller.final_response(&mut call, WAIT)?;
+                ensure!(ok.msg.status() == Some(200), "call got {}", ok.summary());
+                caller.ack(&call)?;
+                connected += 1;
+                calls.push((caller, call));
+            }
+            Err(_) => {
+                let resp = caller.final_response(&mut call, WAIT)?;
+                ensure!(
+                    resp.msg.status() == Some(403)
+                        && resp.msg.reason() == Some("Too Many Concurrent Calls"),
+                    "refused call got {}",
+                    resp.summary()
+                );
+                ensure!(resp.msg.header("reason").is_some(), "403 without a Reason header");
+                refused += 1;
+            }
+        }
+    }
+    ensure!((connected, refused) == (5, 5), "{connected} connected, {refused} refused");
+    Ok(())
+}
+
+#[test]
+fn billing_outage_rejects_new_calls_quickly_keeps_calls_up_and_delivers_their_stops_later()
+-> Result<()> {
+    let mut cluster = cluster()?;
+    cluster.billing_cli(&[
+        "rate-plan",
+        "set",
+        "--name",
+        "pp",
+        "--prefix",
+        "default",
+        "--per-minute",
+        "0.60",
+        "--increments",
+        "1/1",
+    ])?;
+    cluster.add_account_with(
+        "payer",
+        "pw1",
+        &["--prepaid", "--balance", "10.00", "--rate-plan", "pp"],
+    )?;
+    cluster.add_account("alice", "pw2")?;
+    let mut callee = registered(&cluster.alias2(), "alice", "pw2")?;
+    let mut caller = Phone::new("payer", "pw1")?;
+    let (mut call, _) = answered(&mut caller, &cluster.main(), &mut callee)?;
+
+    cluster.stop_billing()?;
+    // A new call: 503 with Retry-After within the billing timeout (1 s) plus slack.
+    let mut other = Phone::new("payer", "pw1")?;
+    let asked = Instant::now();
+    let mut refused =
+        other.invite(&cluster.main(), "alice", &sdp("payer", other.addr().ip(), 40_002))?;
+    let resp = other.final_response(&mut refused, WAIT)?;
+    ensure!(resp.msg.status() == Some(503), "new call during the outage got {}", resp.summary());
+    ensure!(resp.msg.header("retry-after").is_some(), "503 without Retry-After");
+    ensure!(asked.elapsed() < Duration::from_secs(5), "503 took {:?}", asked.elapsed());
+
+    // The call in progress goes on and hangs up normally.
+    std::thread::sleep(Duration::from_millis(1000)); // call length: test data, not synchronisation
+    let bye = caller.send_bye(&mut call)?;
+    let relayed = callee.recv_request("BYE", WAIT)?;
+    callee.respond(&relayed, 200, "OK", None)?;
+    let resp = caller.final_response_to(&bye, WAIT)?;
+    ensure!(resp.msg.status() == Some(200), "BYE during the outage got {}", resp.summary());
+
+    // Billing back: the queued start and stop arrive and charge the call once.
+    cluster.start_billing()?;
+    let cdr = cluster.wait_for_cdr(Duration::from_secs(15), |c| {
+        c.caller.starts_with("payer@") && c.charge_micros.is_some()
+    })?;
+    let charge = cdr.charge_micros.unwrap_or_default() as i64;
+    ensure!(charge >= 10_000, "charge {charge} for a call of over a second");
+    ensure!(
+        cluster.balance_micros("payer")? == 10_000_000 - charge,
+        "balance not debited exactly once"
+    );
+    cluster.check_all_running()
+}
+
+#[test]
+fn billing_outage_under_allow_policy_connects_a_registered_caller() -> Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions {
+        processor_toml: "billing_outage = \"allow\"\nbilling_outage_max_duration_secs = 60\n"
+            .into(),
+        ..ClusterOptions::default()
+    })?;
+    cluster.add_account("bob", "pw1")?;
+    cluster.add_account("alice", "pw2")?;
+    let mut callee = registered(&cluster.alias2(), "alice", "pw2")?;
+    let mut caller = registered(&cluster.main(), "bob", "pw1")?;
+    cluster.stop_billing()?;
+    let (mut call, _) = answered(&mut caller, &cluster.main(), &mut callee)?;
+    let bye = caller.send_bye(&mut call)?;
+    let relayed = callee.recv_request("BYE", WAIT)?;
+    callee.respond(&relayed, 200, "OK", None)?;
+    ensure!(caller.final_response_to(&bye, WAIT)?.msg.status() == Some(200));
+    // A stranger (no registration from this address) is still refused.
+    let mut stranger = Phone::new("bob", "pw1")?;
+    let mut c =
+        stranger.invite(&cluster.main(), "alice", &sdp("bob", stranger.addr().ip(), 40_004))?;
+    let resp = stranger.final_response(&mut c, WAIT)?;
+    ensure!(
+        resp.msg.status() == Some(503),
+        "unrecognised caller during the outage got {}",
+        resp.summary()
+    );
+    Ok(())
+}
