@@ -519,6 +519,22 @@ fn service_command(bin: &str, config: &Path, args: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
+/// Parses a decimal amount such as `1.00` or `-0.5` into micro-units.
+pub fn parse_money(s: &str) -> Option<i64> {
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (units, frac) = s.split_once('.').unwrap_or((s, ""));
+    if frac.len() > 6 || units.is_empty() {
+        return None;
+    }
+    let units: i64 = units.parse().ok()?;
+    let frac: i64 = if frac.is_empty() { 0 } else { format!("{frac:0<6}").parse().ok()? };
+    let v = units * 1_000_000 + frac;
+    Some(if neg { -v } else { v })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,20 +562,4 @@ mod tests {
         assert!(toml.contains("dispatchers = [\"http://127.0.0.1:7070\"]"));
         assert!(!config_toml(&ConfigValues { t1_ms: None, ..v }).contains("t1_ms"));
     }
-}
-
-/// Parses a decimal amount such as `1.00` or `-0.5` into micro-units.
-pub fn parse_money(s: &str) -> Option<i64> {
-    let (neg, s) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let (units, frac) = s.split_once('.').unwrap_or((s, ""));
-    if frac.len() > 6 || units.is_empty() {
-        return None;
-    }
-    let units: i64 = units.parse().ok()?;
-    let frac: i64 = if frac.is_empty() { 0 } else { format!("{frac:0<6}").parse().ok()? };
-    let v = units * 1_000_000 + frac;
-    Some(if neg { -v } else { v })
 }
