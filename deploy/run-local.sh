@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs a sipalias cluster on this machine with deploy/local.toml: Redis, billing, one dispatcher
-# (main IP 127.0.0.1, aliases 127.0.0.2 and 127.0.0.3, UDP 5060 and 127.0.0.3:5080) and two
-# processors. Creates two demo accounts (1001 and 1002, passwords pw1001/pw1002). Ctrl-C stops
-# everything it started. Installs redis-server when missing and running as root.
+# (main IP 127.0.0.1, aliases 127.0.0.2 and 127.0.0.3; UDP and TCP 5060 on each, TLS 5061 on
+# 127.0.0.1 and 127.0.0.3, and 127.0.0.3's extra ports UDP/TCP 5080, TLS 5081) and two
+# processors. Generates self-signed TLS certificates for 127.0.0.1 and 127.0.0.3 with openssl
+# when missing. Creates two demo accounts (1001 and 1002, passwords pw1001/pw1002). Ctrl-C
+# stops everything it started. Installs redis-server when missing and running as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-deploy/local.toml}
@@ -15,6 +17,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server is missing: sudo apt-get install -y redis-server" >&2; exit 1
   fi
 fi
+
+# Self-signed certificates for the IPs local.toml gives TLS (never committed; kept in target/).
+# Replace the files to try a reload: the dispatcher picks them up within tls_reload_secs.
+TLS_DIR=target/local-tls
+mkdir -p "$TLS_DIR"
+command -v openssl >/dev/null 2>&1 || { echo "openssl is missing: sudo apt-get install -y openssl" >&2; exit 1; }
+for ip in 127.0.0.1 127.0.0.3; do
+  if [ ! -s "$TLS_DIR/$ip.crt" ] || [ ! -s "$TLS_DIR/$ip.key" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
+      -subj "/CN=$ip" -addext "subjectAltName=IP:$ip" \
+      -keyout "$TLS_DIR/$ip.key" -out "$TLS_DIR/$ip.crt" 2>/dev/null
+  fi
+done
 
 cargo build --release --workspace --bins
 BIN=target/release
@@ -47,7 +62,8 @@ pids+=($!)
 SIPALIAS_PROCESSOR__ID=p2 "$BIN/sipalias-processor" --config "$CONFIG" 2>"$RUN_DIR/p2.log" &
 pids+=($!)
 
-echo "sipalias running: SIP on 127.0.0.1:5060 (main), 127.0.0.2:5060, 127.0.0.3:5060 and :5080 (aliases)"
+echo "sipalias running: SIP on 127.0.0.1:5060 (main), 127.0.0.2:5060, 127.0.0.3:5060 and :5080 (aliases), UDP and TCP;"
+echo "  TLS on 127.0.0.1:5061, 127.0.0.3:5061 and :5081 (certificates in $TLS_DIR)"
 echo "accounts 1001/pw1001 and 1002/pw1002 @ sip.example.net; logs in $RUN_DIR; Ctrl-C to stop"
 wait -n "${pids[@]}" || true
 echo "a component exited; see $RUN_DIR" >&2

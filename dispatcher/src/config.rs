@@ -8,10 +8,13 @@
 //!
 //! Everything is validated here, before any socket is bound, and every error names the key as
 //! the operator wrote it, e.g. `dispatcher.aliases[1].ip: "10.0.0.x" is not an IP address`.
+//! (Certificate files are read by [`crate::tls`] at start-up, also before binding, and their
+//! errors name `tls_cert` / `tls_key` the same way.)
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -35,6 +38,25 @@ pub const DEFAULT_RETRY_AFTER_SECS: u32 = 5;
 pub const DEFAULT_QUEUE_DEPTH: usize = 4096;
 /// Default SIP UDP port of the main IP and of each alias.
 pub const DEFAULT_UDP_PORT: u16 = 5060;
+/// Default SIP TCP port of the main IP and of each alias.
+pub const DEFAULT_TCP_PORT: u16 = 5060;
+/// Default SIP TLS port of the main IP and of each alias (RFC 3261 §19.1.2).
+pub const DEFAULT_TLS_PORT: u16 = 5061;
+/// Default of `dispatcher.max_message_size`: the largest message framed on a stream.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_535;
+/// Smallest accepted `dispatcher.max_message_size`: below this ordinary INVITEs with SDP fail.
+pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+/// Default of `dispatcher.tcp_idle_timeout_secs`. Registered phones keep their connection
+/// open for hours and ping it with CRLF (RFC 5626), so this is long.
+pub const DEFAULT_TCP_IDLE_TIMEOUT_SECS: u64 = 3600;
+/// Default of `dispatcher.tcp_message_timeout_secs`.
+pub const DEFAULT_TCP_MESSAGE_TIMEOUT_SECS: u64 = 10;
+/// Default of `dispatcher.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of `dispatcher.max_connections_per_ip`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
+/// Default of `dispatcher.tls_reload_secs`.
+pub const DEFAULT_TLS_RELOAD_SECS: u64 = 5;
 
 /// The validated `[dispatcher]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +72,42 @@ pub struct DispatcherConfig {
     /// Messages queued per processor before the dispatcher answers `503` itself
     /// (`dispatcher.queue_depth`, default 4096).
     pub queue_depth: usize,
+    /// TCP and TLS connections (the `dispatcher.*` stream keys).
+    pub streams: StreamLimits,
     /// The main (virtual) IP (`dispatcher.main`, required).
     pub main: IpConfig,
     /// IP aliases: old providers' server addresses routed to us (`dispatcher.aliases`).
     pub aliases: Vec<IpConfig>,
+}
+
+/// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
+/// `[dispatcher]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Largest message accepted on a stream, head and body (`max_message_size`, default
+    /// 65,535). A bigger one is answered `513 Message Too Large` and the connection closed.
+    pub max_message_size: usize,
+    /// A connection that receives nothing (not even a CRLF keepalive) for this long is closed
+    /// (`tcp_idle_timeout_secs`, default 3600).
+    pub idle_timeout: Duration,
+    /// A message that has started to arrive must be complete within this; also the limit for
+    /// a TLS handshake, an outbound connect and one write (`tcp_message_timeout_secs`,
+    /// default 10).
+    pub message_timeout: Duration,
+    /// Open connections in total, accepted and opened (`max_connections`, default 10,000).
+    pub max_connections: usize,
+    /// Accepted connections from one source IP (`max_connections_per_ip`, default 100).
+    pub max_connections_per_ip: usize,
+    /// How often certificate and key files are checked for changes (`tls_reload_secs`,
+    /// default 5).
+    pub tls_reload: Duration,
+    /// Whether outbound TLS connections to phones verify the phone's certificate against
+    /// `tls_ca_file` and its IP (`tls_verify_peer`, default false: phones mostly have
+    /// self-signed certificates).
+    pub tls_verify_peer: bool,
+    /// PEM bundle of the certificate authorities phones' certificates are checked against
+    /// (`tls_ca_file`, required when `tls_verify_peer` is true).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// One local IP the cluster answers SIP on: the main IP or an alias.
@@ -66,17 +120,41 @@ pub struct IpConfig {
     pub domain: String,
     /// Digest realm the phones behind this IP expect (`realm`, defaults to `domain`).
     pub realm: String,
+    /// The transports this IP listens on (`transports`, default UDP and TCP, plus TLS when
+    /// `tls_cert` is set), in the order UDP, TCP, TLS.
+    pub transports: Vec<Transport>,
     /// Standard SIP UDP port (`udp_port`, default 5060).
     pub udp_port: u16,
     /// Additional UDP ports, for networks where the standard one is blocked
     /// (`extra_udp_ports`, default none).
     pub extra_udp_ports: Vec<u16>,
+    /// Standard SIP TCP port (`tcp_port`, default 5060).
+    pub tcp_port: u16,
+    /// Additional TCP ports (`extra_tcp_ports`, default none).
+    pub extra_tcp_ports: Vec<u16>,
+    /// Standard SIP TLS port (`tls_port`, default 5061); used only when TLS is on.
+    pub tls_port: u16,
+    /// Additional TLS ports (`extra_tls_ports`, default none).
+    pub extra_tls_ports: Vec<u16>,
+    /// PEM certificate chain presented on this IP's TLS ports (`tls_cert`). TLS listeners on
+    /// an IP exist only when it has a certificate.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (`tls_key`, required with `tls_cert`).
+    pub tls_key: Option<PathBuf>,
+}
+
+impl IpConfig {
+    /// Whether this IP listens on `transport`.
+    pub fn serves(&self, transport: Transport) -> bool {
+        self.transports.contains(&transport)
+    }
 }
 
 /// One row of the socket table, with the key that configured it (for error messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SocketEntry {
     pub(crate) addr: SocketAddr,
+    pub(crate) transport: Transport,
     pub(crate) alias: bool,
     pub(crate) domain: String,
     pub(crate) realm: String,
@@ -110,8 +188,8 @@ impl DispatcherConfig {
         Ok(config)
     }
 
-    /// Checks everything serde cannot: node id, queue depth, domains, ports, wildcard IPs,
-    /// and that no IP or (IP, port) socket is configured twice. [`run`](crate::run) calls it
+    /// Checks everything serde cannot: node id, limits, domains, ports, wildcard IPs, TLS key
+    /// pairs, and that no IP or socket is configured twice. [`run`](crate::run) calls it
     /// again, so a hand-built configuration is held to the same rules.
     pub fn validate(&self) -> Result<(), Error> {
         if !is_valid_node_id(&self.id) {
@@ -123,6 +201,7 @@ impl DispatcherConfig {
         if self.queue_depth == 0 {
             return Err(key_error("queue_depth", "must be at least 1"));
         }
+        self.streams.validate()?;
         let mut ips: HashMap<IpAddr, String> = HashMap::new();
         for (key, site) in self.sites() {
             if site.ip.is_unspecified() || site.ip.is_multicast() {
@@ -136,23 +215,30 @@ impl DispatcherConfig {
                     &format!("{key}.ip"),
                     format!(
                         "{} is already configured by {first}; list more ports of one IP in \
-                         its extra_udp_ports",
+                         its extra_udp_ports, extra_tcp_ports or extra_tls_ports",
                         site.ip
                     ),
                 ));
             }
             check_name(&format!("{key}.domain"), &site.domain)?;
             check_name(&format!("{key}.realm"), &site.realm)?;
+            site.validate_transports(&key)?;
         }
-        let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+        // UDP has its own port space; TCP and TLS share one (both are TCP listeners).
+        let mut seen: HashMap<(SocketAddr, bool), String> = HashMap::new();
         for entry in self.socket_entries() {
             if entry.addr.port() == 0 {
                 return Err(key_error(&entry.key, "port 0 is not a port phones can send to"));
             }
-            if let Some(first) = seen.insert(entry.addr, format!("{TABLE}.{}", entry.key)) {
+            let space = (entry.addr, entry.transport == Transport::Udp);
+            if let Some(first) = seen.insert(space, format!("{TABLE}.{}", entry.key)) {
                 return Err(key_error(
                     &entry.key,
-                    format!("socket {}/udp is already configured by {first}", entry.addr),
+                    format!(
+                        "socket {}/{} is already configured by {first}",
+                        entry.addr,
+                        transport_name(entry.transport)
+                    ),
                 ));
             }
         }
@@ -160,15 +246,16 @@ impl DispatcherConfig {
     }
 
     /// The socket table: every (IP, port, transport) the dispatcher listens on, main IP first,
-    /// then each alias in order; for each IP its `udp_port`, then its `extra_udp_ports`.
-    /// This is what a processor receives in `Welcome`.
+    /// then each alias in order; for each IP its `udp_port`, `extra_udp_ports`, `tcp_port`,
+    /// `extra_tcp_ports`, `tls_port`, `extra_tls_ports` (each transport only if the IP serves
+    /// it). This is what a processor receives in `Welcome`.
     pub fn sockets(&self) -> Vec<LocalSocket> {
         self.socket_entries()
             .into_iter()
             .map(|e| LocalSocket {
                 ip: e.addr.ip().to_string(),
                 port: u32::from(e.addr.port()),
-                transport: Transport::Udp.into(),
+                transport: e.transport.into(),
                 alias: e.alias,
                 domain: e.domain,
                 realm: e.realm,
@@ -178,36 +265,165 @@ impl DispatcherConfig {
 
     /// The UDP addresses to bind, in socket-table order.
     pub fn udp_addrs(&self) -> Vec<SocketAddr> {
-        self.socket_entries().into_iter().map(|e| e.addr).collect()
+        self.addrs(Transport::Udp)
+    }
+
+    /// The addresses of the TCP listeners carrying plain SIP over TCP, in socket-table order.
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Transport::Tcp)
+    }
+
+    /// The addresses of the TCP listeners carrying SIP over TLS, in socket-table order.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Transport::Tls)
+    }
+
+    fn addrs(&self, transport: Transport) -> Vec<SocketAddr> {
+        self.socket_entries()
+            .into_iter()
+            .filter(|e| e.transport == transport)
+            .map(|e| e.addr)
+            .collect()
     }
 
     pub(crate) fn socket_entries(&self) -> Vec<SocketEntry> {
         let mut out = Vec::new();
         for (key, site) in self.sites() {
             let alias = key != "main";
-            let ports = std::iter::once((format!("{key}.udp_port"), site.udp_port)).chain(
-                site.extra_udp_ports
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| (format!("{key}.extra_udp_ports[{i}]"), *p)),
-            );
-            for (key, port) in ports {
-                out.push(SocketEntry {
-                    addr: SocketAddr::new(site.ip, port),
-                    alias,
-                    domain: site.domain.clone(),
-                    realm: site.realm.clone(),
-                    key,
-                });
+            let groups = [
+                (Transport::Udp, "udp", site.udp_port, &site.extra_udp_ports),
+                (Transport::Tcp, "tcp", site.tcp_port, &site.extra_tcp_ports),
+                (Transport::Tls, "tls", site.tls_port, &site.extra_tls_ports),
+            ];
+            for (transport, name, port, extra) in groups {
+                if !site.serves(transport) {
+                    continue;
+                }
+                let ports = std::iter::once((format!("{key}.{name}_port"), port)).chain(
+                    extra
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| (format!("{key}.extra_{name}_ports[{i}]"), *p)),
+                );
+                for (key, port) in ports {
+                    out.push(SocketEntry {
+                        addr: SocketAddr::new(site.ip, port),
+                        transport,
+                        alias,
+                        domain: site.domain.clone(),
+                        realm: site.realm.clone(),
+                        key,
+                    });
+                }
             }
         }
         out
     }
 
     /// The main IP and every alias, each with its key relative to the table.
-    fn sites(&self) -> impl Iterator<Item = (String, &IpConfig)> {
+    pub(crate) fn sites(&self) -> impl Iterator<Item = (String, &IpConfig)> {
         std::iter::once(("main".to_owned(), &self.main))
             .chain(self.aliases.iter().enumerate().map(|(i, a)| (format!("aliases[{i}]"), a)))
+    }
+}
+
+impl StreamLimits {
+    fn validate(&self) -> Result<(), Error> {
+        if self.max_message_size < MIN_MAX_MESSAGE_SIZE {
+            return Err(key_error(
+                "max_message_size",
+                format!("must be at least {MIN_MAX_MESSAGE_SIZE}"),
+            ));
+        }
+        for (key, value) in [
+            ("tcp_idle_timeout_secs", self.idle_timeout),
+            ("tcp_message_timeout_secs", self.message_timeout),
+            ("tls_reload_secs", self.tls_reload),
+        ] {
+            if value.is_zero() {
+                return Err(key_error(key, "must be at least 1"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(key_error("max_connections", "must be at least 1"));
+        }
+        if self.max_connections_per_ip == 0 {
+            return Err(key_error("max_connections_per_ip", "must be at least 1"));
+        }
+        if self.tls_verify_peer && self.tls_ca_file.is_none() {
+            return Err(key_error(
+                "tls_ca_file",
+                "required when tls_verify_peer is true (the authorities phones' certificates \
+                 are checked against)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl IpConfig {
+    /// TLS needs a certificate and key; ports of a transport the IP does not serve are a
+    /// mistake worth stopping for.
+    fn validate_transports(&self, key: &str) -> Result<(), Error> {
+        if self.transports.is_empty() {
+            return Err(key_error(
+                &format!("{key}.transports"),
+                "must list at least one transport",
+            ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(key_error(
+                    &format!("{key}.tls_key"),
+                    "missing: tls_cert needs its private key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(key_error(
+                    &format!("{key}.tls_cert"),
+                    "missing: tls_key is set but not the certificate it belongs to",
+                ));
+            }
+            _ => {}
+        }
+        let has_cert = self.tls_cert.is_some();
+        if self.serves(Transport::Tls) && !has_cert {
+            return Err(key_error(
+                &format!("{key}.tls_cert"),
+                "missing: transports lists tls, which needs tls_cert and tls_key",
+            ));
+        }
+        if has_cert && !self.serves(Transport::Tls) {
+            return Err(key_error(
+                &format!("{key}.tls_cert"),
+                "is set but transports does not list tls",
+            ));
+        }
+        for (transport, name, extra) in [
+            (Transport::Udp, "udp", &self.extra_udp_ports),
+            (Transport::Tcp, "tcp", &self.extra_tcp_ports),
+            (Transport::Tls, "tls", &self.extra_tls_ports),
+        ] {
+            if !extra.is_empty() && !self.serves(transport) {
+                let why = if transport == Transport::Tls {
+                    "TLS listeners need tls_cert and tls_key".to_owned()
+                } else {
+                    format!("transports does not list {name}")
+                };
+                return Err(key_error(&format!("{key}.extra_{name}_ports"), why));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lower-case transport name as used in config keys and logs.
+pub(crate) fn transport_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+        Transport::Unspecified => "unspecified",
     }
 }
 
@@ -225,7 +441,7 @@ fn check_name(key: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn key_error(key: &str, msg: impl std::fmt::Display) -> Error {
+pub(crate) fn key_error(key: &str, msg: impl std::fmt::Display) -> Error {
     Error::Config(format!("{TABLE}.{key}: {msg}"))
 }
 
@@ -241,6 +457,21 @@ struct RawConfig {
     retry_after_secs: u32,
     #[serde(default = "default_queue_depth")]
     queue_depth: usize,
+    #[serde(default = "default_max_message_size")]
+    max_message_size: usize,
+    #[serde(default = "default_tcp_idle_timeout_secs")]
+    tcp_idle_timeout_secs: u64,
+    #[serde(default = "default_tcp_message_timeout_secs")]
+    tcp_message_timeout_secs: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    max_connections_per_ip: usize,
+    #[serde(default = "default_tls_reload_secs")]
+    tls_reload_secs: u64,
+    #[serde(default)]
+    tls_verify_peer: bool,
+    tls_ca_file: Option<PathBuf>,
     main: RawIp,
     #[serde(default)]
     aliases: Vec<RawIp>,
@@ -252,10 +483,21 @@ struct RawIp {
     ip: String,
     domain: String,
     realm: Option<String>,
+    transports: Option<Vec<String>>,
     #[serde(default = "default_udp_port")]
     udp_port: u16,
     #[serde(default)]
     extra_udp_ports: Vec<u16>,
+    #[serde(default = "default_tcp_port")]
+    tcp_port: u16,
+    #[serde(default)]
+    extra_tcp_ports: Vec<u16>,
+    #[serde(default = "default_tls_port")]
+    tls_port: u16,
+    #[serde(default)]
+    extra_tls_ports: Vec<u16>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// A node id as written. An all-digit id given in the environment (`SIPALIAS_DISPATCHER__ID=7`)
@@ -278,6 +520,30 @@ fn default_queue_depth() -> usize {
 }
 fn default_udp_port() -> u16 {
     DEFAULT_UDP_PORT
+}
+fn default_tcp_port() -> u16 {
+    DEFAULT_TCP_PORT
+}
+fn default_tls_port() -> u16 {
+    DEFAULT_TLS_PORT
+}
+fn default_max_message_size() -> usize {
+    DEFAULT_MAX_MESSAGE_SIZE
+}
+fn default_tcp_idle_timeout_secs() -> u64 {
+    DEFAULT_TCP_IDLE_TIMEOUT_SECS
+}
+fn default_tcp_message_timeout_secs() -> u64 {
+    DEFAULT_TCP_MESSAGE_TIMEOUT_SECS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_connections_per_ip() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_IP
+}
+fn default_tls_reload_secs() -> u64 {
+    DEFAULT_TLS_RELOAD_SECS
 }
 
 impl RawConfig {
@@ -303,6 +569,16 @@ impl RawConfig {
             grpc_listen,
             retry_after_secs: self.retry_after_secs,
             queue_depth: self.queue_depth,
+            streams: StreamLimits {
+                max_message_size: self.max_message_size,
+                idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
+                message_timeout: Duration::from_secs(self.tcp_message_timeout_secs),
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                tls_reload: Duration::from_secs(self.tls_reload_secs),
+                tls_verify_peer: self.tls_verify_peer,
+                tls_ca_file: self.tls_ca_file,
+            },
             main,
             aliases,
         })
@@ -314,12 +590,51 @@ impl RawIp {
         let ip = self.ip.trim().parse().map_err(|_| {
             key_error(&format!("{key}.ip"), format!("{:?} is not an IP address", self.ip))
         })?;
+        let transports = match self.transports {
+            // The default: what every phone may expect; TLS only where there is a certificate,
+            // so configurations written before TLS existed keep working unchanged.
+            None => {
+                let mut t = vec![Transport::Udp, Transport::Tcp];
+                if self.tls_cert.is_some() {
+                    t.push(Transport::Tls);
+                }
+                t
+            }
+            Some(names) => {
+                let mut listed = Vec::new();
+                for (i, name) in names.iter().enumerate() {
+                    let transport = match name.trim().to_ascii_lowercase().as_str() {
+                        "udp" => Transport::Udp,
+                        "tcp" => Transport::Tcp,
+                        "tls" => Transport::Tls,
+                        _ => {
+                            return Err(key_error(
+                                &format!("{key}.transports[{i}]"),
+                                format!("{name:?} is not one of udp, tcp, tls"),
+                            ));
+                        }
+                    };
+                    listed.push(transport);
+                }
+                [Transport::Udp, Transport::Tcp, Transport::Tls]
+                    .into_iter()
+                    .filter(|t| listed.contains(t))
+                    .collect()
+            }
+        };
         Ok(IpConfig {
             ip,
             realm: self.realm.unwrap_or_else(|| self.domain.clone()),
             domain: self.domain,
+            transports,
             udp_port: self.udp_port,
             extra_udp_ports: self.extra_udp_ports,
+            tcp_port: self.tcp_port,
+            extra_tcp_ports: self.extra_tcp_ports,
+            tls_port: self.tls_port,
+            extra_tls_ports: self.extra_tls_ports,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
         })
     }
 }
@@ -382,6 +697,7 @@ mod tests {
     use super::*;
     use figment::Jail;
     use std::net::Ipv4Addr;
+    use std::time::Duration;
 
     const LOCAL: &str = include_str!("../../deploy/local.toml");
 
@@ -416,21 +732,35 @@ mod tests {
         assert_eq!(c.aliases[0].realm, "voip.oldprovider.example");
         assert_eq!(c.aliases[1].extra_udp_ports, vec![5080]);
 
-        let table: Vec<(String, u32, bool, String)> = c
+        assert_eq!(c.aliases[1].extra_tls_ports, vec![5081]);
+        assert_eq!(c.streams.max_connections_per_ip, DEFAULT_MAX_CONNECTIONS_PER_IP);
+        assert!(c.main.tls_cert.is_some() && c.aliases[1].tls_key.is_some());
+        assert!(c.aliases[0].tls_cert.is_none(), "127.0.0.2 has no TLS");
+
+        let table: Vec<(String, u32, Transport, bool, String)> = c
             .sockets()
             .into_iter()
-            .map(|s| {
-                assert_eq!(s.transport(), Transport::Udp);
-                (s.ip, s.port, s.alias, s.realm)
-            })
+            .map(|s| (s.ip.clone(), s.port, s.transport(), s.alias, s.realm))
             .collect();
+        let row = |ip: &str, port, t, alias, realm: &str| {
+            (ip.to_owned(), port, t, alias, realm.to_owned())
+        };
+        let (main, a2, a3) =
+            ("sip.example.net", "voip.oldprovider.example", "sip.another-old.example");
         assert_eq!(
             table,
             vec![
-                ("127.0.0.1".into(), 5060, false, "sip.example.net".into()),
-                ("127.0.0.2".into(), 5060, true, "voip.oldprovider.example".into()),
-                ("127.0.0.3".into(), 5060, true, "sip.another-old.example".into()),
-                ("127.0.0.3".into(), 5080, true, "sip.another-old.example".into()),
+                row("127.0.0.1", 5060, Transport::Udp, false, main),
+                row("127.0.0.1", 5060, Transport::Tcp, false, main),
+                row("127.0.0.1", 5061, Transport::Tls, false, main),
+                row("127.0.0.2", 5060, Transport::Udp, true, a2),
+                row("127.0.0.2", 5060, Transport::Tcp, true, a2),
+                row("127.0.0.3", 5060, Transport::Udp, true, a3),
+                row("127.0.0.3", 5080, Transport::Udp, true, a3),
+                row("127.0.0.3", 5060, Transport::Tcp, true, a3),
+                row("127.0.0.3", 5080, Transport::Tcp, true, a3),
+                row("127.0.0.3", 5061, Transport::Tls, true, a3),
+                row("127.0.0.3", 5081, Transport::Tls, true, a3),
             ]
         );
         Ok(())
@@ -442,7 +772,40 @@ mod tests {
         assert_eq!(c.grpc_listen.to_string(), DEFAULT_GRPC_LISTEN);
         assert_eq!(c.retry_after_secs, DEFAULT_RETRY_AFTER_SECS);
         assert_eq!(c.main.udp_port, DEFAULT_UDP_PORT);
+        assert_eq!((c.main.tcp_port, c.main.tls_port), (DEFAULT_TCP_PORT, DEFAULT_TLS_PORT));
+        assert_eq!(
+            c.main.transports,
+            vec![Transport::Udp, Transport::Tcp],
+            "no TLS without a cert"
+        );
         assert!(c.aliases.is_empty());
+        assert_eq!(
+            c.streams,
+            StreamLimits {
+                max_message_size: 65_535,
+                idle_timeout: Duration::from_secs(3600),
+                message_timeout: Duration::from_secs(10),
+                max_connections: 10_000,
+                max_connections_per_ip: 100,
+                tls_reload: Duration::from_secs(5),
+                tls_verify_peer: false,
+                tls_ca_file: None,
+            }
+        );
+        assert_eq!(c.udp_addrs(), c.tcp_addrs(), "UDP and TCP on 5060");
+        assert!(c.tls_addrs().is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn transports_switch_selects_listeners() -> Result<(), Error> {
+        let c = DispatcherConfig::from_toml_str(&minimal("").replace(
+            "domain = ",
+            "transports = [\"TLS\", \"udp\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nextra_tls_ports = [5071]\ndomain = ",
+        ))?;
+        assert_eq!(c.main.transports, vec![Transport::Udp, Transport::Tls]);
+        assert!(c.tcp_addrs().is_empty());
+        assert_eq!(c.tls_addrs().iter().map(|a| a.port()).collect::<Vec<_>>(), vec![5061, 5071]);
         Ok(())
     }
 
@@ -565,6 +928,73 @@ mod tests {
                 alias("ip = \"127.0.0.2\"\ndomain = \"d\"\nudp_port = 70000"),
                 "dispatcher.aliases[0].udp_port: ",
             ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\nextra_tls_ports = [5071]"),
+                "dispatcher.aliases[0].extra_tls_ports: TLS listeners need tls_cert and tls_key",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ntls_cert = \"c.pem\""),
+                "dispatcher.aliases[0].tls_key: missing",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ntls_key = \"k.pem\""),
+                "dispatcher.aliases[0].tls_cert: missing",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ntransports = [\"udp\", \"tls\"]"),
+                "dispatcher.aliases[0].tls_cert: missing: transports lists tls",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ntransports = [\"udp\", \"sctp\"]"),
+                "dispatcher.aliases[0].transports[1]: \"sctp\" is not one of udp, tcp, tls",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ntransports = []"),
+                "dispatcher.aliases[0].transports: must list at least one transport",
+            ),
+            (
+                alias(
+                    "ip = \"127.0.0.2\"\ndomain = \"d\"\ntransports = [\"udp\"]\nextra_tcp_ports = [5070]",
+                ),
+                "dispatcher.aliases[0].extra_tcp_ports: transports does not list tcp",
+            ),
+            (
+                alias(
+                    "ip = \"127.0.0.2\"\ndomain = \"d\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_port = 5060",
+                ),
+                "dispatcher.aliases[0].tls_port: socket 127.0.0.2:5060/tls is already configured by dispatcher.aliases[0].tcp_port",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\nextra_tcp_ports = [5070, 5070]"),
+                "dispatcher.aliases[0].extra_tcp_ports[1]: socket 127.0.0.2:5070/tcp is already configured by dispatcher.aliases[0].extra_tcp_ports[0]",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ntcp_port = 0"),
+                "dispatcher.aliases[0].tcp_port: port 0",
+            ),
+            (
+                minimal("max_message_size = 100"),
+                "dispatcher.max_message_size: must be at least 1024",
+            ),
+            (
+                minimal("tcp_idle_timeout_secs = 0"),
+                "dispatcher.tcp_idle_timeout_secs: must be at least 1",
+            ),
+            (
+                minimal("tcp_message_timeout_secs = 0"),
+                "dispatcher.tcp_message_timeout_secs: must be at least 1",
+            ),
+            (minimal("max_connections = 0"), "dispatcher.max_connections: must be at least 1"),
+            (
+                minimal("max_connections_per_ip = 0"),
+                "dispatcher.max_connections_per_ip: must be at least 1",
+            ),
+            (minimal("tls_reload_secs = 0"), "dispatcher.tls_reload_secs: must be at least 1"),
+            (
+                minimal("tls_verify_peer = true"),
+                "dispatcher.tls_ca_file: required when tls_verify_peer is true",
+            ),
+            (minimal("tcp_idle_timeout_secs = -1"), "dispatcher.tcp_idle_timeout_secs: "),
         ];
         for (toml, expected) in cases {
             let msg = config_error(DispatcherConfig::from_toml_str(&toml));
@@ -574,10 +1004,31 @@ mod tests {
 
     #[test]
     fn main_may_have_extra_ports_too() -> Result<(), Error> {
-        let c = DispatcherConfig::from_toml_str(
-            &minimal("").replace("domain = ", "extra_udp_ports = [5070]\ndomain = "),
-        )?;
+        let c = DispatcherConfig::from_toml_str(&minimal("").replace(
+            "domain = ",
+            "extra_udp_ports = [5070]\nextra_tcp_ports = [5072]\ndomain = ",
+        ))?;
         assert_eq!(c.udp_addrs().iter().map(|a| a.port()).collect::<Vec<_>>(), vec![5060, 5070]);
+        assert_eq!(c.tcp_addrs().iter().map(|a| a.port()).collect::<Vec<_>>(), vec![5060, 5072]);
         Ok(())
+    }
+
+    #[test]
+    #[expect(clippy::result_large_err, reason = "the closure type is figment::Jail's")]
+    fn stream_keys_come_from_the_environment_too() {
+        Jail::expect_with(|jail| {
+            jail.create_file("sipalias.toml", LOCAL)?;
+            jail.set_env("SIPALIAS_DISPATCHER__MAX_CONNECTIONS_PER_IP", "7");
+            jail.set_env("SIPALIAS_DISPATCHER__MAIN__TRANSPORTS", "[udp, tls]");
+            let c = DispatcherConfig::load(Some(Path::new("sipalias.toml")))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.streams.max_connections_per_ip, 7);
+            assert_eq!(
+                c.main.transports,
+                vec![Transport::Udp, Transport::Tls],
+                "no tcp on the main IP"
+            );
+            Ok(())
+        });
     }
 }

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The configuration is invalid. The message names the key and why, e.g.
+    /// The configuration (or a certificate it names) is invalid. The message names the key
+    /// and why, e.g.
     /// `dispatcher.aliases[1].ip: "10.0.0.x" is not an IP address`.
     #[error("{0}")]
     Config(String),
@@ -18,7 +19,7 @@ pub enum Error {
     /// A listening socket could not be bound.
     #[error("cannot bind {what} socket {addr}")]
     Bind {
-        /// Which listener: `sip udp` or `edge grpc`.
+        /// Which listener: `sip udp`, `sip tcp`, `sip tls` or `edge grpc`.
         what: &'static str,
         /// The address from the configuration.
         addr: SocketAddr,

@@ -1,21 +1,24 @@
 //! The sipalias dispatcher: the stateless SIP edge of the cluster.
 //!
-//! It owns every SIP socket — the main IP and each alias IP, on their standard and extra
-//! ports — and the gRPC edge link processors dial in to. Each datagram is scanned for its
-//! routing keys and queued to one processor ([`route`]); each `Send` a processor asks for is put
-//! on the wire from exactly the local socket it names ([`link`]). When no processor can take a
-//! request the dispatcher answers `503` itself. It keeps no per-call state.
+//! It owns every SIP socket — the main IP and each alias IP, UDP, TCP and TLS, on their
+//! standard and extra ports — every TCP/TLS connection, and the gRPC edge link processors dial
+//! in to. Each datagram, or message framed on a connection, is scanned for its routing keys and
+//! queued to one processor ([`route`]); each `Send` a processor asks for is put on the wire from
+//! exactly the local socket it names, over the connection it names when that is open
+//! ([`link`]). When no processor can take a request the dispatcher answers `503` itself. It
+//! keeps no per-call state; connections are the only state, and processors see their ids.
 //!
 //! Start it with [`run`] (binds what the configuration says), or bind first and call
 //! [`run_with`] — tests bind port 0 that way and learn the real addresses before start-up.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sipalias_proto::edge::LocalSocket;
 use sipalias_proto::edge::edge_server::EdgeServer;
+use sipalias_proto::edge::{LocalSocket, Transport};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -24,12 +27,17 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 pub mod config;
+mod connection;
+mod egress;
 pub mod error;
+mod ingress;
 pub mod link;
 pub mod route;
+mod stream;
+mod tls;
 mod udp;
 
-pub use config::{DispatcherConfig, IpConfig};
+pub use config::{DispatcherConfig, IpConfig, StreamLimits};
 pub use error::Error;
 pub use link::{Membership, ProcessorStatus};
 
@@ -39,12 +47,17 @@ const LINK_KEEPALIVE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for links and loops to finish before abandoning them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Sockets bound before start-up: one UDP socket per socket-table entry (any order) and the
-/// gRPC edge listener.
+/// Sockets bound before start-up: one UDP socket or TCP listener per socket-table entry (any
+/// order within each list) and the gRPC edge listener.
 #[derive(Debug)]
 pub struct Listeners {
-    /// One per entry of [`DispatcherConfig::sockets`], bound to exactly that address.
+    /// One per UDP entry of [`DispatcherConfig::sockets`], bound to exactly that address.
     pub udp: Vec<UdpSocket>,
+    /// One per TCP entry ([`DispatcherConfig::tcp_addrs`]).
+    pub tcp: Vec<TcpListener>,
+    /// One per TLS entry ([`DispatcherConfig::tls_addrs`]): plain TCP listeners, the
+    /// dispatcher does the TLS handshake.
+    pub tls: Vec<TcpListener>,
     /// Where processors dial in; its address need not be `grpc_listen` (tests bind port 0).
     pub grpc: TcpListener,
 }
@@ -62,38 +75,82 @@ impl Listeners {
             })?;
             udp.push(socket);
         }
+        let mut stream = [Vec::new(), Vec::new()];
+        for (i, (what, addrs)) in [("sip tcp", config.tcp_addrs()), ("sip tls", config.tls_addrs())]
+            .into_iter()
+            .enumerate()
+        {
+            for addr in addrs {
+                let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind {
+                    what,
+                    addr,
+                    source,
+                })?;
+                stream[i].push(listener);
+            }
+        }
+        let [tcp, tls] = stream;
         let grpc = TcpListener::bind(config.grpc_listen).await.map_err(|source| Error::Bind {
             what: "edge grpc",
             addr: config.grpc_listen,
             source,
         })?;
-        Ok(Self { udp, grpc })
+        Ok(Self { udp, tcp, tls, grpc })
     }
 }
 
-/// Validates `config`, binds its sockets and serves until `shutdown` completes.
+/// Validates `config`, reads its certificates, binds its sockets and serves until `shutdown`
+/// completes.
 ///
 /// Returns `Ok(())` after a clean shutdown, or the error that stopped start-up or a listener.
+/// A bad configuration or certificate is an [`Error::Config`], found before anything is bound.
 pub async fn run(
     config: DispatcherConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config.validate()?;
+    let tls = Tls::load(&config)?;
     let listeners = Listeners::bind(&config).await?;
-    run_with(config, listeners, shutdown).await
+    serve(config, tls, listeners, shutdown).await
 }
 
 /// Serves on already-bound `listeners` until `shutdown` completes.
 ///
-/// The UDP sockets must match the configuration's socket table one to one (by local address);
-/// the gRPC listener may be bound anywhere (`grpc_listen` is then only what [`run`] would have
-/// bound). Once a processor has received its `Welcome` it is routable.
+/// The UDP sockets and TCP/TLS listeners must match the configuration's socket table one to
+/// one (by local address and transport); the gRPC listener may be bound anywhere
+/// (`grpc_listen` is then only what [`run`] would have bound). Once a processor has received
+/// its `Welcome` it is routable.
 pub async fn run_with(
     config: DispatcherConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config.validate()?;
+    let tls = Tls::load(&config)?;
+    serve(config, tls, listeners, shutdown).await
+}
+
+/// Both sides of TLS, read from the configuration before anything is bound.
+struct Tls {
+    servers: tls::Servers,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl Tls {
+    fn load(config: &DispatcherConfig) -> Result<Self, Error> {
+        Ok(Self {
+            servers: tls::Servers::load(config)?,
+            client: tls::client_config(&config.streams)?,
+        })
+    }
+}
+
+async fn serve(
+    config: DispatcherConfig,
+    tls: Tls,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let mut sockets = udp::Sockets::default();
     for socket in listeners.udp {
         let addr = socket
@@ -105,7 +162,8 @@ pub async fn run_with(
         sockets.insert(addr, Arc::new(socket));
     }
     let entries = config.socket_entries();
-    for entry in &entries {
+    let udp_entries: Vec<_> = entries.iter().filter(|e| e.transport == Transport::Udp).collect();
+    for entry in &udp_entries {
         if sockets.get(entry.addr).is_none() {
             return Err(Error::Listeners(format!(
                 "no udp socket bound to {} (dispatcher.{})",
@@ -113,11 +171,42 @@ pub async fn run_with(
             )));
         }
     }
-    if sockets.len() != entries.len() {
+    if sockets.len() != udp_entries.len() {
         return Err(Error::Listeners(format!(
-            "{} udp sockets given for {} socket-table entries",
+            "{} udp sockets given for {} udp socket-table entries",
             sockets.len(),
-            entries.len()
+            udp_entries.len()
+        )));
+    }
+    let mut stream_listeners: HashMap<SocketAddr, (TcpListener, Transport)> = HashMap::new();
+    for (transport, list) in [(Transport::Tcp, listeners.tcp), (Transport::Tls, listeners.tls)] {
+        for listener in list {
+            let addr = listener.local_addr().map_err(|e| {
+                Error::Listeners(format!("cannot read a tcp listener's address: {e}"))
+            })?;
+            if stream_listeners.insert(addr, (listener, transport)).is_some() {
+                return Err(Error::Listeners(format!("two tcp listeners bound to {addr}")));
+            }
+        }
+    }
+    let stream_entries: Vec<_> = entries.iter().filter(|e| e.transport != Transport::Udp).collect();
+    for entry in &stream_entries {
+        let name = config::transport_name(entry.transport);
+        match stream_listeners.get(&entry.addr) {
+            Some((_, t)) if *t == entry.transport => {}
+            _ => {
+                return Err(Error::Listeners(format!(
+                    "no {name} listener bound to {} (dispatcher.{})",
+                    entry.addr, entry.key
+                )));
+            }
+        }
+    }
+    if stream_listeners.len() != stream_entries.len() {
+        return Err(Error::Listeners(format!(
+            "{} tcp and tls listeners given for {} tcp and tls socket-table entries",
+            stream_listeners.len(),
+            stream_entries.len()
         )));
     }
     let grpc_addr = listeners
@@ -126,23 +215,47 @@ pub async fn run_with(
         .map_err(|e| Error::Listeners(format!("cannot read the grpc listener's address: {e}")))?;
 
     let (stop_tx, stop) = watch::channel(false);
+    let stream_sockets = stream_listeners.iter().map(|(addr, (_, t))| (*addr, *t)).collect();
     let ctx = Arc::new(Context {
         dispatcher_id: config.id.clone(),
         retry_after_secs: config.retry_after_secs,
         queue_depth: config.queue_depth,
         socket_table: config.sockets(),
         sockets,
+        streams: stream::Streams::new(
+            config.streams.clone(),
+            stream_sockets,
+            tls.servers,
+            tls.client,
+        ),
         members: Membership::default(),
         stop: stop.clone(),
     });
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     for entry in &entries {
-        let Some(socket) = ctx.sockets.get(entry.addr).cloned() else { continue };
-        info!("sip udp listening on {}", entry.addr);
-        let (ctx, stop, addr) = (Arc::clone(&ctx), stop.clone(), entry.addr);
+        let (ctx2, stop, addr) = (Arc::clone(&ctx), stop.clone(), entry.addr);
+        let name = config::transport_name(entry.transport);
+        if entry.transport == Transport::Udp {
+            let Some(socket) = ctx.sockets.get(addr).cloned() else { continue };
+            info!("sip udp listening on {addr}");
+            tasks.spawn(async move {
+                udp::serve(ctx2, socket, addr, stop).await;
+                Ok(())
+            });
+        } else {
+            let Some((listener, transport)) = stream_listeners.remove(&addr) else { continue };
+            info!("sip {name} listening on {addr}");
+            tasks.spawn(async move {
+                stream::serve(ctx2, listener, addr, transport, stop).await;
+                Ok(())
+            });
+        }
+    }
+    {
+        let (ctx, stop, every) = (Arc::clone(&ctx), stop.clone(), config.streams.tls_reload);
         tasks.spawn(async move {
-            udp::serve(ctx, socket, addr, stop).await;
+            ctx.streams.tls.reload_loop(every, stop).await;
             Ok(())
         });
     }
@@ -212,6 +325,8 @@ pub(crate) struct Context {
     /// Sent in every `Welcome`.
     socket_table: Vec<LocalSocket>,
     sockets: udp::Sockets,
+    /// TCP and TLS: listeners' sockets, open connections, certificates.
+    streams: stream::Streams,
     members: Membership,
     /// Turns true once at shutdown.
     stop: watch::Receiver<bool>,

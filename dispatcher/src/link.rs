@@ -7,7 +7,7 @@
 //! local socket) or a `Heartbeat`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
@@ -16,8 +16,7 @@ use sipalias_proto::edge::dispatcher_message::Kind as DKind;
 use sipalias_proto::edge::edge_server::Edge;
 use sipalias_proto::edge::processor_message::Kind as PKind;
 use sipalias_proto::edge::{
-    DispatcherMessage, EdgeError, Egress, Heartbeat, ProcessorMessage, Send as SendMsg, Transport,
-    Welcome,
+    DispatcherMessage, EdgeError, Heartbeat, ProcessorMessage, Send as SendMsg, Welcome,
 };
 use sipmsg::scan::{Scan, is_valid_node_id};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::Context;
+use crate::egress;
 use crate::route;
 
 /// The processors currently linked to this dispatcher, by node id.
@@ -125,6 +125,13 @@ impl Membership {
             Ok(()) => Delivery::Queued(node),
             Err(_) => Delivery::Busy(node),
         }
+    }
+
+    /// Queues `msg` for every linked processor, without waiting. Returns how many could not
+    /// take it (queue full or link closing).
+    pub(crate) fn broadcast(&self, msg: &DispatcherMessage) -> usize {
+        let members = self.read();
+        members.by_id.values().filter(|m| m.tx.try_send(msg.clone()).is_err()).count()
     }
 
     /// Registers `id` on a new link, replacing any previous link with that id, and queues
@@ -263,7 +270,7 @@ async fn run_link(
         refuse_link(&tx, &peer, &reason);
         return;
     }
-    let id = hello.node_id;
+    let id: Arc<str> = Arc::from(hello.node_id);
     let welcome = DispatcherMessage {
         kind: Some(DKind::Welcome(Welcome {
             dispatcher_id: ctx.dispatcher_id.clone(),
@@ -314,67 +321,34 @@ async fn run_link(
 /// Tells a peer why its link is refused, then ends it (by dropping `tx`).
 fn refuse_link(tx: &mpsc::Sender<DispatcherMessage>, peer: &str, reason: &str) {
     warn!(%peer, "edge link refused: {reason}");
-    let _ = tx.try_send(edge_error(0, reason.to_owned()));
+    let _ = tx.try_send(edge_error(0, reason.to_owned(), 0));
 }
 
 /// Executes one `Send`, or tells the processor why not.
-async fn handle_send(ctx: &Context, id: &str, tx: &mpsc::Sender<DispatcherMessage>, send: SendMsg) {
-    if let Err(reason) = execute_send(ctx, &send).await {
-        warn!(send_id = send.id, "send from processor {id} refused: {reason}");
-        if tx.try_send(edge_error(send.id, reason)).is_err() {
-            debug!(
-                send_id = send.id,
-                "processor {id}'s queue is full or closed: edge error dropped"
-            );
+async fn handle_send(
+    ctx: &Arc<Context>,
+    id: &Arc<str>,
+    tx: &mpsc::Sender<DispatcherMessage>,
+    send: SendMsg,
+) {
+    let send_id = send.id;
+    if let Err(refused) = egress::execute(ctx, id, tx, send).await {
+        warn!(send_id, "send from processor {id} refused: {}", refused.reason);
+        let error = edge_error(send_id, refused.reason, refused.closed_connection_id);
+        if tx.try_send(error).is_err() {
+            debug!(send_id, "processor {id}'s queue is full or closed: edge error dropped");
         }
     }
 }
 
-/// Puts one `Send` on the wire; the error is the reason given back in `EdgeError`.
-async fn execute_send(ctx: &Context, send: &SendMsg) -> Result<(), String> {
-    let egress = send.egress.as_ref().ok_or("send without egress")?;
-    let (local, remote) = udp_route(egress)?;
-    let socket = ctx.sockets.get(local).ok_or_else(|| format!("no local socket {local}/udp"))?;
-    socket
-        .send_to(&send.message, remote)
-        .await
-        .map_err(|e| format!("send from {local}/udp to {remote} failed: {e}"))?;
-    Ok(())
-}
-
-/// The local socket and destination of a UDP egress, or why there is none.
-fn udp_route(egress: &Egress) -> Result<(SocketAddr, SocketAddr), String> {
-    match Transport::try_from(egress.transport) {
-        Ok(Transport::Udp) => {}
-        Ok(Transport::Tcp | Transport::Tls) => {
-            return Err(format!(
-                "transport not supported yet: {}",
-                egress.transport().as_via_token()
-            ));
-        }
-        Ok(Transport::Unspecified) => return Err("transport not specified".to_owned()),
-        Err(_) => return Err(format!("unknown transport {}", egress.transport)),
-    }
-    let local = egress
-        .local_ip
-        .parse::<IpAddr>()
-        .ok()
-        .zip(u16::try_from(egress.local_port).ok())
-        .map(SocketAddr::from)
-        .ok_or_else(|| format!("no local socket {}:{}/udp", egress.local_ip, egress.local_port))?;
-    let remote = egress
-        .remote_ip
-        .parse::<IpAddr>()
-        .ok()
-        .zip(u16::try_from(egress.remote_port).ok().filter(|p| *p != 0))
-        .map(SocketAddr::from)
-        .ok_or_else(|| format!("bad destination {}:{}", egress.remote_ip, egress.remote_port))?;
-    Ok((local, remote))
-}
-
-fn edge_error(send_id: u64, reason: String) -> DispatcherMessage {
+/// An `EdgeError` about send `send_id` (0: about the link itself).
+pub(crate) fn edge_error(
+    send_id: u64,
+    reason: String,
+    closed_connection_id: u64,
+) -> DispatcherMessage {
     DispatcherMessage {
-        kind: Some(DKind::Error(EdgeError { send_id, reason, closed_connection_id: 0 })),
+        kind: Some(DKind::Error(EdgeError { send_id, reason, closed_connection_id })),
     }
 }
 
@@ -382,43 +356,6 @@ fn edge_error(send_id: u64, reason: String) -> DispatcherMessage {
 mod tests {
     use super::*;
     use sipmsg::scan::{make_branch, scan};
-
-    fn egress(local: &str, port: u32, transport: Transport) -> Egress {
-        Egress {
-            local_ip: local.into(),
-            local_port: port,
-            transport: transport.into(),
-            remote_ip: "127.0.0.9".into(),
-            remote_port: 5060,
-            connection_id: 0,
-        }
-    }
-
-    #[test]
-    fn udp_route_checks_transport_and_addresses() {
-        assert_eq!(
-            udp_route(&egress("127.0.0.2", 5060, Transport::Udp)),
-            Ok((
-                SocketAddr::from(([127, 0, 0, 2], 5060)),
-                SocketAddr::from(([127, 0, 0, 9], 5060))
-            ))
-        );
-        assert_eq!(
-            udp_route(&egress("127.0.0.2", 5060, Transport::Tcp)),
-            Err("transport not supported yet: TCP".into())
-        );
-        assert_eq!(
-            udp_route(&egress("10.0.0.x", 5060, Transport::Udp)),
-            Err("no local socket 10.0.0.x:5060/udp".into())
-        );
-        assert_eq!(
-            udp_route(&egress("127.0.0.2", 70000, Transport::Udp)),
-            Err("no local socket 127.0.0.2:70000/udp".into())
-        );
-        let mut e = egress("127.0.0.2", 5060, Transport::Udp);
-        e.remote_port = 0;
-        assert_eq!(udp_route(&e), Err("bad destination 127.0.0.9:0".into()));
-    }
 
     fn inbound() -> DispatcherMessage {
         DispatcherMessage { kind: None }

@@ -3,7 +3,7 @@
 //! The configuration file is `--config`, else `$SIPALIAS_CONFIG`, else `./sipalias.toml` if it
 //! exists; `SIPALIAS_DISPATCHER__*` variables override it. Logs go to stderr, filtered by
 //! `RUST_LOG` (default `info`). Exit status: 0 after a clean shutdown, 2 for a configuration
-//! error (nothing has been bound), 1 for any other failure.
+//! error, including an unusable certificate (nothing has been bound), 1 for any other failure.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,11 @@ fn main() -> ExitCode {
     };
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,
+        // A certificate that cannot be used is found at start-up, before anything is bound.
+        Err(e) if matches!(e.downcast_ref(), Some(sipalias_dispatcher::Error::Config(_))) => {
+            eprintln!("sipalias-dispatcher: configuration error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE
@@ -70,7 +75,11 @@ fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         info!(id = %config.id, "sipalias-dispatcher starting");
-        sipalias_dispatcher::run(config, shutdown_signal()).await.context("dispatcher failed")
+        match sipalias_dispatcher::run(config, shutdown_signal()).await {
+            // Kept as is (no context) so main can tell a configuration error by its type.
+            Err(e @ sipalias_dispatcher::Error::Config(_)) => Err(anyhow::Error::new(e)),
+            other => other.context("dispatcher failed"),
+        }
     })
 }
 

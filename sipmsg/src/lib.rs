@@ -8,7 +8,7 @@
 //! - [`scan`](scan::scan) is the dispatcher's cheap look at a datagram: just the routing keys.
 //! - [`uri`], [`headers`] and [`digest`] are the typed views the processor needs.
 //!
-//! We own this layer instead of using `rsip`: see `docs/architecture.md` for the measurements
+//! We own this layer instead of using `rsip`: see `docs/parser-measurements.md` for the measurements
 //! behind that choice.
 
 pub mod digest;

@@ -105,7 +105,7 @@ impl Cluster {
     fn try_start(options: ClusterOptions) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("sipalias-e2e-").tempdir()?;
         let redis = RedisServer::start(dir.path())?;
-        let sip_port = ports::free_udp_port_on_all(&[MAIN_IP, ALIAS2_IP, ALIAS3_IP])?;
+        let sip_port = ports::free_sip_port_on_all(&[MAIN_IP, ALIAS2_IP, ALIAS3_IP])?;
         let extra_port = loop {
             let p = ports::free_udp_port(ALIAS3_IP)?;
             if p != sip_port {
@@ -472,18 +472,21 @@ retry_after_secs = 5
 ip = "{MAIN_IP}"
 domain = "{DOMAIN}"
 udp_port = {sip_port}
+tcp_port = {sip_port}
 
 [[dispatcher.aliases]]
 ip = "{ALIAS2_IP}"
 domain = "{DOMAIN}"
 realm = "{ALIAS2_REALM}"
 udp_port = {sip_port}
+tcp_port = {sip_port}
 
 [[dispatcher.aliases]]
 ip = "{ALIAS3_IP}"
 domain = "{DOMAIN}"
 realm = "{ALIAS3_REALM}"
 udp_port = {sip_port}
+tcp_port = {sip_port}
 extra_udp_ports = [{extra_port}]
 
 [processor]

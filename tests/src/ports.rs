@@ -24,6 +24,17 @@ pub fn free_udp_port_on_all(ips: &[Ipv4Addr]) -> Result<u16> {
     bail!("no UDP port free on all of {ips:?} after {ATTEMPTS} attempts")
 }
 
+/// A port free for both UDP and TCP on every one of `ips`: SIP listens on both with one number.
+pub fn free_sip_port_on_all(ips: &[Ipv4Addr]) -> Result<u16> {
+    for _ in 0..ATTEMPTS {
+        let port = free_udp_port_on_all(ips)?;
+        if ips.iter().all(|ip| TcpListener::bind((*ip, port)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for UDP and TCP on all of {ips:?} after {ATTEMPTS} attempts")
+}
+
 /// A free UDP port on `ip`.
 pub fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
     free_udp_port_on_all(&[ip])

@@ -1,241 +1,15 @@
-//! The dispatcher in-process, over real sockets: UDP on 127.0.0.1 (main) and 127.0.0.2
-//! (alias), the gRPC edge link on 127.0.0.1, and fake processors speaking the real `Edge`
-//! protocol through tonic's client.
-//!
-//! Every socket is bound on port 0 by the test *before* the dispatcher starts and handed to
-//! `run_with`, so there is no free-port race and no waiting for readiness. Events are awaited
-//! with a timeout; absence is shown by ordering where possible (send the datagram that must be
-//! ignored, then one that must be answered, and check the first answer is the second's).
+//! UDP: routing, sends from the named socket, 503, the edge link itself.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use sipalias_dispatcher::{DispatcherConfig, Error, Listeners, route, run_with};
+use anyhow::{Context as _, Result, bail, ensure};
+use sipalias_dispatcher::route;
 use sipalias_proto::edge::dispatcher_message::Kind as DKind;
-use sipalias_proto::edge::edge_client::EdgeClient;
 use sipalias_proto::edge::processor_message::Kind as PKind;
-use sipalias_proto::edge::{
-    DispatcherMessage, EdgeError, Egress, Heartbeat, Hello, Inbound, ProcessorMessage, Send,
-    Transport, Welcome,
-};
+use sipalias_proto::edge::{Heartbeat, ProcessorMessage, Transport};
 use sipmsg::scan::{make_branch, make_contact_user};
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use std::time::Duration;
 use tokio::time::timeout;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
-/// Upper bound for anything that should happen.
-const EVENT: Duration = Duration::from_secs(5);
-/// How long to listen for something that must not happen (only where ordering cannot show it).
-const ABSENCE: Duration = Duration::from_millis(300);
-
-const ALIAS_REALM: &str = "voip.oldprovider.example";
-
-/// A running dispatcher and the addresses it serves.
-struct Dispatcher {
-    main: SocketAddr,
-    alias: SocketAddr,
-    grpc: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), Error>>,
-}
-
-impl Dispatcher {
-    async fn start() -> Result<Self> {
-        let main_socket = UdpSocket::bind("127.0.0.1:0").await?;
-        let alias_socket = UdpSocket::bind("127.0.0.2:0").await?;
-        let grpc = TcpListener::bind("127.0.0.1:0").await?;
-        let (main, alias) = (main_socket.local_addr()?, alias_socket.local_addr()?);
-        let config = DispatcherConfig::from_toml_str(&format!(
-            r#"
-            [dispatcher]
-            id = "d-test"
-            retry_after_secs = 9
-            [dispatcher.main]
-            ip = "127.0.0.1"
-            domain = "sip.example.net"
-            udp_port = {}
-            [[dispatcher.aliases]]
-            ip = "127.0.0.2"
-            domain = "sip.example.net"
-            realm = "{ALIAS_REALM}"
-            udp_port = {}
-            "#,
-            main.port(),
-            alias.port()
-        ))?;
-        let listeners = Listeners { udp: vec![main_socket, alias_socket], grpc };
-        let grpc = listeners.grpc.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run_with(config, listeners, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self { main, alias, grpc, stop, task })
-    }
-
-    /// Stops the dispatcher and checks it shut down cleanly and promptly.
-    async fn shutdown(self) -> Result<()> {
-        let _ = self.stop.send(());
-        timeout(EVENT, self.task)
-            .await
-            .context("dispatcher did not stop")??
-            .context("dispatcher failed")?;
-        Ok(())
-    }
-}
-
-/// A processor as the dispatcher sees it: one `Link` stream.
-struct FakeProcessor {
-    tx: mpsc::Sender<ProcessorMessage>,
-    rx: Streaming<DispatcherMessage>,
-    welcome: Welcome,
-}
-
-impl FakeProcessor {
-    async fn connect(grpc: SocketAddr, id: &str) -> Result<Self> {
-        let (tx, mut rx) = Self::open(grpc, id).await?;
-        let welcome = match next(&mut rx).await? {
-            DKind::Welcome(w) => w,
-            other => bail!("expected welcome, got {other:?}"),
-        };
-        Ok(Self { tx, rx, welcome })
-    }
-
-    /// Opens a link and says hello with `id`, without reading the answer.
-    async fn open(
-        grpc: SocketAddr,
-        id: &str,
-    ) -> Result<(mpsc::Sender<ProcessorMessage>, Streaming<DispatcherMessage>)> {
-        let mut client = EdgeClient::connect(format!("http://{grpc}")).await?;
-        let (tx, rx) = mpsc::channel(16);
-        let hello = Hello { node_id: id.to_owned(), capacity: 100 };
-        tx.send(ProcessorMessage { kind: Some(PKind::Hello(hello)) }).await?;
-        let stream = client.link(ReceiverStream::new(rx)).await?.into_inner();
-        Ok((tx, stream))
-    }
-
-    async fn next(&mut self) -> Result<DKind> {
-        next(&mut self.rx).await
-    }
-
-    async fn next_inbound(&mut self) -> Result<Inbound> {
-        match self.next().await? {
-            DKind::Inbound(i) => Ok(i),
-            other => bail!("expected inbound, got {other:?}"),
-        }
-    }
-
-    async fn next_error(&mut self) -> Result<EdgeError> {
-        match self.next().await? {
-            DKind::Error(e) => Ok(e),
-            other => bail!("expected edge error, got {other:?}"),
-        }
-    }
-
-    async fn send(&self, id: u64, from: SocketAddr, to: SocketAddr, message: &str) -> Result<()> {
-        self.send_egress(
-            id,
-            egress(&from.ip().to_string(), from.port(), to, Transport::Udp),
-            message,
-        )
-        .await
-    }
-
-    async fn send_egress(&self, id: u64, egress: Egress, message: &str) -> Result<()> {
-        let send = Send { id, egress: Some(egress), message: message.as_bytes().to_vec() };
-        self.tx.send(ProcessorMessage { kind: Some(PKind::Send(send)) }).await?;
-        Ok(())
-    }
-
-    /// Whether the dispatcher ended this link (stream closed or failed) within the timeout.
-    async fn ended(&mut self) -> bool {
-        matches!(timeout(EVENT, self.rx.message()).await, Ok(Ok(None) | Err(_)))
-    }
-}
-
-async fn next(rx: &mut Streaming<DispatcherMessage>) -> Result<DKind> {
-    let msg = timeout(EVENT, rx.message()).await.context("no message from the dispatcher")??;
-    msg.and_then(|m| m.kind).ok_or_else(|| anyhow!("link ended"))
-}
-
-fn egress(local_ip: &str, local_port: u16, to: SocketAddr, transport: Transport) -> Egress {
-    Egress {
-        local_ip: local_ip.to_owned(),
-        local_port: u32::from(local_port),
-        transport: transport.into(),
-        remote_ip: to.ip().to_string(),
-        remote_port: u32::from(to.port()),
-        connection_id: 0,
-    }
-}
-
-/// A phone: a UDP socket on 127.0.0.1.
-struct Phone {
-    socket: UdpSocket,
-}
-
-impl Phone {
-    async fn new() -> Result<Self> {
-        Ok(Self { socket: UdpSocket::bind("127.0.0.1:0").await? })
-    }
-
-    fn addr(&self) -> Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
-    }
-
-    async fn send(&self, to: SocketAddr, data: &[u8]) -> Result<()> {
-        self.socket.send_to(data, to).await?;
-        Ok(())
-    }
-
-    /// The next datagram and who sent it.
-    async fn recv(&self) -> Result<(String, SocketAddr)> {
-        let mut buf = vec![0u8; 65_535];
-        let (n, from) =
-            timeout(EVENT, self.socket.recv_from(&mut buf)).await.context("nothing received")??;
-        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-    }
-
-    async fn nothing_received(&self) -> bool {
-        let mut buf = vec![0u8; 65_535];
-        timeout(ABSENCE, self.socket.recv_from(&mut buf)).await.is_err()
-    }
-}
-
-fn request(method: &str, uri: &str, call_id: &str) -> String {
-    format!(
-        "{method} {uri} SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 127.0.0.1:5999;rport;branch=z9hG4bK-{call_id}\r\n\
-         Max-Forwards: 70\r\n\
-         From: <sip:alice@sip.example.net>;tag=a1\r\n\
-         To: <sip:bob@sip.example.net>\r\n\
-         Call-ID: {call_id}\r\n\
-         CSeq: 1 {method}\r\n\
-         Content-Length: 0\r\n\r\n"
-    )
-}
-
-fn response(branch: &str, call_id: &str) -> String {
-    format!(
-        "SIP/2.0 180 Ringing\r\n\
-         Via: SIP/2.0/UDP 127.0.0.2;branch={branch}\r\n\
-         From: <sip:alice@sip.example.net>;tag=a1\r\n\
-         To: <sip:bob@sip.example.net>;tag=b1\r\n\
-         Call-ID: {call_id}\r\n\
-         CSeq: 1 INVITE\r\n\
-         Content-Length: 0\r\n\r\n"
-    )
-}
-
-fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
-    msg.split("\r\n").find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
+use crate::harness::*;
 
 #[tokio::test]
 async fn welcome_lists_every_socket_with_alias_domain_and_realm() -> Result<()> {
@@ -329,14 +103,26 @@ async fn send_from_an_unknown_socket_or_transport_gets_an_edge_error() -> Result
     assert_eq!(e.send_id, 7);
     assert!(e.reason.contains("no local socket 10.9.9.9:5060/udp"), "{}", e.reason);
 
+    // This dispatcher serves no TCP: the UDP port is not a TCP socket.
     fp.send_egress(8, egress("127.0.0.2", d.alias.port(), phone.addr()?, Transport::Tcp), &msg)
         .await?;
     let e = fp.next_error().await?;
     assert_eq!(e.send_id, 8);
-    assert!(e.reason.contains("transport not supported yet"), "{}", e.reason);
+    let expected = format!("no local socket 127.0.0.2:{}/tcp", d.alias.port());
+    assert!(e.reason.contains(&expected), "{}", e.reason);
+
+    fp.send_egress(
+        9,
+        egress("127.0.0.2", d.alias.port(), phone.addr()?, Transport::Unspecified),
+        &msg,
+    )
+    .await?;
+    let e = fp.next_error().await?;
+    assert_eq!(e.send_id, 9);
+    assert!(e.reason.contains("transport not specified"), "{}", e.reason);
 
     // The link survives refused sends.
-    fp.send(9, d.alias, phone.addr()?, &msg).await?;
+    fp.send(10, d.alias, phone.addr()?, &msg).await?;
     assert_eq!(phone.recv().await?.1, d.alias);
     d.shutdown().await
 }

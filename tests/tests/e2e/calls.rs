@@ -91,8 +91,10 @@ fn call_to_alias_registered_phone_comes_from_alias_socket_and_is_billed() -> Res
     ensure!(bye_ok.from == main.addr, "BYE's 200 came from {}", bye_ok.from);
 
     let held_ms = u64::try_from(hung_up.duration_since(answered).as_millis())?;
-    let cdr =
-        cluster.wait_for_cdr(WAIT, |c| c.caller.contains("bob") && c.callee.contains("alice"))?;
+    let cdr = cluster.wait_for_cdr(WAIT, |c| {
+        // The answer creates the record; wait for the stop, which completes it.
+        c.caller.contains("bob") && c.callee.contains("alice") && c.duration_ms.is_some()
+    })?;
     let billed = cdr.duration_ms.with_context(|| format!("CDR without duration: {cdr:?}"))?;
     ensure!(
         billed.abs_diff(held_ms) <= DURATION_TOLERANCE_MS,

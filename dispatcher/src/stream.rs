@@ -1,0 +1,499 @@
+//! SIP over TCP and TLS: the listeners, the table of open connections, and connections the
+//! dispatcher opens to phones.
+//!
+//! Every connection, accepted or opened, gets a dispatcher-unique non-zero id and an entry in
+//! the table until it closes. The entry holds the sending side of the connection's write
+//! queue: a `Send` naming the id is queued there, and the connection's single writer puts the
+//! messages on the wire one after another (see [`connection`](crate::connection), which owns
+//! the connection's I/O).
+//!
+//! A connection belongs to one of the dispatcher's listening sockets (its *socket*): the one it
+//! was accepted on, or, for a connection the dispatcher opened, the one named in the `Send`
+//! that opened it. Such a connection is opened **from that socket's IP** (bound to `ip:0`
+//! before connecting), so a phone registered through an alias hears from the alias IP.
+//!
+//! Limits: `max_connections` in total (accepted and opened) and `max_connections_per_ip`
+//! accepted from one source IP. A connection over a limit is closed as soon as it is accepted.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sipalias_proto::edge::{DispatcherMessage, Transport};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{info, warn};
+
+use crate::config::{StreamLimits, transport_name};
+use crate::connection;
+use crate::link::edge_error;
+use crate::tls;
+use crate::{Context, ingress};
+
+/// Messages queued for one connection's writer before a `Send` to it is refused.
+const WRITE_QUEUE: usize = 128;
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one "connection refused" warning per this interval; the rest are counted.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One connection as the rest of the dispatcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnInfo {
+    /// Dispatcher-unique, never 0.
+    pub(crate) id: u64,
+    /// The listening socket it belongs to (reported as the ingress local address).
+    pub(crate) socket: SocketAddr,
+    pub(crate) transport: Transport,
+    /// The phone (or its NAT).
+    pub(crate) remote: SocketAddr,
+    /// Accepted (true) or opened by the dispatcher (false).
+    pub(crate) inbound: bool,
+}
+
+impl ConnInfo {
+    /// How the connection's messages arrive at [`ingress`].
+    pub(crate) fn arrival(&self) -> ingress::Arrival {
+        ingress::Arrival {
+            local: self.socket,
+            transport: self.transport,
+            remote: self.remote,
+            connection_id: self.id,
+        }
+    }
+
+    /// `tcp` or `tls`, for log lines.
+    pub(crate) fn kind(&self) -> &'static str {
+        transport_name(self.transport)
+    }
+}
+
+/// Bytes for a connection's writer, and who to tell if they cannot be written.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) bytes: Bytes,
+    /// `None` for what the dispatcher sends on its own (pongs, `400`/`513`/`503`).
+    pub(crate) origin: Option<Origin>,
+}
+
+/// The processor `Send` some queued bytes came from.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub(crate) processor: Arc<str>,
+    pub(crate) send_id: u64,
+    /// The connection the send named (0 for none).
+    pub(crate) named: u64,
+    /// Where the processor's `EdgeError` goes (its link).
+    pub(crate) reply: mpsc::Sender<DispatcherMessage>,
+}
+
+impl Origin {
+    /// Tells the processor its send failed after it was accepted (connect or write failure).
+    pub(crate) fn fail(self, reason: &str, closed_connection_id: u64) {
+        warn!(send_id = self.send_id, "send from processor {} failed: {reason}", self.processor);
+        let _ =
+            self.reply.try_send(edge_error(self.send_id, reason.to_owned(), closed_connection_id));
+    }
+}
+
+/// Why a `Send` over a stream was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refused {
+    pub(crate) reason: String,
+    /// The connection the send named, when that connection is closed (0 otherwise).
+    pub(crate) closed_connection_id: u64,
+}
+
+impl Refused {
+    fn new(reason: String) -> Self {
+        Self { reason, closed_connection_id: 0 }
+    }
+}
+
+/// Everything about TCP and TLS the dispatcher shares between tasks.
+#[derive(Debug)]
+pub(crate) struct Streams {
+    pub(crate) limits: StreamLimits,
+    /// The listening TCP and TLS sockets, by local address.
+    sockets: HashMap<SocketAddr, Transport>,
+    pub(crate) tls: tls::Servers,
+    /// Client side of connections the dispatcher opens over TLS.
+    client: Arc<rustls::ClientConfig>,
+    table: Mutex<Table>,
+    next_id: AtomicU64,
+    refusals: RefusalLog,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_id: HashMap<u64, Entry>,
+    /// Accepted connections per source IP.
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: ConnInfo,
+    tx: mpsc::Sender<Outgoing>,
+}
+
+/// A connection that has its id and table entry, handed to the task that runs it.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub(crate) info: ConnInfo,
+    pub(crate) rx: mpsc::Receiver<Outgoing>,
+    pub(crate) tx: mpsc::Sender<Outgoing>,
+    pub(crate) entry: EntryGuard,
+}
+
+/// Removes a connection's table entry when dropped, so a task that ends early (or panics)
+/// frees its slot. Removing it earlier, explicitly, is fine too.
+#[derive(Debug)]
+pub(crate) struct EntryGuard {
+    pub(crate) ctx: Arc<Context>,
+    id: u64,
+}
+
+impl Drop for EntryGuard {
+    fn drop(&mut self) {
+        self.ctx.streams.remove(self.id);
+    }
+}
+
+impl Streams {
+    pub(crate) fn new(
+        limits: StreamLimits,
+        sockets: HashMap<SocketAddr, Transport>,
+        tls: tls::Servers,
+        client: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        Self {
+            limits,
+            sockets,
+            tls,
+            client,
+            table: Mutex::default(),
+            // Ids start at the current time in microseconds, so a restarted dispatcher does
+            // not hand out an id that a processor may still hold for a connection of the
+            // previous run (bindings in Redis keep connection ids).
+            next_id: AtomicU64::new(ingress::unix_ms().saturating_mul(1000).max(1)),
+            refusals: RefusalLog::default(),
+        }
+    }
+
+    /// Gives a new connection its id and table entry, or refuses it over a limit.
+    fn admit(
+        &self,
+        table: &mut Table,
+        ctx: &Arc<Context>,
+        socket: SocketAddr,
+        transport: Transport,
+        remote: SocketAddr,
+        inbound: bool,
+    ) -> Result<Admitted, String> {
+        if table.by_id.len() >= self.limits.max_connections {
+            return Err(format!(
+                "{} connections open (max_connections {})",
+                table.by_id.len(),
+                self.limits.max_connections
+            ));
+        }
+        if inbound {
+            let from_ip = table.per_ip.get(&remote.ip()).copied().unwrap_or(0);
+            if from_ip >= self.limits.max_connections_per_ip {
+                return Err(format!(
+                    "{from_ip} connections from {} (max_connections_per_ip {})",
+                    remote.ip(),
+                    self.limits.max_connections_per_ip
+                ));
+            }
+            *table.per_ip.entry(remote.ip()).or_default() += 1;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let info = ConnInfo { id, socket, transport, remote, inbound };
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        table.by_id.insert(id, Entry { info, tx: tx.clone() });
+        Ok(Admitted { info, rx, tx, entry: EntryGuard { ctx: Arc::clone(ctx), id } })
+    }
+
+    /// Removes a connection from the table (no more `Send`s reach it). Returns whether it was
+    /// still there.
+    pub(crate) fn remove(&self, id: u64) -> bool {
+        let mut table = self.table();
+        let Some(entry) = table.by_id.remove(&id) else { return false };
+        if entry.info.inbound {
+            let ip = entry.info.remote.ip();
+            if let Some(n) = table.per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    table.per_ip.remove(&ip);
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether `addr` is one of the dispatcher's listening sockets for `transport`.
+    pub(crate) fn owns(&self, addr: SocketAddr, transport: Transport) -> bool {
+        self.sockets.get(&addr) == Some(&transport)
+    }
+
+    // Every update is a few map operations that cannot panic half-way, so a poisoned lock is
+    // still consistent.
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Puts `out` on a connection for a processor's `Send` from `socket` over `transport` to
+/// `remote`:
+///
+/// 1. connection `named` if it is open (and belongs to `socket`);
+/// 2. else, if `flow_only`, nothing: the send is refused, naming the closed connection;
+/// 3. else an open connection of `socket` to `remote` (RFC 3261 §18.1.1 reuse);
+/// 4. else a new connection from `socket`'s IP to `remote`, opened in the background; the
+///    message waits in its queue, and a failure to connect is reported to the processor.
+pub(crate) fn send(
+    ctx: &Arc<Context>,
+    socket: SocketAddr,
+    transport: Transport,
+    remote: SocketAddr,
+    named: u64,
+    flow_only: bool,
+    out: Outgoing,
+) -> Result<(), Refused> {
+    let streams = &ctx.streams;
+    let kind = transport_name(transport);
+    let mut table = streams.table();
+    if named != 0
+        && let Some(entry) = table.by_id.get(&named)
+        && !entry.tx.is_closed()
+    {
+        if entry.info.socket != socket || entry.info.transport != transport {
+            return Err(Refused::new(format!(
+                "connection {named} belongs to {}/{}, not {socket}/{kind}",
+                entry.info.socket,
+                entry.info.kind()
+            )));
+        }
+        return queue(&entry.tx, named, out);
+    }
+    if flow_only {
+        return Err(if named == 0 {
+            Refused::new("flow_only send names no connection (connection_id 0)".to_owned())
+        } else {
+            Refused { reason: format!("connection {named} is closed"), closed_connection_id: named }
+        });
+    }
+    if let Some(entry) = table.by_id.values().find(|e| {
+        e.info.socket == socket
+            && e.info.transport == transport
+            && e.info.remote == remote
+            && !e.tx.is_closed()
+    }) {
+        return queue(&entry.tx, entry.info.id, out);
+    }
+    let admitted = streams
+        .admit(&mut table, ctx, socket, transport, remote, false)
+        .map_err(|why| Refused::new(format!("cannot open a {kind} connection: {why}")))?;
+    // The new queue is empty, so this cannot fail.
+    let _ = admitted.tx.try_send(out);
+    // Released before anything can drop `admitted` (whose drop takes the lock).
+    drop(table);
+    tokio::spawn(connect(admitted));
+    Ok(())
+}
+
+fn queue(tx: &mpsc::Sender<Outgoing>, id: u64, out: Outgoing) -> Result<(), Refused> {
+    tx.try_send(out).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => {
+            Refused::new(format!("connection {id}: write queue full ({WRITE_QUEUE} messages)"))
+        }
+        mpsc::error::TrySendError::Closed(_) => {
+            Refused { reason: format!("connection {id} is closed"), closed_connection_id: id }
+        }
+    })
+}
+
+/// Accepts connections on one listening socket until `stop`.
+pub(crate) async fn serve(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    socket: SocketAddr,
+    transport: Transport,
+    mut stop: watch::Receiver<bool>,
+) {
+    let kind = transport_name(transport);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = crate::stopped(&mut stop) => return,
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors or memory, or an aborted handshake: the listener
+                    // itself is fine; back off briefly so a persistent error does not spin.
+                    warn!(%socket, "sip {kind} accept error: {e}");
+                    tokio::select! {
+                        () = crate::stopped(&mut stop) => return,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            },
+        };
+        let admitted = {
+            let mut table = ctx.streams.table();
+            ctx.streams.admit(&mut table, &ctx, socket, transport, peer, true)
+        };
+        match admitted {
+            Ok(admitted) => {
+                tokio::spawn(accepted(admitted, tcp));
+            }
+            Err(why) => {
+                // A reset rather than a FIN: nothing lingers in TIME_WAIT during a flood.
+                let _ = tcp.set_zero_linger();
+                drop(tcp);
+                ctx.streams.refusals.refused(kind, socket, peer, &why);
+            }
+        }
+    }
+}
+
+/// Runs an accepted connection: the TLS handshake if any, then its I/O until it closes.
+async fn accepted(admitted: Admitted, tcp: TcpStream) {
+    let ctx = Arc::clone(&admitted.entry.ctx);
+    let info = admitted.info;
+    let _ = tcp.set_nodelay(true);
+    if info.transport != Transport::Tls {
+        info!("sip tcp connection {} accepted from {} on {}", info.id, info.remote, info.socket);
+        connection::run(admitted, tcp).await;
+        return;
+    }
+    let Some(config) = ctx.streams.tls.config_for(info.socket.ip()) else {
+        warn!(%info.socket, "sip tls connection from {} dropped: no certificate for this IP", info.remote);
+        return;
+    };
+    let limit = ctx.streams.limits.message_timeout;
+    match timeout(limit, TlsAcceptor::from(config).accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            info!(
+                "sip tls connection {} accepted from {} on {}",
+                info.id, info.remote, info.socket
+            );
+            connection::run(admitted, stream).await;
+        }
+        Ok(Err(e)) => {
+            info!("sip tls handshake from {} on {} failed: {e}", info.remote, info.socket);
+        }
+        Err(_) => info!(
+            "sip tls handshake from {} on {} failed: not completed within {} s",
+            info.remote,
+            info.socket,
+            limit.as_secs()
+        ),
+    }
+}
+
+/// Opens a connection the dispatcher needs for a `Send`, then runs it. If it cannot be opened,
+/// every send waiting for it fails, naming the (closed) connection it had named, if any.
+async fn connect(admitted: Admitted) {
+    let ctx = Arc::clone(&admitted.entry.ctx);
+    let info = admitted.info;
+    let limit = ctx.streams.limits.message_timeout;
+    let opened = timeout(limit, open_tcp(info.socket.ip(), info.remote)).await;
+    let why = match opened {
+        Ok(Ok(tcp)) if info.transport == Transport::Tls => {
+            let name = tls::server_name(info.remote.ip());
+            let connector = TlsConnector::from(Arc::clone(&ctx.streams.client));
+            match timeout(limit, connector.connect(name, tcp)).await {
+                Ok(Ok(stream)) => {
+                    opened_log(&info);
+                    connection::run(admitted, stream).await;
+                    return;
+                }
+                Ok(Err(e)) => format!("tls handshake failed: {e}"),
+                Err(_) => format!("tls handshake not completed within {} s", limit.as_secs()),
+            }
+        }
+        Ok(Ok(tcp)) => {
+            opened_log(&info);
+            connection::run(admitted, tcp).await;
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("not connected within {} s", limit.as_secs()),
+    };
+    let reason = format!(
+        "cannot open a {} connection from {} to {}: {why}",
+        info.kind(),
+        info.socket.ip(),
+        info.remote
+    );
+    warn!("sip {} connection {}: {reason}", info.kind(), info.id);
+    let Admitted { mut rx, entry, .. } = admitted;
+    drop(entry);
+    rx.close();
+    while let Ok(out) = rx.try_recv() {
+        if let Some(origin) = out.origin {
+            let named = origin.named;
+            origin.fail(&reason, named);
+        }
+    }
+}
+
+fn opened_log(info: &ConnInfo) {
+    info!(
+        "sip {} connection {} opened from {} to {} (for {})",
+        info.kind(),
+        info.id,
+        info.socket.ip(),
+        info.remote,
+        info.socket
+    );
+}
+
+/// A TCP connection from `local_ip` (any free port) to `remote`.
+async fn open_tcp(local_ip: IpAddr, remote: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if local_ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // Bind before connect: the phone must see the alias IP as the source, whatever the route.
+    socket.bind(SocketAddr::new(local_ip, 0))?;
+    let tcp = socket.connect(remote).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Warnings about refused connections, at most one per [`REFUSAL_LOG_INTERVAL`], so a flood
+/// does not also flood the log.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    state: Mutex<RefusalState>,
+}
+
+#[derive(Debug, Default)]
+struct RefusalState {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn refused(&self, kind: &str, socket: SocketAddr, peer: SocketAddr, why: &str) {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.last.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL) {
+            state.suppressed += 1;
+            return;
+        }
+        let more = std::mem::take(&mut state.suppressed);
+        state.last = Some(now);
+        drop(state);
+        if more > 0 {
+            warn!(%socket, %peer, "sip {kind} connection from {peer} refused: {why} ({more} more refused since the last warning)");
+        } else {
+            warn!(%socket, %peer, "sip {kind} connection from {peer} refused: {why}");
+        }
+    }
+}
