@@ -107,6 +107,17 @@ pub enum Work {
         /// Answered (any response) rather than timed out.
         ok: bool,
     },
+    /// Store (or update) an answered call in Redis.
+    SaveDialog(Box<DialogRecord>),
+    /// Remove an ended call from Redis.
+    DeleteDialog(Box<DialogRecord>),
+    /// An in-dialog request for a call this processor does not hold: look for it in Redis.
+    LoadDialog {
+        /// Its server transaction.
+        key: ServerKey,
+        /// The request.
+        request: SipMessage,
+    },
     /// Tell billing a call was answered.
     AccountingStart(AccountingStartRequest),
     /// Tell billing a call ended.
@@ -122,25 +133,55 @@ enum Side {
 }
 
 /// One side of an established or early dialog, as we (the B2BUA) see it.
-#[derive(Debug, Clone)]
-struct Dialog {
-    call_id: String,
-    local_tag: String,
-    remote_tag: Option<String>,
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dialog {
+    pub(crate) call_id: String,
+    pub(crate) local_tag: String,
+    pub(crate) remote_tag: Option<String>,
     /// Our URI on this leg (From of requests we send), without tag.
-    local_uri: String,
+    pub(crate) local_uri: String,
     /// The peer's URI (To of requests we send), without tag.
-    remote_uri: String,
-    remote_target: String,
-    route_set: Vec<String>,
-    local_cseq: u32,
-    egress: Egress,
+    pub(crate) remote_uri: String,
+    pub(crate) remote_target: String,
+    pub(crate) route_set: Vec<String>,
+    pub(crate) local_cseq: u32,
+    pub(crate) egress: Egress,
     /// Our Contact on this leg.
-    contact: String,
+    pub(crate) contact: String,
     /// CSeq of the last INVITE we sent on this leg (for its ACK).
-    invite_cseq: u32,
+    pub(crate) invite_cseq: u32,
     /// The last ACK we sent, re-sent when a 2xx is retransmitted.
-    last_ack: Option<Transmit>,
+    #[serde(skip)]
+    pub(crate) last_ack: Option<Transmit>,
+}
+
+/// An answered call as stored in Redis, so that any processor can carry on with it when the
+/// one holding it is gone (see `docs/redis-data-model.md`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DialogRecord {
+    /// The call's id towards billing.
+    pub call_ref: String,
+    /// Caller AOR.
+    pub caller_aor: String,
+    /// Callee AOR.
+    pub callee_aor: String,
+    /// Local IP the caller came in on.
+    pub a_ingress_ip: String,
+    /// Answer time, Unix ms.
+    pub answered_at_ms: u64,
+    /// When the call must be cut off, Unix ms, if it has a maximum duration.
+    pub cutoff_at_ms: Option<u64>,
+    /// The caller's leg.
+    pub a: Dialog,
+    /// The callee's leg.
+    pub b: Dialog,
+}
+
+impl DialogRecord {
+    /// Call-IDs of both legs (each indexes the record).
+    pub fn call_ids(&self) -> [&str; 2] {
+        [&self.a.call_id, &self.b.call_id]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +194,8 @@ enum BranchState {
 
 #[derive(Debug)]
 struct Branch {
-    key: ClientKey,
+    /// The branch's INVITE transaction; `None` for a call adopted from Redis.
+    key: Option<ClientKey>,
     dialog: Dialog,
     state: BranchState,
     cancel_pending: bool,
@@ -171,8 +213,10 @@ enum CallState {
 struct Call {
     call_ref: String,
     state: CallState,
-    a_key: ServerKey,
-    a_invite: SipMessage,
+    /// The caller's INVITE transaction and request; `None` for a call adopted from Redis after
+    /// its processor died (it is answered, so neither is needed any more).
+    a_key: Option<ServerKey>,
+    a_invite: Option<SipMessage>,
     a: Dialog,
     a_ingress_ip: String,
     branches: Vec<Branch>,
@@ -336,7 +380,7 @@ impl B2bua {
             self.by_client.insert(key.clone(), Pending::Branch { call: id, idx });
             self.by_call_id.insert(b_call_id, (id, Side::B(idx)));
             branches.push(Branch {
-                key,
+                key: Some(key),
                 dialog,
                 state: BranchState::Calling,
                 cancel_pending: false,
@@ -350,8 +394,8 @@ impl B2bua {
             Call {
                 call_ref: plan.call_ref.clone(),
                 state: CallState::Setup,
-                a_key: key,
-                a_invite: invite,
+                a_key: Some(key),
+                a_invite: Some(invite),
                 a,
                 a_ingress_ip: ingress.local.addr.ip().to_string(),
                 branches,
@@ -365,6 +409,81 @@ impl B2bua {
             },
         );
         true
+    }
+
+    /// The stored form of an answered call.
+    fn record(&self, call: u64, cx: &Ctx<'_>) -> Option<DialogRecord> {
+        let c = self.calls.get(&call)?;
+        let w = c.winner?;
+        let cutoff_at_ms = c.cutoff_at.map(|at| {
+            cx.wall_ms
+                + u64::try_from(at.saturating_duration_since(cx.now).as_millis()).unwrap_or(0)
+        });
+        Some(DialogRecord {
+            call_ref: c.call_ref.clone(),
+            caller_aor: c.caller_aor.clone(),
+            callee_aor: c.callee_aor.clone(),
+            a_ingress_ip: c.a_ingress_ip.clone(),
+            answered_at_ms: c.answered_at_ms,
+            cutoff_at_ms,
+            a: c.a.clone(),
+            b: c.branches[w].dialog.clone(),
+        })
+    }
+
+    fn save(&self, cx: &mut Ctx<'_>, call: u64) {
+        if let Some(r) = self.record(call, cx) {
+            cx.work.push(Work::SaveDialog(Box::new(r)));
+        }
+    }
+
+    /// Whether a call with this leg Call-ID is held here.
+    pub fn holds(&self, call_id: &str) -> bool {
+        self.by_call_id.contains_key(call_id)
+    }
+
+    /// Takes over an answered call from its stored record (its processor is gone). Requests on
+    /// either leg are then handled as if the call had been set up here; a cut-off deadline is
+    /// re-armed.
+    pub fn adopt(&mut self, cx: &mut Ctx<'_>, record: DialogRecord) {
+        if self.holds(&record.a.call_id) || self.holds(&record.b.call_id) {
+            return;
+        }
+        let id = self.next_call;
+        self.next_call += 1;
+        let cutoff_at = record
+            .cutoff_at_ms
+            .map(|ms| cx.now + std::time::Duration::from_millis(ms.saturating_sub(cx.wall_ms)));
+        if let Some(at) = cutoff_at {
+            self.deadlines.insert((at, id));
+        }
+        self.by_call_id.insert(record.a.call_id.clone(), (id, Side::A));
+        self.by_call_id.insert(record.b.call_id.clone(), (id, Side::B(0)));
+        tracing::info!(call_ref = %record.call_ref, "call taken over from redis");
+        self.calls.insert(
+            id,
+            Call {
+                call_ref: record.call_ref,
+                state: CallState::Answered,
+                a_key: None,
+                a_invite: None,
+                a: record.a,
+                a_ingress_ip: record.a_ingress_ip,
+                branches: vec![Branch {
+                    key: None,
+                    dialog: record.b,
+                    state: BranchState::Answered,
+                    cancel_pending: false,
+                    final_status: None,
+                }],
+                winner: Some(0),
+                caller_aor: record.caller_aor,
+                callee_aor: record.callee_aor,
+                answered_at_ms: record.answered_at_ms,
+                max_duration: None,
+                cutoff_at,
+            },
+        );
     }
 
     /// When [`B2bua::handle_deadlines`] must next run.
@@ -525,9 +644,10 @@ impl B2bua {
                     self.cancel_branch(cx, call, idx);
                     return;
                 }
-                if c.state == CallState::Setup {
+                if c.state == CallState::Setup
+                    && let Some(key) = c.a_key.clone()
+                {
                     let (tag, contact) = (c.a.local_tag.clone(), c.a.contact.clone());
-                    let key = c.a_key.clone();
                     let has_tag = remote_tag.is_some();
                     self.relay_response(
                         cx,
@@ -580,7 +700,7 @@ impl B2bua {
                     c.cutoff_at = Some(at);
                     self.deadlines.insert((at, call));
                 }
-                let (tag, contact, key) =
+                let (tag, contact, a_key) =
                     (c.a.local_tag.clone(), c.a.contact.clone(), c.a_key.clone());
                 cx.work.push(Work::AccountingStart(AccountingStartRequest {
                     call_ref: c.call_ref.clone(),
@@ -591,7 +711,10 @@ impl B2bua {
                     caller_ingress_ip: c.a_ingress_ip.clone(),
                 }));
                 let others: Vec<usize> = (0..c.branches.len()).filter(|i| *i != idx).collect();
-                self.relay_response(cx, &key, &resp, Some(&tag), Some(&contact));
+                self.save(cx, call);
+                if let Some(key) = a_key {
+                    self.relay_response(cx, &key, &resp, Some(&tag), Some(&contact));
+                }
                 for i in others {
                     self.cancel_branch(cx, call, i);
                 }
@@ -616,16 +739,17 @@ impl B2bua {
         if c.winner.is_some() || c.branches.iter().any(|b| b.state != BranchState::Done) {
             return;
         }
-        if c.state == CallState::Setup {
+        if c.state == CallState::Setup
+            && let (Some(key), Some(req)) = (c.a_key.clone(), c.a_invite.clone())
+        {
             let best = best_final(c.branches.iter().filter_map(|b| b.final_status.as_ref()));
-            let (tag, key) = (c.a.local_tag.clone(), c.a_key.clone());
+            let tag = c.a.local_tag.clone();
             match best {
                 Some(resp) => {
                     let resp = resp.clone();
                     self.relay_response(cx, &key, &resp, Some(&tag), None);
                 }
                 None => {
-                    let req = c.a_invite.clone();
                     let resp =
                         SipMessage::response_to(&req, 480, "Temporarily Unavailable", Some(&tag));
                     let _ = cx.tx.respond(cx.now, &key, resp);
@@ -644,7 +768,8 @@ impl B2bua {
         match b.state {
             BranchState::Calling => b.cancel_pending = true,
             BranchState::Early => {
-                if let Some((cancel, egress)) = cx.tx.cancel_request(&b.key) {
+                if let Some((cancel, egress)) = b.key.as_ref().and_then(|k| cx.tx.cancel_request(k))
+                {
                     let k = cx.tx.start_client(cx.now, cancel, egress);
                     self.by_client.insert(k, Pending::Ignore);
                 }
@@ -683,9 +808,11 @@ impl B2bua {
             return true;
         }
         c.state = CallState::Cancelled;
-        let resp =
-            SipMessage::response_to(&c.a_invite, 487, "Request Terminated", Some(&c.a.local_tag));
-        let _ = cx.tx.respond(cx.now, key, resp);
+        if let Some(invite) = &c.a_invite {
+            let resp =
+                SipMessage::response_to(invite, 487, "Request Terminated", Some(&c.a.local_tag));
+            let _ = cx.tx.respond(cx.now, key, resp);
+        }
         for i in 0..c.branches.len() {
             self.cancel_branch(cx, call, i);
         }
@@ -721,6 +848,8 @@ impl B2bua {
         };
         let k = cx.tx.start_client(cx.now, out, egress);
         self.by_client.insert(k, Pending::Relay { call, origin: key, method, target_side: other });
+        // The CSeq (and maybe the target) changed: keep the stored call current for takeover.
+        self.save(cx, call);
         true
     }
 
@@ -737,15 +866,20 @@ impl B2bua {
             return;
         };
         let status = resp.status().unwrap_or(500);
+        let mut refreshed = false;
         if (200..300).contains(&status)
             && (method == "INVITE" || method == "UPDATE")
             && let Some(t) = first_contact(resp)
         {
             c.dialog_mut(target_side).remote_target = t;
+            refreshed = true;
         }
         let origin_side =
             if target_side == Side::A { c.winner.map(Side::B) } else { Some(Side::A) };
         let contact = origin_side.map(|s| c.dialog_mut(s).contact.clone());
+        if refreshed {
+            self.save(cx, call);
+        }
         let with_contact = matches!(method, "INVITE" | "UPDATE" | "SUBSCRIBE");
         self.relay_response(
             cx,
@@ -810,6 +944,9 @@ impl B2bua {
     /// Removes a call and tells billing: an answered call is charged; for one that never was,
     /// the stop only releases what authorization reserved.
     fn end_call(&mut self, cx: &mut Ctx<'_>, call: u64, cause: &str) {
+        if let Some(r) = self.record(call, cx) {
+            cx.work.push(Work::DeleteDialog(Box::new(r)));
+        }
         if let Some(c) = self.calls.get(&call) {
             cx.work.push(Work::AccountingStop(AccountingStopRequest {
                 call_ref: c.call_ref.clone(),
@@ -825,11 +962,15 @@ impl B2bua {
     fn remove_call(&mut self, call: u64) {
         if let Some(c) = self.calls.remove(&call) {
             self.by_call_id.remove(&c.a.call_id);
-            self.by_server.remove(&c.a_key);
+            if let Some(k) = &c.a_key {
+                self.by_server.remove(k);
+            }
             for b in &c.branches {
                 self.by_call_id.remove(&b.dialog.call_id);
-                if let Some(Pending::Branch { .. }) = self.by_client.get(&b.key) {
-                    self.by_client.remove(&b.key);
+                if let Some(k) = &b.key
+                    && let Some(Pending::Branch { .. }) = self.by_client.get(k)
+                {
+                    self.by_client.remove(k);
                 }
             }
             self.by_client.retain(|_, p| match p {

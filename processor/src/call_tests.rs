@@ -56,13 +56,17 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Harness::for_node("p1")
+    }
+
+    fn for_node(node: &str) -> Self {
         let timers = Timers {
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
         };
         let now = Instant::now();
-        Harness { core: Core::new(timers, Arc::new(Ids::with_salt("p1", 1))), now, start: now }
+        Harness { core: Core::new(timers, Arc::new(Ids::with_salt(node, 1))), now, start: now }
     }
 
     fn wall(&self) -> u64 {
@@ -210,7 +214,9 @@ fn answered_call_relays_sdp_ack_bye_and_accounts() {
     let a_tag = ok.to().expect("to").tag().expect("to-tag").to_owned();
     let a_contact = ok.contacts().expect("contact")[0].uri.to_string();
     assert!(
-        matches!(h.work().as_slice(), [Work::AccountingStart(s)] if s.callee_ingress_ip == "127.0.0.2")
+        h.work()
+            .iter()
+            .any(|w| matches!(w, Work::AccountingStart(s) if s.callee_ingress_ip == "127.0.0.2"))
     );
 
     let ack = format!(
@@ -244,7 +250,9 @@ From: <sip:alice@127.0.0.2>;tag=at1\r\nTo: <sip:bob@127.0.0.2>;tag={}\r\nCall-ID
     assert_eq!(to_caller.1.method(), Some("BYE"));
     assert_eq!(to_caller.1.request_uri(), Some("sip:bob@127.0.0.20:5000"));
     assert_eq!(to_caller.0.egress.local, local(MAIN));
-    assert!(matches!(h.work().as_slice(), [Work::AccountingStop(s)] if s.cause == "callee-bye"));
+    assert!(
+        h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if s.cause == "callee-bye"))
+    );
     assert_eq!(h.core.load().2, 0, "call removed");
 }
 
@@ -397,17 +405,6 @@ Content-Type: application/dtmf-relay\r\nContent-Length: 10\r\n\r\nSignal=5\r\n",
 }
 
 #[test]
-fn unknown_in_dialog_request_gets_481() {
-    let mut h = Harness::new();
-    h.send(
-        "BYE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKb9\r\nFrom: <sip:b@h>;tag=1\r\nTo: <sip:x@h>;tag=2\r\nCall-ID: nope\r\nCSeq: 5 BYE\r\n\r\n",
-        ingress(MAIN, CALLER),
-    );
-    let out = h.out();
-    assert_eq!(out[0].1.status(), Some(481));
-}
-
-#[test]
 fn call_reaching_its_maximum_duration_is_cut_off_on_both_legs() {
     let mut h = Harness::new();
     answered_call_limited(&mut h, 600);
@@ -434,7 +431,9 @@ fn call_reaching_its_maximum_duration_is_cut_off_on_both_legs() {
         assert_eq!(bye.header("reason"), Some(crate::b2bua::CUTOFF_REASON));
     }
     assert!(
-        matches!(h.work().as_slice(), [Work::AccountingStop(s)] if s.cause == "cut-off" && s.answered)
+        h.work()
+            .iter()
+            .any(|w| matches!(w, Work::AccountingStop(s) if s.cause == "cut-off" && s.answered))
     );
 }
 
@@ -447,7 +446,9 @@ fn unanswered_call_releases_its_reservation() {
     let out = h.out();
     assert!(out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(486)));
     assert!(
-        matches!(h.work().as_slice(), [Work::AccountingStop(s)] if !s.answered && s.cause == "not-answered")
+        h.work().iter().any(
+            |w| matches!(w, Work::AccountingStop(s) if !s.answered && s.cause == "not-answered")
+        )
     );
 }
 
@@ -503,4 +504,63 @@ fn keepalive_options_leave_from_the_binding_socket_and_silence_is_reported() {
     h.core.send_keepalive(h.now, h.wall(), stream);
     let t = h.core.poll_transmit().expect("ping");
     assert_eq!((t.bytes.as_slice(), t.egress.connection_id), (&b"\r\n\r\n"[..], 9));
+}
+
+#[test]
+fn another_processor_takes_over_an_answered_call_from_its_stored_record() {
+    let mut p1 = Harness::new();
+    p1.call(vec![target("127.0.0.30:6000")]);
+    let (_, b_invite) = p1.out().remove(0);
+    p1.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\n"), ingress(ALIAS, "127.0.0.30:6000"));
+    p1.out();
+    let record = p1
+        .work()
+        .into_iter()
+        .find_map(|w| match w {
+            Work::SaveDialog(r) => Some(*r),
+            _ => None,
+        })
+        .expect("answered call stored");
+    assert_eq!(record.b.call_id, b_invite.call_id().expect("cid"));
+
+    // p1 is gone; the callee's BYE reaches p2, which finds the call in Redis.
+    let mut p2 = Harness::for_node("p2");
+    let b_contact = b_invite.contacts().expect("contact")[0].uri.to_string();
+    let bye = format!(
+        "BYE {b_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.30:6000;branch=z9hG4bKtk1\r\nMax-Forwards: 70\r\n\
+From: <sip:alice@127.0.0.2>;tag=at1\r\nTo: <sip:bob@127.0.0.2>;tag={}\r\nCall-ID: {}\r\nCSeq: 8 BYE\r\n\r\n",
+        b_invite.from().expect("from").tag().expect("tag"),
+        b_invite.call_id().expect("cid")
+    );
+    p2.send(&bye, ingress(ALIAS, "127.0.0.30:6000"));
+    assert!(p2.out().is_empty(), "nothing sent before the lookup");
+    let Some(Work::LoadDialog { key, .. }) = p2.work().pop() else { panic!("lookup asked") };
+    let (now, wall) = (p2.now, p2.wall());
+    p2.core.adopt_and_handle(now, wall, Some(record), key);
+    let out = p2.out();
+    let ok = out.iter().find(|(t, _)| t.egress.remote == addr("127.0.0.30:6000")).expect("200");
+    assert_eq!(ok.1.status(), Some(200));
+    let to_caller = out.iter().find(|(t, _)| t.egress.remote == addr(CALLER)).expect("BYE");
+    assert_eq!(to_caller.1.method(), Some("BYE"));
+    assert_eq!(to_caller.0.egress.local, local(MAIN), "from the caller's own socket");
+    assert_eq!(to_caller.1.call_id().ok(), Some("c1@caller"));
+    let work = p2.work();
+    assert!(
+        work.iter()
+            .any(|w| matches!(w, Work::AccountingStop(s) if s.answered && s.cause == "callee-bye"))
+    );
+    assert!(work.iter().any(|w| matches!(w, Work::DeleteDialog(_))));
+}
+
+#[test]
+fn in_dialog_request_for_a_call_nowhere_gets_481_after_the_lookup() {
+    let mut h = Harness::new();
+    h.send(
+        "INFO sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKi9\r\nFrom: <sip:b@h>;tag=1\r\nTo: <sip:x@h>;tag=2\r\nCall-ID: gone\r\nCSeq: 5 INFO\r\n\r\n",
+        ingress(MAIN, CALLER),
+    );
+    let Some(Work::LoadDialog { key, .. }) = h.work().pop() else { panic!("lookup asked") };
+    let (now, wall) = (h.now, h.wall());
+    h.core.adopt_and_handle(now, wall, None, key);
+    assert_eq!(h.out()[0].1.status(), Some(481));
 }

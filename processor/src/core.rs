@@ -213,6 +213,36 @@ impl Core {
         self.process_events(now, wall_ms);
     }
 
+    /// Takes over a stored call and handles the in-dialog request that found it; `None` for a
+    /// request whose call is nowhere (481).
+    pub fn adopt_and_handle(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        record: Option<crate::b2bua::DialogRecord>,
+        key: ServerKey,
+    ) {
+        let mut cx =
+            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+        if let Some(r) = record {
+            self.b2bua.adopt(&mut cx, r);
+        }
+        let handled = match cx.tx.server_request(&key).cloned() {
+            Some(req) => self.b2bua.handle_in_dialog(&mut cx, key.clone(), &req),
+            None => true,
+        };
+        if !handled && let Some(req) = cx.tx.server_request(&key).cloned() {
+            let resp = SipMessage::response_to(
+                &req,
+                481,
+                "Call/Transaction Does Not Exist",
+                Some(&self.ids.tag()),
+            );
+            let _ = cx.tx.respond(now, &key, resp);
+        }
+        self.process_events(now, wall_ms);
+    }
+
     /// Next message to put on the wire.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.tx.poll_transmit().or_else(|| (!self.out.is_empty()).then(|| self.out.remove(0)))
@@ -318,7 +348,14 @@ fn route_request(
             None => reply(cx, 481, "Call/Transaction Does Not Exist", None),
         },
         _ if in_dialog => {
-            if !b2bua.handle_in_dialog(cx, key.clone(), &req) {
+            if b2bua.handle_in_dialog(cx, key.clone(), &req) {
+                return;
+            }
+            // Not ours: perhaps a call whose processor died; look for it in Redis.
+            let unknown = req.call_id().is_ok_and(|id| !b2bua.holds(id));
+            if unknown && method != "ACK" {
+                cx.work.push(Work::LoadDialog { key, request: req });
+            } else {
                 reply(cx, 481, "Call/Transaction Does Not Exist", None);
             }
         }

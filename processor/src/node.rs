@@ -18,6 +18,7 @@ use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, KeepaliveMethod};
 use crate::core::Core;
 use crate::core::Keepalive;
+use crate::dialogs::{DialogStore, Op as DialogOp};
 use crate::edge::Links;
 use crate::error::Error;
 use crate::ids::Ids;
@@ -45,6 +46,8 @@ pub struct Node {
     billing: Billing,
     accounting: Accounting,
     schedule: Schedule,
+    dialogs: DialogStore,
+    dialog_ops: tokio::sync::mpsc::UnboundedSender<DialogOp>,
     nonces: NonceKey,
 }
 
@@ -61,6 +64,9 @@ enum Auth {
 impl Node {
     /// A processor using these stores.
     pub fn new(config: ProcessorConfig, location: Location, billing: Billing) -> Arc<Self> {
+        let dialogs = DialogStore::new(location.redis(), &config.key_prefix);
+        let (dialog_ops, ops) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(dialogs.clone().run_writer(ops));
         let ids = Arc::new(Ids::new(&config.id));
         let nonces = NonceKey::new(config.auth_secret.as_bytes(), config.nonce_ttl_secs * 1000);
         Arc::new(Node {
@@ -70,6 +76,8 @@ impl Node {
             sockets: SocketTable::default(),
             accounting: Accounting::new(billing.clone(), location.redis(), &config.key_prefix),
             schedule: Schedule::new(location.redis(), &config.key_prefix),
+            dialogs,
+            dialog_ops,
             location,
             billing,
             nonces,
@@ -262,6 +270,23 @@ impl Node {
                     }
                     Err(e) => {
                         let resp = self.error_response(&request, &e, "call setup failed");
+                        self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
+                    }
+                }
+            }
+            Work::SaveDialog(r) => {
+                let _ = self.dialog_ops.send(DialogOp::Save(r));
+            }
+            Work::DeleteDialog(r) => {
+                let _ = self.dialog_ops.send(DialogOp::Delete(r));
+            }
+            Work::LoadDialog { key, request } => {
+                let call_id = request.call_id().unwrap_or_default().to_owned();
+                match self.dialogs.load(&call_id).await {
+                    Ok(record) => self
+                        .with_core(|core, now, wall| core.adopt_and_handle(now, wall, record, key)),
+                    Err(e) => {
+                        let resp = self.error_response(&request, &e, "dialog lookup failed");
                         self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
                     }
                 }

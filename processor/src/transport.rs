@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use sipalias_proto::edge;
 
 /// SIP transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// UDP.
     Udp,
@@ -71,7 +72,7 @@ impl Transport {
 }
 
 /// A local socket of a dispatcher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct LocalAddr {
     /// Local IP and port.
     pub addr: SocketAddr,
@@ -127,7 +128,7 @@ impl Ingress {
 }
 
 /// Where and how to send a message.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Egress {
     /// The dispatcher socket to send from.
     pub local: LocalAddr,
