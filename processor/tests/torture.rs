@@ -74,7 +74,18 @@ fn deliver(bytes: &[u8]) -> (Vec<(Transmit, SipMessage)>, Vec<Work>) {
     }
     let mut work = Vec::new();
     while let Some(w) = core.poll_work() {
-        work.push(w);
+        match w {
+            // An in-dialog request for a call this core does not hold is looked up in Redis;
+            // here there is none, as for a dialog that never existed.
+            Work::LoadDialog { key, .. } => {
+                core.adopt_and_handle(now, 1_000_000, None, key);
+                while let Some(t) = core.poll_transmit() {
+                    let m = sipmsg::parse(&t.bytes).expect("we send parseable SIP");
+                    sent.push((t, m));
+                }
+            }
+            other => work.push(other),
+        }
     }
     (sent, work)
 }
