@@ -36,6 +36,11 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7070";
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 5;
 /// Default of `dispatcher.queue_depth`.
 pub const DEFAULT_QUEUE_DEPTH: usize = 4096;
+/// Default of `dispatcher.heartbeat_timeout_secs`: three of the processors' 2 s heartbeats.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: u64 = 6;
+/// Largest accepted `dispatcher.heartbeat_timeout_secs` (a day): a processor silent longer is
+/// certainly gone, and the bound keeps deadline arithmetic far from overflow.
+pub const MAX_HEARTBEAT_TIMEOUT_SECS: u64 = 86_400;
 /// Default SIP UDP port of the main IP and of each alias.
 pub const DEFAULT_UDP_PORT: u16 = 5060;
 /// Default SIP TCP port of the main IP and of each alias.
@@ -72,6 +77,10 @@ pub struct DispatcherConfig {
     /// Messages queued per processor before the dispatcher answers `503` itself
     /// (`dispatcher.queue_depth`, default 4096).
     pub queue_depth: usize,
+    /// A processor from which nothing (no heartbeat, no send) has arrived for this long is
+    /// removed from routing and its link ended (`dispatcher.heartbeat_timeout_secs`, default
+    /// 6; processors send a heartbeat every 2 s).
+    pub heartbeat_timeout: Duration,
     /// TCP and TLS connections (the `dispatcher.*` stream keys).
     pub streams: StreamLimits,
     /// The main (virtual) IP (`dispatcher.main`, required).
@@ -200,6 +209,15 @@ impl DispatcherConfig {
         }
         if self.queue_depth == 0 {
             return Err(key_error("queue_depth", "must be at least 1"));
+        }
+        if self.heartbeat_timeout < Duration::from_secs(1) {
+            return Err(key_error("heartbeat_timeout_secs", "must be at least 1"));
+        }
+        if self.heartbeat_timeout > Duration::from_secs(MAX_HEARTBEAT_TIMEOUT_SECS) {
+            return Err(key_error(
+                "heartbeat_timeout_secs",
+                format!("must be at most {MAX_HEARTBEAT_TIMEOUT_SECS}"),
+            ));
         }
         self.streams.validate()?;
         let mut ips: HashMap<IpAddr, String> = HashMap::new();
@@ -457,6 +475,8 @@ struct RawConfig {
     retry_after_secs: u32,
     #[serde(default = "default_queue_depth")]
     queue_depth: usize,
+    #[serde(default = "default_heartbeat_timeout_secs")]
+    heartbeat_timeout_secs: u64,
     #[serde(default = "default_max_message_size")]
     max_message_size: usize,
     #[serde(default = "default_tcp_idle_timeout_secs")]
@@ -518,6 +538,9 @@ fn default_retry_after_secs() -> u32 {
 fn default_queue_depth() -> usize {
     DEFAULT_QUEUE_DEPTH
 }
+fn default_heartbeat_timeout_secs() -> u64 {
+    DEFAULT_HEARTBEAT_TIMEOUT_SECS
+}
 fn default_udp_port() -> u16 {
     DEFAULT_UDP_PORT
 }
@@ -569,6 +592,7 @@ impl RawConfig {
             grpc_listen,
             retry_after_secs: self.retry_after_secs,
             queue_depth: self.queue_depth,
+            heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             streams: StreamLimits {
                 max_message_size: self.max_message_size,
                 idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
@@ -771,6 +795,7 @@ mod tests {
         let c = DispatcherConfig::from_toml_str(&minimal(""))?;
         assert_eq!(c.grpc_listen.to_string(), DEFAULT_GRPC_LISTEN);
         assert_eq!(c.retry_after_secs, DEFAULT_RETRY_AFTER_SECS);
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(6));
         assert_eq!(c.main.udp_port, DEFAULT_UDP_PORT);
         assert_eq!((c.main.tcp_port, c.main.tls_port), (DEFAULT_TCP_PORT, DEFAULT_TLS_PORT));
         assert_eq!(
@@ -885,6 +910,14 @@ mod tests {
                 "dispatcher.grpc_listen: \"nowhere\" is not a socket address",
             ),
             (minimal("queue_depth = 0"), "dispatcher.queue_depth: must be at least 1"),
+            (
+                minimal("heartbeat_timeout_secs = 0"),
+                "dispatcher.heartbeat_timeout_secs: must be at least 1",
+            ),
+            (
+                minimal("heartbeat_timeout_secs = 86401"),
+                "dispatcher.heartbeat_timeout_secs: must be at most 86400",
+            ),
             (
                 minimal("").replace("127.0.0.1", "0.0.0.0"),
                 "dispatcher.main.ip: 0.0.0.0 is not a unicast address",

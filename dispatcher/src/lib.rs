@@ -7,6 +7,9 @@
 //! exactly the local socket it names, over the connection it names when that is open
 //! ([`link`]). When no processor can take a request the dispatcher answers `503` itself. It
 //! keeps no per-call state; connections are the only state, and processors see their ids.
+//! (While a processor drains, the Call-IDs of INVITEs diverted away from it are remembered so
+//! that their CANCELs follow them; see [`route`].) Processors that stop heartbeating are
+//! dropped; `Edge.Status` and the [`status`] table give operators the cluster view.
 //!
 //! Start it with [`run`] (binds what the configuration says), or bind first and call
 //! [`run_with`] — tests bind port 0 that way and learn the real addresses before start-up.
@@ -15,7 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sipalias_proto::edge::edge_server::EdgeServer;
 use sipalias_proto::edge::{LocalSocket, Transport};
@@ -33,6 +36,7 @@ pub mod error;
 mod ingress;
 pub mod link;
 pub mod route;
+pub mod status;
 mod stream;
 mod tls;
 mod udp;
@@ -220,9 +224,12 @@ async fn serve(
         dispatcher_id: config.id.clone(),
         retry_after_secs: config.retry_after_secs,
         queue_depth: config.queue_depth,
+        heartbeat_timeout: config.heartbeat_timeout,
+        started: Instant::now(),
         socket_table: config.sockets(),
         sockets,
         streams: stream::Streams::new(
+            &config.id,
             config.streams.clone(),
             stream_sockets,
             tls.servers,
@@ -322,6 +329,10 @@ pub(crate) struct Context {
     dispatcher_id: String,
     retry_after_secs: u32,
     queue_depth: usize,
+    /// Silence after which a processor's link is ended.
+    heartbeat_timeout: Duration,
+    /// When serving began (the `Status` RPC reports uptime).
+    started: Instant,
     /// Sent in every `Welcome`.
     socket_table: Vec<LocalSocket>,
     sockets: udp::Sockets,

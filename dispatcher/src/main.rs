@@ -1,34 +1,63 @@
 //! `sipalias-dispatcher [--config FILE]`: runs the dispatcher until SIGTERM or Ctrl-C.
+//! `sipalias-dispatcher status [--config FILE] [--grpc URL]...`: prints the cluster view of a
+//! running dispatcher (or of each one named) and exits.
 //!
 //! The configuration file is `--config`, else `$SIPALIAS_CONFIG`, else `./sipalias.toml` if it
 //! exists; `SIPALIAS_DISPATCHER__*` variables override it. Logs go to stderr, filtered by
 //! `RUST_LOG` (default `info`). Exit status: 0 after a clean shutdown, 2 for a configuration
-//! error, including an unusable certificate (nothing has been bound), 1 for any other failure.
+//! error, including an unusable certificate (nothing has been bound), 1 for any other failure;
+//! `status`: 0 when every dispatcher answered, 1 otherwise, 2 for a configuration error.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
-use sipalias_dispatcher::DispatcherConfig;
+use clap::{Parser, Subcommand};
+use sipalias_dispatcher::{DispatcherConfig, status};
+use sipalias_proto::edge::StatusRequest;
+use sipalias_proto::edge::edge_client::EdgeClient;
+use tonic::transport::Endpoint;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// The file read when neither `--config` nor `SIPALIAS_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "sipalias.toml";
+/// How long `status` waits for a dispatcher to connect and to answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The stateless SIP edge of a sipalias cluster.
 #[derive(Debug, Parser)]
 #[command(name = "sipalias-dispatcher", version)]
 struct Args {
     /// TOML file whose [dispatcher] table configures this process.
-    #[arg(long, value_name = "FILE", env = "SIPALIAS_CONFIG")]
+    #[arg(long, value_name = "FILE", env = "SIPALIAS_CONFIG", global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a running dispatcher's view of the cluster: the processors linked to it, their
+    /// load (transactions, dialogs), whether they are draining, and what it routed to each.
+    Status {
+        /// Edge gRPC address of a dispatcher (http://ip:port). Repeat it to see both
+        /// dispatchers of a pair. Default: grpc_listen of the configuration.
+        #[arg(long, value_name = "URL")]
+        grpc: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let path = args
+        .config
+        .or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| PathBuf::from(DEFAULT_CONFIG)));
+    if let Some(Command::Status { grpc }) = args.command {
+        return status_command(path.as_deref(), &grpc);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Plain text when logging to a file or a pipe (the e2e harness reads these lines).
@@ -38,9 +67,6 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let path = args
-        .config
-        .or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| PathBuf::from(DEFAULT_CONFIG)));
     let config = match DispatcherConfig::load(path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -81,6 +107,57 @@ fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
             other => other.context("dispatcher failed"),
         }
     })
+}
+
+/// `status`: asks each dispatcher (the `--grpc` URLs, else the configuration's `grpc_listen`)
+/// for its cluster view and prints it.
+fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
+    let urls: Vec<String> = if grpc.is_empty() {
+        match DispatcherConfig::load(path) {
+            Ok(config) => vec![status::url_for_listen(config.grpc_listen)],
+            Err(e) => {
+                eprintln!("sipalias-dispatcher status: configuration error: {e}");
+                eprintln!("sipalias-dispatcher status: or name a dispatcher with --grpc URL");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        grpc.iter().map(|g| status::normalize_url(g)).collect()
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sipalias-dispatcher status: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut code = ExitCode::SUCCESS;
+    for (i, url) in urls.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        match runtime.block_on(query(url)) {
+            Ok(answer) => print!("{}", status::render(url, &answer)),
+            Err(e) => {
+                eprintln!("sipalias-dispatcher status: {url}: {e:#}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    code
+}
+
+async fn query(url: &str) -> anyhow::Result<sipalias_proto::edge::StatusResponse> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .context("not a URL")?
+        .connect_timeout(STATUS_TIMEOUT)
+        .timeout(STATUS_TIMEOUT);
+    let channel = endpoint.connect().await.context("cannot connect")?;
+    let answer = EdgeClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("status call failed: {}", s.message()))?;
+    Ok(answer.into_inner())
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT).

@@ -8,13 +8,47 @@
 //! - Otherwise (an initial request, a CANCEL, an ACK for a non-2xx, or a token naming a processor
 //!   that is gone) a rendezvous hash of the Call-ID over the live processors decides. When a
 //!   processor leaves, only the Call-IDs it owned move; the new owner loads any dialog from Redis.
+//!
+//! A **draining** processor (it sent `Drain`: "send me no new work") still gets what names it,
+//! and the CANCELs and ACKs of INVITEs it received before draining; every new request whose
+//! Call-ID it would have won goes to the winner among the processors that are not draining. The
+//! one thing that cannot be told from the message alone is whether a CANCEL's (or a non-2xx
+//! ACK's) INVITE came before or after the drain, so the caller remembers the Call-IDs of the
+//! INVITEs diverted away from each draining processor ([`Pick::diverted_from`]) for as long as
+//! it stays linked, and answers [`pick_draining`]'s `was_diverted` question from that.
 
 use sipmsg::scan::{Scan, branch_token, uri_token};
 
 /// The live processor that should handle the message, or `None` when none is live.
 ///
-/// `live` is the set of connected processor ids (any order; duplicates are harmless).
+/// `live` is the set of connected processor ids (any order; duplicates are harmless). None of
+/// them is draining; see [`pick_draining`] for when some are.
 pub fn pick<'a, N: AsRef<str>>(scan: &Scan<'_>, live: &'a [N]) -> Option<&'a N> {
+    pick_draining(scan, live, |_| false, |_, _| false).map(|p| p.node)
+}
+
+/// Where [`pick_draining`] sends a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick<'a, N> {
+    /// The processor that gets it.
+    pub node: &'a N,
+    /// Set when the message is an INVITE that `node` gets only because this draining processor,
+    /// the Call-ID's owner by hash, takes no new work. The caller should remember the Call-ID
+    /// for this processor, so that the INVITE's CANCEL and non-2xx ACK follow it to `node`.
+    pub diverted_from: Option<&'a N>,
+}
+
+/// The live processor that should handle the message when some processors may be draining, or
+/// `None` when nobody can take it (none is live, or it is new work and every one is draining).
+///
+/// `draining(n)` tells whether `n` sent `Drain`; `was_diverted(n, call_id)` whether an INVITE
+/// with that Call-ID was diverted away from draining processor `n` earlier (see [`Pick`]).
+pub fn pick_draining<'a, N: AsRef<str>>(
+    scan: &Scan<'_>,
+    live: &'a [N],
+    draining: impl Fn(&N) -> bool,
+    was_diverted: impl Fn(&N, &str) -> bool,
+) -> Option<Pick<'a, N>> {
     let token = if scan.method.is_some() {
         scan.request_uri.and_then(uri_token)
     } else {
@@ -23,17 +57,37 @@ pub fn pick<'a, N: AsRef<str>>(scan: &Scan<'_>, live: &'a [N]) -> Option<&'a N> 
     if let Some(token) = token
         && let Some(node) = live.iter().find(|n| n.as_ref() == token)
     {
-        return Some(node);
+        // Whatever names a processor is work it holds, draining or not.
+        return Some(Pick { node, diverted_from: None });
     }
     // A message without Call-ID is broken; it still needs one deterministic owner, which
     // answers it with 400.
-    rendezvous(scan.call_id.unwrap_or_default(), live)
+    let call_id = scan.call_id.unwrap_or_default();
+    let owner = rendezvous(call_id, live)?;
+    if !draining(owner) {
+        return Some(Pick { node: owner, diverted_from: None });
+    }
+    // The owner is draining. A CANCEL or an ACK without a token belongs to an initial INVITE
+    // (same Request-URI, same Call-ID), which the owner received unless it was diverted after
+    // the drain. Anything else is new work: an initial request, or a takeover (a token naming
+    // a processor that is gone), which is for a processor that stays.
+    let follows_invite = token.is_none() && matches!(scan.method, Some("CANCEL" | "ACK"));
+    if follows_invite && !was_diverted(owner, call_id) {
+        return Some(Pick { node: owner, diverted_from: None });
+    }
+    let node = best(call_id, live.iter().filter(|n| !draining(n)))?;
+    let diverted_from = (scan.method == Some("INVITE")).then_some(owner);
+    Some(Pick { node, diverted_from })
 }
 
 /// Highest-random-weight choice of a node for `key`. Ties (astronomically unlikely) go to the
 /// greater id, so the result never depends on the order of `live`.
 pub fn rendezvous<'a, N: AsRef<str>>(key: &str, live: &'a [N]) -> Option<&'a N> {
-    live.iter().max_by(|a, b| {
+    best(key, live.iter())
+}
+
+fn best<'a, N: AsRef<str> + 'a>(key: &str, nodes: impl Iterator<Item = &'a N>) -> Option<&'a N> {
+    nodes.max_by(|a, b| {
         let (a, b) = (a.as_ref(), b.as_ref());
         weight(a, key).cmp(&weight(b, key)).then_with(|| a.cmp(b))
     })
@@ -180,6 +234,94 @@ mod tests {
             }
         }
         assert!(moved > 0);
+    }
+
+    /// `pick_draining` with `draining` processors and the Call-IDs already `diverted`.
+    fn pick_drained<'a>(
+        msg: &str,
+        live: &'a [&'a str],
+        draining: &[&str],
+        diverted: &[&str],
+    ) -> Option<(&'a str, Option<&'a str>)> {
+        let s = scan(msg.as_bytes()).ok()?;
+        let p = pick_draining(
+            &s,
+            live,
+            |n| draining.contains(n),
+            |n, call_id| draining.contains(n) && diverted.contains(&call_id),
+        )?;
+        Some((*p.node, p.diverted_from.copied()))
+    }
+
+    /// A Call-ID that hashes to `owner` over `LIVE`.
+    fn call_id_of(owner: &str, tag: &str) -> String {
+        (0..)
+            .map(|i| format!("{tag}-{i}"))
+            .find(|c| rendezvous(c, &LIVE) == Some(&owner))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn new_requests_avoid_a_draining_owner() {
+        let others = ["p2", "p3"];
+        for i in 0..20 {
+            let call_id = call_id_of("p1", &format!("new-{i}"));
+            let heir = rendezvous(&call_id, &others).copied();
+            let invite = request("INVITE", "sip:b@x", &call_id);
+            assert_eq!(
+                pick_drained(&invite, &LIVE, &["p1"], &[]),
+                heir.map(|h| (h, Some("p1"))),
+                "an INVITE is diverted, and says from whom"
+            );
+            let register = request("REGISTER", "sip:x", &call_id);
+            assert_eq!(pick_drained(&register, &LIVE, &["p1"], &[]), heir.map(|h| (h, None)));
+        }
+        // Call-IDs p1 does not own do not move at all.
+        for i in 0..50 {
+            let call_id = format!("other-{i}");
+            let owner = rendezvous(&call_id, &LIVE).copied();
+            if owner == Some("p1") {
+                continue;
+            }
+            let invite = request("INVITE", "sip:b@x", &call_id);
+            assert_eq!(pick_drained(&invite, &LIVE, &["p1"], &[]), owner.map(|o| (o, None)));
+        }
+    }
+
+    #[test]
+    fn a_draining_processor_keeps_what_names_it() {
+        let call_id = call_id_of("p2", "named");
+        let resp = response(&make_branch("p1", "abc"), &call_id);
+        assert_eq!(pick_drained(&resp, &LIVE, &["p1"], &[]), Some(("p1", None)));
+        let bye = request("BYE", &format!("sip:{}@h", make_contact_user("p1", "c")), &call_id);
+        assert_eq!(pick_drained(&bye, &LIVE, &["p1"], &[]), Some(("p1", None)));
+        // Even when every processor drains.
+        assert_eq!(pick_drained(&bye, &LIVE, &LIVE, &[]), Some(("p1", None)));
+    }
+
+    #[test]
+    fn cancel_and_ack_follow_their_invite_across_a_drain() {
+        let call_id = call_id_of("p1", "cancel");
+        let heir = rendezvous(&call_id, &["p2", "p3"]).copied().unwrap_or_default();
+        for method in ["CANCEL", "ACK"] {
+            let msg = request(method, "sip:b@x", &call_id);
+            // Its INVITE reached p1 before the drain: p1 still gets it.
+            assert_eq!(pick_drained(&msg, &LIVE, &["p1"], &[]), Some(("p1", None)));
+            // Its INVITE was diverted: it follows to the same heir.
+            assert_eq!(pick_drained(&msg, &LIVE, &["p1"], &[&call_id]), Some((heir, None)));
+        }
+        // An ACK naming a processor that is gone is a takeover: new work, not for p1.
+        let ack = request("ACK", &format!("sip:{}@h", make_contact_user("p9", "c")), &call_id);
+        assert_eq!(pick_drained(&ack, &LIVE, &["p1"], &[]), Some((heir, None)));
+    }
+
+    #[test]
+    fn when_every_processor_drains_new_work_has_nowhere_to_go() {
+        let call_id = call_id_of("p3", "all");
+        assert_eq!(pick_drained(&request("INVITE", "sip:b@x", &call_id), &LIVE, &LIVE, &[]), None);
+        // A CANCEL of an INVITE from before the drain still reaches its owner.
+        let cancel = request("CANCEL", "sip:b@x", &call_id);
+        assert_eq!(pick_drained(&cancel, &LIVE, &LIVE, &[]), Some(("p3", None)));
     }
 
     #[test]

@@ -125,8 +125,21 @@ pub(crate) struct Streams {
     /// Client side of connections the dispatcher opens over TLS.
     client: Arc<rustls::ClientConfig>,
     table: Mutex<Table>,
+    /// Top 16 bits of every connection id: a hash of the dispatcher id (never 0).
+    id_prefix: u64,
+    /// Low 48 bits of the next connection id.
     next_id: AtomicU64,
     refusals: RefusalLog,
+}
+
+/// Connection ids are `prefix << 48 | counter`, the counter taken modulo 2^48.
+const ID_COUNTER_BITS: u32 = 48;
+const ID_COUNTER_MASK: u64 = (1 << ID_COUNTER_BITS) - 1;
+
+/// The top 16 bits of the connection ids of dispatcher `dispatcher_id`: a stable hash of its
+/// id, never 0 (so no id is 0).
+fn id_prefix(dispatcher_id: &str) -> u64 {
+    (crate::route::weight(dispatcher_id, "connection-ids") >> ID_COUNTER_BITS).max(1)
 }
 
 #[derive(Debug, Default)]
@@ -167,6 +180,7 @@ impl Drop for EntryGuard {
 
 impl Streams {
     pub(crate) fn new(
+        dispatcher_id: &str,
         limits: StreamLimits,
         sockets: HashMap<SocketAddr, Transport>,
         tls: tls::Servers,
@@ -178,10 +192,14 @@ impl Streams {
             tls,
             client,
             table: Mutex::default(),
-            // Ids start at the current time in microseconds, so a restarted dispatcher does
-            // not hand out an id that a processor may still hold for a connection of the
-            // previous run (bindings in Redis keep connection ids).
-            next_id: AtomicU64::new(ingress::unix_ms().saturating_mul(1000).max(1)),
+            // The counter starts at the current time in microseconds, so a restarted dispatcher
+            // does not hand out an id that a processor may still hold for a connection of the
+            // previous run (bindings in Redis keep connection ids); the prefix keeps the two
+            // dispatchers of a pair apart, so a send meant for a connection of one that reaches
+            // the other after a failover finds no connection (and fails) instead of another
+            // phone's.
+            id_prefix: id_prefix(dispatcher_id) << ID_COUNTER_BITS,
+            next_id: AtomicU64::new(ingress::unix_ms().saturating_mul(1000)),
             refusals: RefusalLog::default(),
         }
     }
@@ -214,7 +232,7 @@ impl Streams {
             }
             *table.per_ip.entry(remote.ip()).or_default() += 1;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.id_prefix | (self.next_id.fetch_add(1, Ordering::Relaxed) & ID_COUNTER_MASK);
         let info = ConnInfo { id, socket, transport, remote, inbound };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         table.by_id.insert(id, Entry { info, tx: tx.clone() });
@@ -495,5 +513,19 @@ impl RefusalLog {
         } else {
             warn!(%socket, %peer, "sip {kind} connection from {peer} refused: {why}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ids_of_two_dispatchers_differ_in_their_prefix() {
+        let ids = ["d1", "d2", "d-a", "d-b", "dispatcher-1", "dispatcher-2", "edge1", "edge2"];
+        let prefixes: std::collections::HashSet<u64> = ids.iter().map(|i| id_prefix(i)).collect();
+        assert_eq!(prefixes.len(), ids.len(), "usual names of a pair do not collide");
+        assert!(prefixes.iter().all(|p| (1..=0xffff).contains(p)));
+        assert_eq!(id_prefix("d1"), id_prefix("d1"), "stable");
     }
 }

@@ -305,6 +305,12 @@ impl B2bua {
         self.calls.len()
     }
 
+    /// Calls still being set up (ringing, or finishing a cancel): what a draining processor
+    /// waits for.
+    pub fn in_setup(&self) -> usize {
+        self.calls.values().filter(|c| c.state != CallState::Answered).count()
+    }
+
     /// Whether no call is held.
     pub fn is_empty(&self) -> bool {
         self.calls.is_empty()

@@ -63,6 +63,9 @@ pub struct ProcessorConfig {
     pub keepalive_method: KeepaliveMethod,
     /// Remove a binding after this many unanswered OPTIONS in a row; 0 never removes.
     pub keepalive_max_failures: u32,
+    /// On SIGTERM, how long to wait for registrations and calls in setup to finish before
+    /// exiting (answered calls stay in Redis for the other processors).
+    pub drain_timeout_secs: u32,
 }
 
 /// How UDP bindings are pinged.
@@ -111,6 +114,7 @@ impl Default for ProcessorConfig {
             keepalive_interval_secs: 30,
             keepalive_method: KeepaliveMethod::Options,
             keepalive_max_failures: 0,
+            drain_timeout_secs: 30,
         }
     }
 }

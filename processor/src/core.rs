@@ -126,6 +126,11 @@ impl Core {
         self.out.push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
     }
 
+    /// Calls still being set up.
+    pub fn calls_in_setup(&self) -> usize {
+        self.b2bua.in_setup()
+    }
+
     /// Timers due at `now`: transaction timers and call cut-offs.
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         self.tx.handle_timeout(now);

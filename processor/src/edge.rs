@@ -8,7 +8,7 @@ use std::time::Duration;
 use sipalias_proto::edge::dispatcher_message::Kind as DKind;
 use sipalias_proto::edge::edge_client::EdgeClient;
 use sipalias_proto::edge::processor_message::Kind as PKind;
-use sipalias_proto::edge::{Heartbeat, Hello, ProcessorMessage, Send};
+use sipalias_proto::edge::{Drain, Heartbeat, Hello, ProcessorMessage, Send};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -23,6 +23,7 @@ const QUEUE: usize = 8192;
 pub struct Links {
     by_id: RwLock<HashMap<String, mpsc::Sender<ProcessorMessage>>>,
     next_send: std::sync::atomic::AtomicU64,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Links {
@@ -48,6 +49,19 @@ impl Links {
         }
     }
 
+    /// Tells every dispatcher to send this processor no new work (graceful drain); links made
+    /// later (a dispatcher restarted meanwhile) are told as soon as they are up.
+    pub fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let map = self.by_id.read().unwrap_or_else(|p| p.into_inner());
+        for link in map.values() {
+            let msg = ProcessorMessage { kind: Some(PKind::Drain(Drain {})) };
+            if link.try_send(msg).is_err() {
+                tracing::warn!("dispatcher link queue full; drain not announced");
+            }
+        }
+    }
+
     /// Number of connected dispatchers.
     pub fn len(&self) -> usize {
         self.by_id.read().unwrap_or_else(|p| p.into_inner()).len()
@@ -59,6 +73,9 @@ impl Links {
     }
 
     fn insert(&self, id: &str, tx: mpsc::Sender<ProcessorMessage>) {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = tx.try_send(ProcessorMessage { kind: Some(PKind::Drain(Drain {})) });
+        }
         self.by_id.write().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), tx);
     }
 

@@ -47,9 +47,30 @@ pub async fn run(
         tasks.spawn(edge::maintain(node.clone(), url.clone()));
     }
     shutdown.await;
-    tracing::info!(id = %config.id, "processor stopping");
+    drain(&node, Duration::from_secs(u64::from(config.drain_timeout_secs))).await;
     tasks.abort_all();
     Ok(())
+}
+
+/// Graceful drain: ask the dispatchers for no new work, let registrations and calls in setup
+/// finish (bounded by `timeout`), leave answered calls in Redis, and return.
+async fn drain(node: &std::sync::Arc<node::Node>, timeout: Duration) {
+    tracing::info!(id = %node.id(), "processor draining");
+    node.links().drain();
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Polled: draining is rare and short, and the work it waits for has no single event.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if node.is_idle() {
+            tracing::info!(id = %node.id(), "processor drained");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(id = %node.id(), "drain timeout: exiting with work in progress");
+            return;
+        }
+    }
 }
 
 /// Connects to Redis, retrying: a processor started before Redis waits for it.

@@ -48,6 +48,8 @@ pub struct Node {
     schedule: Schedule,
     dialogs: DialogStore,
     dialog_ops: tokio::sync::mpsc::UnboundedSender<DialogOp>,
+    /// REGISTER and call-setup tasks running (Redis/billing round trips in flight).
+    in_flight: std::sync::atomic::AtomicUsize,
     nonces: NonceKey,
 }
 
@@ -78,6 +80,7 @@ impl Node {
             schedule: Schedule::new(location.redis(), &config.key_prefix),
             dialogs,
             dialog_ops,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             location,
             billing,
             nonces,
@@ -134,7 +137,16 @@ impl Node {
         }
         for w in work {
             let node = self.clone();
-            tokio::spawn(async move { node.run_work(w).await });
+            let setup = matches!(w, Work::Register { .. } | Work::Invite { .. });
+            if setup {
+                node.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            tokio::spawn(async move {
+                node.clone().run_work(w).await;
+                if setup {
+                    node.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
         }
         self.timer.notify_one();
     }
@@ -214,6 +226,13 @@ impl Node {
             options: !stream && self.config.keepalive_method == KeepaliveMethod::Options,
         };
         self.with_core(|core, now, wall| core.send_keepalive(now, wall, ka));
+    }
+
+    /// Whether nothing is being set up: no REGISTER or call setup in flight and no call ringing.
+    /// Answered calls do not count: they live on in Redis for whoever gets their next request.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.lock().calls_in_setup() == 0
     }
 
     /// Drives the transaction timers until the process ends.

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -16,8 +17,8 @@ use sipalias_proto::edge::dispatcher_message::Kind as DKind;
 use sipalias_proto::edge::edge_client::EdgeClient;
 use sipalias_proto::edge::processor_message::Kind as PKind;
 use sipalias_proto::edge::{
-    ConnectionClosed, DispatcherMessage, EdgeError, Egress, Hello, Inbound, Ingress,
-    ProcessorMessage, Send, Transport, Welcome,
+    ConnectionClosed, DispatcherMessage, Drain, EdgeError, Egress, Heartbeat, Hello, Inbound,
+    Ingress, ProcessorMessage, Send, StatusRequest, StatusResponse, Transport, Welcome,
 };
 use sipmsg::framing::{Frame, frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -34,6 +35,8 @@ pub const EVENT: Duration = Duration::from_secs(5);
 pub const ABSENCE: Duration = Duration::from_millis(300);
 
 pub const ALIAS_REALM: &str = "voip.oldprovider.example";
+/// How often fake processors heartbeat: well inside the smallest timeout a test configures.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// A running UDP-only dispatcher (`transports = ["udp"]`) and the addresses it serves.
 pub struct Dispatcher {
@@ -46,6 +49,11 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub async fn start() -> Result<Self> {
+        Self::start_with("").await
+    }
+
+    /// Starts a dispatcher with `keys` (TOML lines) added to its `[dispatcher]` table.
+    pub async fn start_with(keys: &str) -> Result<Self> {
         let main_socket = UdpSocket::bind("127.0.0.1:0").await?;
         let alias_socket = UdpSocket::bind("127.0.0.2:0").await?;
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
@@ -55,6 +63,7 @@ impl Dispatcher {
             [dispatcher]
             id = "d-test"
             retry_after_secs = 9
+            {keys}
             [dispatcher.main]
             ip = "127.0.0.1"
             domain = "sip.example.net"
@@ -89,23 +98,80 @@ impl Dispatcher {
             .context("dispatcher failed")?;
         Ok(())
     }
+
+    /// The answer to the `Status` RPC.
+    pub async fn status(&self) -> Result<StatusResponse> {
+        let mut client = EdgeClient::connect(format!("http://{}", self.grpc)).await?;
+        Ok(timeout(EVENT, client.status(StatusRequest {})).await??.into_inner())
+    }
 }
 
-/// A processor as the dispatcher sees it: one `Link` stream.
+/// The load a fake processor reports in its heartbeats.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub transactions: AtomicU32,
+    pub dialogs: AtomicU32,
+}
+
+/// A processor as the dispatcher sees it: one `Link` stream. Like a real processor it sends
+/// a heartbeat periodically (every [`HEARTBEAT_EVERY`]) for as long as it is not dropped,
+/// unless made with [`FakeProcessor::connect_silent`].
 pub struct FakeProcessor {
     pub tx: mpsc::Sender<ProcessorMessage>,
     pub rx: Streaming<DispatcherMessage>,
     pub welcome: Welcome,
+    /// What the heartbeats report.
+    pub load: Arc<Load>,
 }
 
 impl FakeProcessor {
     pub async fn connect(grpc: SocketAddr, id: &str) -> Result<Self> {
+        let fp = Self::connect_silent(grpc, id).await?;
+        // A weak sender: dropping the fake processor still ends its link.
+        let (weak, load) = (fp.tx.downgrade(), Arc::clone(&fp.load));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak.upgrade() else { return };
+                let hb = Heartbeat {
+                    transactions: load.transactions.load(Ordering::Relaxed),
+                    dialogs: load.dialogs.load(Ordering::Relaxed),
+                };
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(ProcessorMessage { kind: Some(PKind::Heartbeat(hb)) })
+                {
+                    return;
+                }
+            }
+        });
+        Ok(fp)
+    }
+
+    /// A processor that never sends a heartbeat by itself.
+    pub async fn connect_silent(grpc: SocketAddr, id: &str) -> Result<Self> {
         let (tx, mut rx) = Self::open(grpc, id).await?;
         let welcome = match next(&mut rx).await? {
             DKind::Welcome(w) => w,
             other => bail!("expected welcome, got {other:?}"),
         };
-        Ok(Self { tx, rx, welcome })
+        Ok(Self { tx, rx, welcome, load: Arc::default() })
+    }
+
+    /// Says `Drain`: send me no new work.
+    pub async fn drain(&self) -> Result<()> {
+        self.tx.send(ProcessorMessage { kind: Some(PKind::Drain(Drain {})) }).await?;
+        Ok(())
+    }
+
+    /// Returns once the dispatcher has handled everything this processor sent before: a
+    /// `Send` to `phone` is executed in order after them, so its arrival proves it.
+    pub async fn barrier(&self, from: SocketAddr, phone: &Phone) -> Result<()> {
+        let mark = format!("barrier-{}", unique());
+        self.send(u64::MAX, from, phone.addr()?, &mark).await?;
+        let (got, _) = phone.recv().await?;
+        ensure!(got == mark, "expected the barrier, the phone got {got:?}");
+        Ok(())
     }
 
     /// Opens a link and says hello with `id`, without reading the answer.
@@ -169,6 +235,12 @@ impl FakeProcessor {
     pub async fn ended(&mut self) -> bool {
         matches!(timeout(EVENT, self.rx.message()).await, Ok(Ok(None) | Err(_)))
     }
+}
+
+/// A number that differs between calls in one test process.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 pub async fn next(rx: &mut Streaming<DispatcherMessage>) -> Result<DKind> {

@@ -8,6 +8,7 @@
 //! then what must be answered, and check the first answer is the second's). TLS certificates
 //! are generated at test time with `rcgen` into a temporary directory.
 
+mod cluster;
 mod harness;
 mod tcp;
 mod tls;

@@ -1,0 +1,203 @@
+//! The operator's cluster view: what `sipalias-dispatcher status` prints from a dispatcher's
+//! `Status` answer — which processors are linked to it, their load, whether they are draining
+//! and how much was routed to each. Pure formatting; the CLI does the call.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use sipalias_proto::edge::StatusResponse;
+
+/// The URL to query a dispatcher whose `grpc_listen` is `addr`. A wildcard listen address is
+/// reached over loopback.
+pub fn url_for_listen(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// `--grpc` as given: `http://ip:port`, or a bare `ip:port` (taken as `http://`).
+pub fn normalize_url(given: &str) -> String {
+    let given = given.trim();
+    if given.contains("://") { given.to_owned() } else { format!("http://{given}") }
+}
+
+/// The cluster view of one dispatcher (queried at `url`) as a header line and a table with a
+/// row per linked processor.
+pub fn render(url: &str, status: &StatusResponse) -> String {
+    let mut out = String::new();
+    let n = status.processors.len();
+    let draining = status.processors.iter().filter(|p| p.draining).count();
+    let _ = write!(
+        out,
+        "dispatcher {} at {url}: up {}, {n} processor{} linked",
+        status.dispatcher_id,
+        human(Duration::from_millis(status.uptime_ms)),
+        if n == 1 { "" } else { "s" },
+    );
+    if draining > 0 {
+        let _ = write!(out, " ({draining} draining)");
+    }
+    out.push('\n');
+    if n == 0 {
+        out.push_str("no processor linked: requests are answered with 503\n");
+        return out;
+    }
+    let header = [
+        "PROCESSOR",
+        "PEER",
+        "CONNECTED SINCE (UTC)",
+        "LAST SEEN",
+        "TRANSACTIONS",
+        "DIALOGS",
+        "STATE",
+        "ROUTED",
+    ];
+    let rows: Vec<[String; 8]> = status
+        .processors
+        .iter()
+        .map(|p| {
+            [
+                p.node_id.clone(),
+                if p.peer.is_empty() { "-".to_owned() } else { p.peer.clone() },
+                utc(p.connected_at_ms),
+                format!("{:.1} s ago", Duration::from_millis(p.last_seen_ms_ago).as_secs_f64()),
+                p.transactions.to_string(),
+                p.dialogs.to_string(),
+                if p.draining { "draining" } else { "active" }.to_owned(),
+                p.routed.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// `3d04h05m`, `2h03m`, `5m07s`, `12s`.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins, secs) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
+    if days > 0 {
+        format!("{days}d{hours:02}h{mins:02}m")
+    } else if hours > 0 {
+        format!("{hours}h{mins:02}m")
+    } else if mins > 0 {
+        format!("{mins}m{secs:02}s")
+    } else {
+        format!("{secs}s")
+    }
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DD hh:mm:ss` (UTC).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2));
+    let rem = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sipalias_proto::edge::LinkedProcessor;
+
+    #[test]
+    fn dates_are_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_767_225_599_999), "2025-12-31 23:59:59");
+        assert_eq!(utc(1_767_225_600_000), "2026-01-01 00:00:00");
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(human(Duration::from_secs(12)), "12s");
+        assert_eq!(human(Duration::from_secs(307)), "5m07s");
+        assert_eq!(human(Duration::from_secs(7380)), "2h03m");
+        assert_eq!(human(Duration::from_secs(3 * 86_400 + 4 * 3600 + 5 * 60)), "3d04h05m");
+    }
+
+    #[test]
+    fn urls() {
+        let listen = |s: &str| s.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(url_for_listen(listen("0.0.0.0:7070")), "http://127.0.0.1:7070");
+        assert_eq!(url_for_listen(listen("[::]:7070")), "http://[::1]:7070");
+        assert_eq!(url_for_listen(listen("10.0.0.5:7070")), "http://10.0.0.5:7070");
+        assert_eq!(normalize_url("10.0.0.5:7070"), "http://10.0.0.5:7070");
+        assert_eq!(normalize_url("https://d2:7070"), "https://d2:7070");
+    }
+
+    #[test]
+    fn renders_one_row_per_processor() {
+        let p = |id: &str, draining, routed| LinkedProcessor {
+            node_id: id.to_owned(),
+            peer: "127.0.0.1:40001".to_owned(),
+            connected_at_ms: 1_767_225_600_000,
+            last_seen_ms_ago: 1200,
+            transactions: 12,
+            dialogs: 4,
+            draining,
+            routed,
+            capacity: 10_000,
+        };
+        let status = StatusResponse {
+            dispatcher_id: "d1".to_owned(),
+            uptime_ms: 7_380_000,
+            processors: vec![p("p1", false, 10_234), p("p2-long-name", true, 7)],
+        };
+        let text = render("http://127.0.0.1:7070", &status);
+        let expected = "\
+dispatcher d1 at http://127.0.0.1:7070: up 2h03m, 2 processors linked (1 draining)
+PROCESSOR     PEER             CONNECTED SINCE (UTC)  LAST SEEN  TRANSACTIONS  DIALOGS  STATE     ROUTED
+p1            127.0.0.1:40001  2026-01-01 00:00:00    1.2 s ago  12            4        active    10234
+p2-long-name  127.0.0.1:40001  2026-01-01 00:00:00    1.2 s ago  12            4        draining  7
+";
+        assert_eq!(text, expected);
+
+        let empty =
+            StatusResponse { dispatcher_id: "d2".into(), uptime_ms: 5000, processors: vec![] };
+        assert_eq!(
+            render("http://h:1", &empty),
+            "dispatcher d2 at http://h:1: up 5s, 0 processors linked\n\
+             no processor linked: requests are answered with 503\n"
+        );
+    }
+}
