@@ -17,7 +17,7 @@
 //! INVITEs diverted away from each draining processor ([`Pick::diverted_from`]) for as long as
 //! it stays linked, and answers [`pick_draining`]'s `was_diverted` question from that.
 
-use sipmsg::scan::{Scan, branch_token, uri_token};
+use sipmsg::scan::{Scan, branch_token, tag_token, uri_token};
 
 /// The live processor that should handle the message, or `None` when none is live.
 ///
@@ -50,7 +50,9 @@ pub fn pick_draining<'a, N: AsRef<str>>(
     was_diverted: impl Fn(&N, &str) -> bool,
 ) -> Option<Pick<'a, N>> {
     let token = if scan.method.is_some() {
-        scan.request_uri.and_then(uri_token)
+        // An ACK for a non-2xx final has no Request-URI token, but carries the To tag that the
+        // answering processor wrote.
+        scan.request_uri.and_then(uri_token).or_else(|| scan.to_tag.and_then(tag_token))
     } else {
         scan.top_branch.and_then(branch_token)
     };
@@ -160,6 +162,17 @@ mod tests {
         for node in LIVE {
             let uri = format!("sip:{}@127.0.0.2:5060", make_contact_user(node, "x1"));
             assert_eq!(pick_for(&request("BYE", &uri, "call-1"), &LIVE), Some(node));
+        }
+    }
+
+    #[test]
+    fn ack_for_a_non_2xx_follows_the_to_tag_of_the_processor_that_answered() {
+        for node in LIVE {
+            let ack = format!(
+                "ACK sip:bob@x SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKphone\r\nCall-ID: call-7\r\nTo: <sip:bob@x>;tag={}\r\n\r\n",
+                sipmsg::scan::make_tag(node, "t1")
+            );
+            assert_eq!(pick_for(&ack, &LIVE), Some(node));
         }
     }
 

@@ -42,9 +42,11 @@ impl Ids {
         sipmsg::scan::make_contact_user(&self.node, &self.next())
     }
 
-    /// A From/To tag.
+    /// A From/To tag; it names this processor, so an ACK for a non-2xx final we sent (which
+    /// carries our To tag and no other token) comes back here.
     pub fn tag(&self) -> String {
-        format!("{}{}", self.next(), base36(u64::from(rand::random::<u32>())))
+        let unique = format!("{}{}", self.next(), base36(u64::from(rand::random::<u32>())));
+        sipmsg::scan::make_tag(&self.node, &unique)
     }
 
     /// A Call-ID for a new leg.

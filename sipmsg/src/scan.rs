@@ -20,6 +20,9 @@ pub struct Scan<'a> {
     pub top_branch: Option<&'a str>,
     /// Call-ID, if any.
     pub call_id: Option<&'a str>,
+    /// The To tag, looked for in ACKs only: an ACK for a non-2xx final carries the tag the
+    /// processor that answered put there, and must reach that processor.
+    pub to_tag: Option<&'a str>,
 }
 
 /// Why a datagram is not SIP at all (it is dropped without an answer).
@@ -43,8 +46,14 @@ pub fn scan(buf: &[u8]) -> Result<Scan<'_>, NotSip> {
     let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| NotSip::StartLine)?;
     let mut lines = head.split("\r\n");
     let first = lines.next().unwrap_or_default();
-    let mut out =
-        Scan { method: None, request_uri: None, status: None, top_branch: None, call_id: None };
+    let mut out = Scan {
+        method: None,
+        request_uri: None,
+        status: None,
+        top_branch: None,
+        call_id: None,
+        to_tag: None,
+    };
     if let Some(rest) = first.strip_prefix("SIP/2.0 ") {
         // Exactly three digits: `SIP/2.0 4294967301 …` is not a 429 (RFC 4475 §3.1.2.19).
         let code = rest
@@ -74,6 +83,7 @@ pub fn scan(buf: &[u8]) -> Result<Scan<'_>, NotSip> {
         }
     }
     let mut seen_via = false;
+    let mut want_to = out.method == Some("ACK");
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
         let name = name.trim_end();
@@ -85,8 +95,11 @@ pub fn scan(buf: &[u8]) -> Result<Scan<'_>, NotSip> {
             && (name.eq_ignore_ascii_case("call-id") || name.eq_ignore_ascii_case("i"))
         {
             out.call_id = Some(value.trim());
+        } else if want_to && (name.eq_ignore_ascii_case("to") || name.eq_ignore_ascii_case("t")) {
+            want_to = false;
+            out.to_tag = find_param(value, "tag");
         }
-        if seen_via && out.call_id.is_some() {
+        if seen_via && out.call_id.is_some() && !want_to {
             break;
         }
     }
@@ -94,9 +107,15 @@ pub fn scan(buf: &[u8]) -> Result<Scan<'_>, NotSip> {
 }
 
 fn find_branch(via: &str) -> Option<&str> {
-    via.split(';').skip(1).find_map(|p| {
+    find_param(via, "branch")
+}
+
+/// A `;name=value` parameter of a header value (after any `<...>`), loosely.
+fn find_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let params = value.rfind('>').map_or(value, |gt| &value[gt..]);
+    params.split(';').skip(1).find_map(|p| {
         let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("branch").then(|| v.trim())
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
 }
 
@@ -122,6 +141,17 @@ pub fn branch_token(branch: &str) -> Option<&str> {
 pub fn uri_token(uri: &str) -> Option<&str> {
     let rest = uri.strip_prefix("sip:").or_else(|| uri.strip_prefix("sips:"))?;
     rest.strip_prefix(USER_PREFIX)?.split(['.', '@']).next().filter(|n| !n.is_empty())
+}
+
+/// A From/To tag that names processor `node`, so an ACK for a non-2xx final it sent (which has
+/// no other token) finds it.
+pub fn make_tag(node: &str, unique: &str) -> String {
+    format!("{USER_PREFIX}{node}.{unique}")
+}
+
+/// The processor named by a tag made with [`make_tag`].
+pub fn tag_token(tag: &str) -> Option<&str> {
+    tag.strip_prefix(USER_PREFIX)?.split('.').next().filter(|n| !n.is_empty())
 }
 
 /// Whether a node id is usable as a routing token: 1–32 of `[A-Za-z0-9-]`.
@@ -164,6 +194,19 @@ mod tests {
         assert_eq!(scan(b"SIP/2.0 20\r\n\r\n"), Err(NotSip::StartLine));
         let other_version = scan(b"OPTIONS sip:a SIP/7.0\r\ni: x\r\n\r\n").expect("scan");
         assert_eq!(other_version.method, Some("OPTIONS"));
+    }
+
+    #[test]
+    fn ack_to_tag_is_scanned_only_for_acks() {
+        let ack = format!(
+            "ACK sip:bob@h SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nCall-ID: c\r\nt: \"B\" <sip:bob@h;x=1>;tag={}\r\n\r\n",
+            make_tag("p3", "q1")
+        );
+        let s = scan(ack.as_bytes()).expect("scan");
+        assert_eq!(s.to_tag.and_then(tag_token), Some("p3"));
+        let inv = scan(b"INVITE sip:bob@h SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nTo: <sip:b@h>;tag=x\r\nCall-ID: c\r\n\r\n").expect("scan");
+        assert_eq!(inv.to_tag, None);
+        assert_eq!(tag_token("1928301774"), None);
     }
 
     #[test]
