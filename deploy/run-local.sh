@@ -4,17 +4,21 @@
 # 127.0.0.1 and 127.0.0.3, and 127.0.0.3's extra ports UDP/TCP 5080, TLS 5081) and two
 # processors. Generates self-signed TLS certificates for 127.0.0.1 and 127.0.0.3 with openssl
 # when missing. Creates two demo accounts (1001 and 1002, passwords pw1001/pw1002). Ctrl-C
-# stops everything it started. Installs redis-server when missing and running as root.
+# stops everything it started. Installs redis-server and openssl when missing and running as
+# root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-deploy/local.toml}
 RUN_DIR=${RUN_DIR:-$(mktemp -d /tmp/sipalias-run.XXXXXX)}
 
-if ! command -v redis-server >/dev/null 2>&1; then
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "redis-server is missing: sudo apt-get install -y redis-server" >&2; exit 1
+    echo "missing: ${need[*]} — install them with: sudo apt-get install -y ${need[*]}" >&2; exit 1
   fi
 fi
 
@@ -22,7 +26,6 @@ fi
 # Replace the files to try a reload: the dispatcher picks them up within tls_reload_secs.
 TLS_DIR=target/local-tls
 mkdir -p "$TLS_DIR"
-command -v openssl >/dev/null 2>&1 || { echo "openssl is missing: sudo apt-get install -y openssl" >&2; exit 1; }
 for ip in 127.0.0.1 127.0.0.3; do
   if [ ! -s "$TLS_DIR/$ip.crt" ] || [ ! -s "$TLS_DIR/$ip.key" ]; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
