@@ -45,9 +45,10 @@ const LINGER_BYTES: u64 = 16 * 1024 * 1024;
 const PING: &[u8] = b"\r\n\r\n";
 const PONG: &[u8] = b"\r\n";
 /// A lone CRLF is held this long in case it is the first half of a ping split across reads;
-/// then it is dropped unanswered. A phone's pongs to our pings (also lone CRLFs) come a
-/// keepalive interval apart, so two of them are never mistaken for a ping.
-const SPLIT_PING_GAP: Duration = Duration::from_secs(1);
+/// then it is dropped unanswered. The halves of a split ping arrive within a round trip, while
+/// a phone's pongs to our pings (also lone CRLFs) come at least a keepalive interval (≥ 1 s)
+/// apart, so two pongs are never mistaken for a ping.
+const SPLIT_PING_GAP: Duration = Duration::from_millis(200);
 
 /// Why the read side ended, and how to close.
 #[derive(Debug)]

@@ -175,7 +175,23 @@ pub fn ok_response(
         if let Some(q) = &b.q {
             value.push_str(&format!(";q={q}"));
         }
+        if let (Some(instance), Some(reg_id)) = (&b.instance, b.reg_id) {
+            value.push_str(&format!(";+sip.instance=\"{instance}\";reg-id={reg_id}"));
+        }
         resp.push_header("Contact", value);
+    }
+    // RFC 5626 §6: a registrar that honours an outbound registration says so, so the phone
+    // knows its flow is used (and keeps it alive).
+    let supports_outbound =
+        req.header_list("supported").iter().any(|o| o.trim().eq_ignore_ascii_case("outbound"));
+    let outbound = req
+        .contacts()
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.param("reg-id").is_some() && c.param("+sip.instance").is_some());
+    if supports_outbound && outbound {
+        resp.push_header("Require", "outbound");
+        resp.push_header("Supported", "outbound");
     }
     resp
 }
@@ -228,6 +244,38 @@ mod tests {
             contact_addr("sips:u@[2001:db8::1]"),
             Some("[2001:db8::1]:5061".parse().expect("a"))
         );
+    }
+
+    #[test]
+    fn outbound_registration_is_answered_with_require_outbound() {
+        let req = register(
+            "Supported: path, outbound\r\nContact: <sip:u@10.0.0.1;transport=tcp>;reg-id=1;+sip.instance=\"<urn:uuid:1>\"\r\n",
+        );
+        let b = Binding {
+            contact: "sip:u@10.0.0.1;transport=tcp".into(),
+            expires_at_ms: 61_000,
+            q: None,
+            call_id: "c".into(),
+            cseq: 1,
+            received: "10.0.0.1:40000".into(),
+            ingress: crate::location::StoredIngress {
+                ip: "127.0.0.2".into(),
+                port: 5060,
+                transport: "tcp".into(),
+            },
+            connection_id: 7,
+            dispatcher: "d1".into(),
+            user_agent: String::new(),
+            instance: Some("<urn:uuid:1>".into()),
+            reg_id: Some(1),
+            nat: false,
+        };
+        let resp = ok_response(&req, &[b], 1_000, "t");
+        assert_eq!(resp.header("require"), Some("outbound"));
+        let contact = resp.header("contact").expect("contact");
+        assert!(contact.contains("reg-id=1") && contact.contains("+sip.instance"), "{contact}");
+        let plain = ok_response(&register("Contact: <sip:u@h>\r\n"), &[], 1_000, "t");
+        assert_eq!(plain.header("require"), None);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! A whole sipalias cluster on loopback: redis-server, billing, one dispatcher listening on the
-//! main IP 127.0.0.1 and two alias IPs (127.0.0.2, 127.0.0.3 with an extra port), and N
+//! main IP 127.0.0.1 and two alias IPs (127.0.0.2, 127.0.0.3 with extra ports), and N
 //! processors — every one a real process, with ports of its own so tests can run in parallel.
+//!
+//! Every IP listens on UDP and TCP port P. 127.0.0.1 and 127.0.0.3 also listen on TLS port T,
+//! each with a self-signed certificate of its own made at start-up; 127.0.0.3 has an extra UDP,
+//! TCP and TLS port.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,9 +17,10 @@ use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 
 use crate::cdr::{self, Cdr};
-use crate::phone::Server;
+use crate::phone::{Server, Transport};
 use crate::process::{Exited, Process};
 use crate::redis::RedisServer;
+use crate::tls::CertFiles;
 use crate::{binary, ports, wait};
 
 /// The canonical domain of every user.
@@ -26,10 +31,14 @@ pub const MAIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 pub const ALIAS2_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 /// The digest realm phones of the first alias expect.
 pub const ALIAS2_REALM: &str = "voip.oldprovider.example";
-/// The second alias, which also listens on an extra UDP port.
+/// The second alias, which also listens on extra UDP, TCP and TLS ports.
 pub const ALIAS3_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 /// The digest realm phones of the second alias expect.
 pub const ALIAS3_REALM: &str = "sip.another-old.example";
+/// Subject (common name) of the main IP's TLS certificate.
+pub const MAIN_CERT_SUBJECT: &str = "sip.example.net";
+/// Subject (common name) of the second alias's TLS certificate: the old provider's server.
+pub const ALIAS3_CERT_SUBJECT: &str = "sip.another-old.example";
 /// Prefix of every Redis key; not the default, to prove the setting is honoured.
 pub const KEY_PREFIX: &str = "e2e:";
 
@@ -52,6 +61,11 @@ pub struct ClusterOptions {
     pub keepalive_interval_secs: u32,
     /// Extra lines for the `[processor]` table (e.g. `billing_outage = "allow"`).
     pub processor_toml: String,
+    /// Extra lines for the `[dispatcher]` table (e.g. `max_connections_per_ip = 5`).
+    pub dispatcher_toml: String,
+    /// TLS listeners on 127.0.0.1 and 127.0.0.3 (on by default; certificates are made at
+    /// start-up). Without, those IPs listen on UDP and TCP only.
+    pub tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -61,8 +75,28 @@ impl Default for ClusterOptions {
             t1_ms: None,
             keepalive_interval_secs: 0,
             processor_toml: String::new(),
+            dispatcher_toml: String::new(),
+            tls: true,
         }
     }
+}
+
+/// The stream ports of a cluster, besides P.
+#[derive(Debug, Clone)]
+struct StreamPorts {
+    /// TLS port of 127.0.0.1 and 127.0.0.3.
+    tls: u16,
+    /// Extra TCP port of 127.0.0.3.
+    extra_tcp: u16,
+    /// Extra TLS port of 127.0.0.3.
+    extra_tls: u16,
+}
+
+/// The certificates of the TLS IPs.
+#[derive(Debug, Clone)]
+struct Certificates {
+    main: CertFiles,
+    alias3: CertFiles,
 }
 
 /// A running cluster. Dropping it stops every process (processors first) and removes its
@@ -76,6 +110,8 @@ pub struct Cluster {
     config: PathBuf,
     sip_port: u16,
     extra_port: u16,
+    streams: StreamPorts,
+    certs: Option<Certificates>,
     options: ClusterOptions,
     dir: TempDir,
 }
@@ -112,6 +148,35 @@ impl Cluster {
                 break p;
             }
         };
+        // TCP and TLS listeners share one port space per IP: every stream port is distinct.
+        let mut taken = vec![sip_port, extra_port];
+        let mut distinct = |ips: &[Ipv4Addr]| -> Result<u16> {
+            loop {
+                let p = ports::free_tcp_port_on_all(ips)?;
+                if !taken.contains(&p) {
+                    taken.push(p);
+                    return Ok(p);
+                }
+            }
+        };
+        let streams = StreamPorts {
+            tls: distinct(&[MAIN_IP, ALIAS3_IP])?,
+            extra_tcp: distinct(&[ALIAS3_IP])?,
+            extra_tls: distinct(&[ALIAS3_IP])?,
+        };
+        let certs = if options.tls {
+            Some(Certificates {
+                main: CertFiles::create(dir.path(), "main", MAIN_IP.into(), MAIN_CERT_SUBJECT)?,
+                alias3: CertFiles::create(
+                    dir.path(),
+                    "alias3",
+                    ALIAS3_IP.into(),
+                    ALIAS3_CERT_SUBJECT,
+                )?,
+            })
+        } else {
+            None
+        };
         let grpc = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
         let billing_addr = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
         let config = dir.path().join("sipalias.toml");
@@ -121,9 +186,12 @@ impl Cluster {
             redis_url: &redis.url(),
             sip_port,
             extra_port,
+            streams: &streams,
+            certs: certs.as_ref(),
             t1_ms: options.t1_ms,
             keepalive_interval_secs: options.keepalive_interval_secs,
             processor_toml: &options.processor_toml,
+            dispatcher_toml: &options.dispatcher_toml,
         });
         std::fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
 
@@ -134,14 +202,28 @@ impl Cluster {
         let dispatcher =
             Process::spawn("dispatcher", service_command(binary::DISPATCHER, &config, &[])?)?;
         dispatcher.wait_for_line("edge grpc listening on", START_TIMEOUT)?;
-        for (ip, port) in [
-            (MAIN_IP, sip_port),
-            (ALIAS2_IP, sip_port),
-            (ALIAS3_IP, sip_port),
-            (ALIAS3_IP, extra_port),
-        ] {
-            dispatcher
-                .wait_for_line(&format!("sip udp listening on {ip}:{port}"), START_TIMEOUT)?;
+        let mut sockets = vec![
+            ("udp", MAIN_IP, sip_port),
+            ("udp", ALIAS2_IP, sip_port),
+            ("udp", ALIAS3_IP, sip_port),
+            ("udp", ALIAS3_IP, extra_port),
+            ("tcp", MAIN_IP, sip_port),
+            ("tcp", ALIAS2_IP, sip_port),
+            ("tcp", ALIAS3_IP, sip_port),
+            ("tcp", ALIAS3_IP, streams.extra_tcp),
+        ];
+        if certs.is_some() {
+            sockets.extend([
+                ("tls", MAIN_IP, streams.tls),
+                ("tls", ALIAS3_IP, streams.tls),
+                ("tls", ALIAS3_IP, streams.extra_tls),
+            ]);
+        }
+        for (transport, ip, port) in sockets {
+            dispatcher.wait_for_line(
+                &format!("sip {transport} listening on {ip}:{port}"),
+                START_TIMEOUT,
+            )?;
         }
 
         let mut cluster = Cluster {
@@ -152,6 +234,8 @@ impl Cluster {
             config,
             sip_port,
             extra_port,
+            streams,
+            certs,
             options,
             dir,
         };
@@ -169,26 +253,76 @@ impl Cluster {
 
     // ----- addresses ----------------------------------------------------------------------
 
-    /// The main IP, for phones configured with the canonical domain.
+    /// A server socket of this cluster: `ip:port` over `transport`, with the domain phones
+    /// behind that IP use (the canonical domain on the main IP, the alias IP itself on an
+    /// alias).
+    pub fn server(ip: Ipv4Addr, port: u16, transport: Transport) -> Server {
+        let domain = if ip == MAIN_IP { DOMAIN.to_owned() } else { ip.to_string() };
+        Server { addr: SocketAddr::from((ip, port)), domain, transport }
+    }
+
+    /// The main IP (UDP), for phones configured with the canonical domain.
     pub fn main(&self) -> Server {
-        Server { addr: SocketAddr::from((MAIN_IP, self.sip_port)), domain: DOMAIN.to_owned() }
+        Self::server(MAIN_IP, self.sip_port, Transport::Udp)
     }
 
-    /// The first alias; its phones use the alias IP as their domain.
+    /// The first alias (UDP); its phones use the alias IP as their domain.
     pub fn alias2(&self) -> Server {
-        Server { addr: SocketAddr::from((ALIAS2_IP, self.sip_port)), domain: ALIAS2_IP.to_string() }
+        Self::server(ALIAS2_IP, self.sip_port, Transport::Udp)
     }
 
-    /// The second alias on the standard (cluster) port.
+    /// The second alias on the standard (cluster) UDP port.
     pub fn alias3(&self) -> Server {
-        Server { addr: SocketAddr::from((ALIAS3_IP, self.sip_port)), domain: ALIAS3_IP.to_string() }
+        Self::server(ALIAS3_IP, self.sip_port, Transport::Udp)
     }
 
-    /// The second alias on its extra port.
+    /// The second alias on its extra UDP port.
     pub fn alias3_extra(&self) -> Server {
-        Server {
-            addr: SocketAddr::from((ALIAS3_IP, self.extra_port)),
-            domain: ALIAS3_IP.to_string(),
+        Self::server(ALIAS3_IP, self.extra_port, Transport::Udp)
+    }
+
+    /// The main IP over TCP (port P).
+    pub fn main_tcp(&self) -> Server {
+        Self::server(MAIN_IP, self.sip_port, Transport::Tcp)
+    }
+
+    /// The main IP over TLS (port T).
+    pub fn main_tls(&self) -> Server {
+        Self::server(MAIN_IP, self.streams.tls, Transport::Tls)
+    }
+
+    /// The first alias over TCP (port P). It has no TLS.
+    pub fn alias2_tcp(&self) -> Server {
+        Self::server(ALIAS2_IP, self.sip_port, Transport::Tcp)
+    }
+
+    /// The second alias over TCP on the standard port P.
+    pub fn alias3_tcp(&self) -> Server {
+        Self::server(ALIAS3_IP, self.sip_port, Transport::Tcp)
+    }
+
+    /// The second alias over TLS on the standard port T.
+    pub fn alias3_tls(&self) -> Server {
+        Self::server(ALIAS3_IP, self.streams.tls, Transport::Tls)
+    }
+
+    /// The second alias over TCP on its extra TCP port.
+    pub fn alias3_extra_tcp(&self) -> Server {
+        Self::server(ALIAS3_IP, self.streams.extra_tcp, Transport::Tcp)
+    }
+
+    /// The second alias over TLS on its extra TLS port.
+    pub fn alias3_extra_tls(&self) -> Server {
+        Self::server(ALIAS3_IP, self.streams.extra_tls, Transport::Tls)
+    }
+
+    /// The certificate the dispatcher presents on `ip`'s TLS ports, if it has TLS.
+    pub fn certificate(&self, ip: Ipv4Addr) -> Option<&CertFiles> {
+        let certs = self.certs.as_ref()?;
+        match ip {
+            MAIN_IP => Some(&certs.main),
+            ALIAS3_IP => Some(&certs.alias3),
+            _ => None,
         }
     }
 
@@ -200,6 +334,11 @@ impl Cluster {
     /// The extra UDP port of the second alias (Q).
     pub fn extra_port(&self) -> u16 {
         self.extra_port
+    }
+
+    /// The TLS port of the main IP and the second alias (T).
+    pub fn tls_port(&self) -> u16 {
+        self.streams.tls
     }
 
     /// The cluster's TOML file.
@@ -443,9 +582,12 @@ struct ConfigValues<'a> {
     redis_url: &'a str,
     sip_port: u16,
     extra_port: u16,
+    streams: &'a StreamPorts,
+    certs: Option<&'a Certificates>,
     t1_ms: Option<u64>,
     keepalive_interval_secs: u32,
     processor_toml: &'a str,
+    dispatcher_toml: &'a str,
 }
 
 /// The one TOML file all three binaries read (layout of `deploy/local.toml`).
@@ -456,24 +598,43 @@ fn config_toml(v: &ConfigValues<'_>) -> String {
         redis_url,
         sip_port,
         extra_port,
+        streams,
+        certs,
         t1_ms,
         keepalive_interval_secs,
         processor_toml,
+        dispatcher_toml,
     } = v;
     let t1 = t1_ms.map(|t| format!("t1_ms = {t}\n")).unwrap_or_default();
+    let StreamPorts { tls, extra_tcp, extra_tls } = streams;
+    // TOML basic strings: a temporary directory's path has no quote or backslash.
+    let tls_of = |c: &CertFiles| {
+        format!(
+            "tls_port = {tls}\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            c.cert.display(),
+            c.key.display()
+        )
+    };
+    let (main_tls, alias3_tls) = match certs {
+        Some(c) => {
+            (tls_of(&c.main), format!("{}extra_tls_ports = [{extra_tls}]\n", tls_of(&c.alias3)))
+        }
+        None => (String::new(), String::new()),
+    };
     format!(
         r#"# Written by the sipalias end-to-end harness.
 [dispatcher]
 id = "d1"
 grpc_listen = "{grpc}"
 retry_after_secs = 5
+{dispatcher_toml}
 
 [dispatcher.main]
 ip = "{MAIN_IP}"
 domain = "{DOMAIN}"
 udp_port = {sip_port}
 tcp_port = {sip_port}
-
+{main_tls}
 [[dispatcher.aliases]]
 ip = "{ALIAS2_IP}"
 domain = "{DOMAIN}"
@@ -488,7 +649,8 @@ realm = "{ALIAS3_REALM}"
 udp_port = {sip_port}
 tcp_port = {sip_port}
 extra_udp_ports = [{extra_port}]
-
+extra_tcp_ports = [{extra_tcp}]
+{alias3_tls}
 [processor]
 id = "p1"
 dispatchers = ["http://{grpc}"]
@@ -555,14 +717,51 @@ mod tests {
             redis_url: "redis+unix:///tmp/x/redis.sock",
             sip_port: 15060,
             extra_port: 15080,
+            streams: &StreamPorts { tls: 15061, extra_tcp: 15090, extra_tls: 15091 },
+            certs: None,
             t1_ms: Some(50),
             keepalive_interval_secs: 0,
             processor_toml: "",
+            dispatcher_toml: "max_connections_per_ip = 5",
         };
         let toml = config_toml(&v);
         assert!(toml.contains("extra_udp_ports = [15080]"));
+        assert!(toml.contains("extra_tcp_ports = [15090]"));
         assert!(toml.contains("t1_ms = 50\n"));
         assert!(toml.contains("dispatchers = [\"http://127.0.0.1:7070\"]"));
+        assert!(toml.contains("retry_after_secs = 5\nmax_connections_per_ip = 5\n"));
+        assert!(!toml.contains("tls"), "no TLS without certificates:\n{toml}");
         assert!(!config_toml(&ConfigValues { t1_ms: None, ..v }).contains("t1_ms"));
+    }
+
+    #[test]
+    fn config_gives_main_and_second_alias_their_own_certificate() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let certs = Certificates {
+            main: CertFiles::create(dir.path(), "main", MAIN_IP.into(), MAIN_CERT_SUBJECT)?,
+            alias3: CertFiles::create(dir.path(), "a3", ALIAS3_IP.into(), ALIAS3_CERT_SUBJECT)?,
+        };
+        let toml = config_toml(&ConfigValues {
+            grpc: SocketAddr::from((MAIN_IP, 7070)),
+            billing: SocketAddr::from((MAIN_IP, 7080)),
+            redis_url: "redis+unix:///tmp/x/redis.sock",
+            sip_port: 15060,
+            extra_port: 15080,
+            streams: &StreamPorts { tls: 15061, extra_tcp: 15090, extra_tls: 15091 },
+            certs: Some(&certs),
+            t1_ms: None,
+            keepalive_interval_secs: 0,
+            processor_toml: "",
+            dispatcher_toml: "",
+        });
+        let main = format!("tls_cert = \"{}\"", certs.main.cert.display());
+        let alias3 = format!("tls_cert = \"{}\"", certs.alias3.cert.display());
+        assert_eq!(toml.matches("tls_port = 15061").count(), 2, "{toml}");
+        assert!(toml.contains(&main) && toml.contains(&alias3), "{toml}");
+        assert!(toml.contains("extra_tls_ports = [15091]"), "{toml}");
+        // 127.0.0.2 has no TLS: its table ends before the second alias's.
+        let alias2 = toml.split("[[dispatcher.aliases]]").nth(1).unwrap_or_default();
+        assert!(!alias2.contains("tls"), "{alias2}");
+        Ok(())
     }
 }

@@ -4,7 +4,8 @@
 //! - [`cluster::Cluster`] starts redis-server, billing, a dispatcher listening on the main IP
 //!   127.0.0.1 and the alias IPs 127.0.0.2 and 127.0.0.3, and processors; it also runs the
 //!   billing CLI and reads Redis for assertions.
-//! - [`phone::Phone`] is a scriptable SIP phone on its own loopback address.
+//! - [`phone::Phone`] is a scriptable SIP phone on its own loopback address, over UDP, TCP or
+//!   TLS ([`stream`] holds its connections, [`tls`] the certificates).
 //! - [`sipp::Sipp`] runs a sipp scenario from `tests/sipp/`.
 //! - [`process::Process`] and [`redis::RedisServer`] own child processes and stop them by PID
 //!   when dropped.
@@ -21,4 +22,6 @@ pub mod ports;
 pub mod process;
 pub mod redis;
 pub mod sipp;
+pub mod stream;
+pub mod tls;
 pub mod wait;

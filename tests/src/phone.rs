@@ -1,9 +1,15 @@
-//! A scriptable SIP phone on a real UDP socket of its own loopback address.
+//! A scriptable SIP phone on its own loopback address, over UDP, TCP or TLS.
 //!
 //! It does what a simple hardware phone does and no more: registers with digest auth, places a
 //! call (answering a 401/407 challenge once), answers, ACKs, hangs up, cancels. Everything else
 //! is left to the test, which reads each message the phone receives together with the address it
-//! came from — the point of the whole suite is asserting *which socket* the cluster used.
+//! came from — the point of the whole suite is asserting *which socket* the cluster used — and,
+//! over TCP/TLS, the connection it came on.
+//!
+//! Over UDP the phone has one socket. Over TCP/TLS ([`crate::stream`]) it connects to the server
+//! when it first sends to it and keeps using that connection; it also listens on its Contact
+//! address, as a phone must for the cluster to reach it when its own connection is gone.
+//! Responses go back on the connection their request came on.
 //!
 //! Messages arriving while the test waits for something else are kept in arrival order and
 //! returned by later receives, so a test never loses a message to a wait for another one.
@@ -22,15 +28,30 @@ use sipmsg::headers::NameAddr;
 use sipmsg::{SipMessage, Uri};
 
 use crate::auth::Challenge;
+pub use crate::stream::{Connection, KeepAlive, Transport};
+use crate::stream::{Polled, Streams};
 
-/// Where a phone sends its requests: the server socket and the domain the phone is configured
-/// with (the main domain, or — for a phone of the old provider — the alias IP itself).
+/// One step of reading a phone's connections.
+enum Step {
+    /// A message arrived.
+    Message(Box<Incoming>),
+    /// Another event (a connection accepted or closed, a keepalive) was recorded.
+    Other,
+    /// Nothing arrived in time.
+    Nothing,
+}
+
+/// Where a phone sends its requests: the server socket, its transport, and the domain the
+/// phone is configured with (the main domain, or — for a phone of the old provider — the alias
+/// IP itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     /// The cluster's socket.
     pub addr: SocketAddr,
     /// The phone's SIP domain: host part of its From/To and of the Request-URI.
     pub domain: String,
+    /// The transport of the socket.
+    pub transport: Transport,
 }
 
 impl Server {
@@ -42,7 +63,7 @@ impl Server {
 
 impl fmt::Display for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.addr, self.domain)
+        write!(f, "{}/{} ({})", self.addr, self.transport, self.domain)
     }
 }
 
@@ -51,16 +72,22 @@ impl fmt::Display for Server {
 pub struct Incoming {
     /// The parsed message.
     pub msg: SipMessage,
-    /// The UDP source address: the cluster socket that sent it.
+    /// Where it came from: the UDP source address (the cluster socket that sent it), or the
+    /// peer of the connection it came on.
     pub from: SocketAddr,
-    /// When the phone read it from its socket.
+    /// When it arrived (UDP: when the phone read it from its socket).
     pub at: Instant,
+    /// The TCP/TLS connection it came on; `None` over UDP.
+    pub conn: Option<Connection>,
 }
 
 impl Incoming {
     /// `METHOD uri` or `status reason`, for messages in assertions.
     pub fn summary(&self) -> String {
-        format!("{} from {}", summary(&self.msg), self.from)
+        match &self.conn {
+            Some(c) => format!("{} from {} on connection #{}", summary(&self.msg), self.from, c.id),
+            None => format!("{} from {}", summary(&self.msg), self.from),
+        }
     }
 }
 
@@ -147,12 +174,22 @@ pub fn next_loopback_ip() -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 10 + n as u8)
 }
 
+/// How a phone reaches the cluster.
+enum Link {
+    Udp(UdpSocket),
+    Stream(Box<Streams>),
+}
+
 /// A SIP phone with one account.
 pub struct Phone {
     user: String,
     password: String,
-    socket: UdpSocket,
+    link: Link,
+    transport: Transport,
+    /// The UDP socket's address, or the stream listener's: what the Contact names.
     local: SocketAddr,
+    /// RFC 5626 `+sip.instance` and `reg-id` of the REGISTER Contact, if set.
+    outbound: Option<(String, u32)>,
     pending: VecDeque<Incoming>,
     register_call_id: String,
     register_cseq: u32,
@@ -167,15 +204,50 @@ impl Phone {
         Self::bind(user, password, SocketAddr::from((next_loopback_ip(), 0)))
     }
 
-    /// A phone on a given local address.
+    /// A phone on a fresh loopback address talking `transport`: over UDP as [`Phone::new`];
+    /// over TCP/TLS it listens on an ephemeral port of its address (its Contact) and connects
+    /// to the server when it first sends to it.
+    pub fn with_transport(user: &str, password: &str, transport: Transport) -> Result<Self> {
+        Self::bind_with(user, password, SocketAddr::from((next_loopback_ip(), 0)), transport)
+    }
+
+    /// A phone with the transport of `server`, on a fresh loopback address.
+    pub fn for_server(user: &str, password: &str, server: &Server) -> Result<Self> {
+        Self::with_transport(user, password, server.transport)
+    }
+
+    /// A UDP phone on a given local address.
     pub fn bind(user: &str, password: &str, addr: SocketAddr) -> Result<Self> {
-        let socket = UdpSocket::bind(addr).with_context(|| format!("binding phone to {addr}"))?;
-        let local = socket.local_addr()?;
+        Self::bind_with(user, password, addr, Transport::Udp)
+    }
+
+    /// A phone on a given local address (for TCP/TLS: its listener's) talking `transport`.
+    pub fn bind_with(
+        user: &str,
+        password: &str,
+        addr: SocketAddr,
+        transport: Transport,
+    ) -> Result<Self> {
+        let (link, local) = if transport.is_stream() {
+            if addr.port() != 0 {
+                bail!("a {transport} phone listens on an ephemeral port, not {addr}");
+            }
+            let streams = Streams::bind(transport, addr.ip())?;
+            let local = streams.listen_addr();
+            (Link::Stream(Box::new(streams)), local)
+        } else {
+            let socket =
+                UdpSocket::bind(addr).with_context(|| format!("binding phone to {addr}"))?;
+            let local = socket.local_addr()?;
+            (Link::Udp(socket), local)
+        };
         Ok(Phone {
             user: user.to_owned(),
             password: password.to_owned(),
-            socket,
+            link,
+            transport,
             local,
+            outbound: None,
             pending: VecDeque::new(),
             register_call_id: format!("reg-{}@{}", token(), local.ip()),
             register_cseq: 0,
@@ -183,9 +255,15 @@ impl Phone {
         })
     }
 
-    /// The phone's socket address (what the cluster should record as `received`).
+    /// The phone's address: its UDP socket (what the cluster should record as `received`), or
+    /// over TCP/TLS its listener (its Contact; its connections have ports of their own).
     pub fn addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The phone's transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The phone's user name.
@@ -193,9 +271,20 @@ impl Phone {
         &self.user
     }
 
-    /// The phone's Contact URI: `sip:user@ip:port`.
+    /// The phone's Contact URI: `sip:user@ip:port`, with `;transport=tcp` or `;transport=tls`
+    /// over streams.
     pub fn contact_uri(&self) -> String {
-        format!("sip:{}@{}", self.user, self.local)
+        match self.transport {
+            Transport::Udp => format!("sip:{}@{}", self.user, self.local),
+            t => format!("sip:{}@{};transport={t}", self.user, self.local),
+        }
+    }
+
+    /// Makes the phone an RFC 5626 client: its REGISTER carries `Supported: outbound` and a
+    /// Contact with `;reg-id=<reg_id>;+sip.instance="<instance>"`, which asks the registrar to
+    /// reach it only over the connection it registered on (its flow).
+    pub fn set_outbound(&mut self, instance: &str, reg_id: u32) {
+        self.outbound = Some((instance.to_owned(), reg_id));
     }
 
     // ----- registration -------------------------------------------------------------------
@@ -204,6 +293,7 @@ impl Phone {
     /// digest challenge. Returns the final response (200, or the second 401 for a wrong
     /// password, or whatever else the server said).
     pub fn register(&mut self, server: &Server, expires: u32) -> Result<Exchange> {
+        self.check_transport(server)?;
         let uri = format!("sip:{}", server.domain);
         let from_tag = token();
         let build = |phone: &mut Phone, auth: Option<String>| {
@@ -215,7 +305,19 @@ impl Phone {
             m.push_header("To", format!("<sip:{}@{}>", phone.user, server.domain));
             m.push_header("Call-ID", phone.register_call_id.clone());
             m.push_header("CSeq", format!("{} REGISTER", phone.register_cseq));
-            m.push_header("Contact", format!("<{}>", phone.contact_uri()));
+            match &phone.outbound {
+                Some((instance, reg_id)) => {
+                    m.push_header("Supported", "outbound");
+                    m.push_header(
+                        "Contact",
+                        format!(
+                            "<{}>;reg-id={reg_id};+sip.instance=\"{instance}\"",
+                            phone.contact_uri()
+                        ),
+                    );
+                }
+                None => m.push_header("Contact", format!("<{}>", phone.contact_uri())),
+            }
             if let Some(auth) = auth {
                 m.push_header("Authorization", auth);
             }
@@ -245,6 +347,7 @@ impl Phone {
     /// with credentials; the returned call then waits for the answer to that second INVITE.
     /// Any other response is left for [`Phone::next_response`] to return.
     pub fn invite(&mut self, server: &Server, callee: &str, sdp: &str) -> Result<Call> {
+        self.check_transport(server)?;
         let request_uri = format!("sip:{callee}@{}", server.domain);
         let mut call = Call {
             role: Role::Caller,
@@ -413,7 +516,7 @@ impl Phone {
             resp.push_header("Content-Type", "application/sdp");
             resp.body = body.as_bytes().to_vec().into();
         }
-        self.send(&resp, req.from)?;
+        self.send_reply(&resp, req)?;
         Ok(resp)
     }
 
@@ -483,7 +586,7 @@ impl Phone {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.read_socket(left)? {
+            match self.read_link(left)? {
                 Some(m) if pred(&m.msg) => return Ok(m),
                 Some(m) => self.pending.push_back(m),
                 None => {
@@ -512,7 +615,7 @@ impl Phone {
         let deadline = Instant::now() + window;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.read_socket(left)? {
+            match self.read_link(left)? {
                 None => return Ok(()),
                 Some(m) if pred(&m.msg) => {
                     bail!("phone {} expected no such message, but got {}", self.user, m.summary())
@@ -541,15 +644,204 @@ impl Phone {
         self.send_raw(&bytes, to)
     }
 
-    /// Sends arbitrary bytes (garbage, truncated messages) to `to`.
+    /// Sends arbitrary bytes (garbage, truncated messages) to `to`. Over TCP/TLS they go on
+    /// the first open connection to `to`, which is opened if there is none.
     pub fn send_raw(&mut self, bytes: &[u8], to: SocketAddr) -> Result<()> {
-        self.socket.send_to(bytes, to).with_context(|| format!("sending to {to}"))?;
+        match &mut self.link {
+            Link::Udp(socket) => {
+                socket.send_to(bytes, to).with_context(|| format!("sending to {to}"))?;
+            }
+            Link::Stream(streams) => {
+                let conn = match streams.open_to(to) {
+                    Some(c) => c,
+                    None => streams.connect(to)?,
+                };
+                streams.write(conn.id, bytes)?;
+            }
+        }
         Ok(())
     }
 
-    /// A fresh top Via naming this phone's socket, with `rport` (RFC 3581).
+    /// Sends a message on connection `id`.
+    pub fn send_on(&mut self, msg: &SipMessage, id: u64) -> Result<()> {
+        let bytes = msg.to_bytes();
+        eprintln!(
+            "[phone {} {}] >> on connection #{id}\n{}",
+            self.user,
+            self.local,
+            String::from_utf8_lossy(&bytes).trim_end()
+        );
+        self.send_raw_on(id, &bytes)
+    }
+
+    /// Sends arbitrary bytes (a pong, garbage, a refused head) on connection `id`.
+    pub fn send_raw_on(&mut self, id: u64, bytes: &[u8]) -> Result<()> {
+        self.streams_mut()?.write(id, bytes)
+    }
+
+    /// Sends a response back the way `req` came: on its connection, or to its source address.
+    fn send_reply(&mut self, resp: &SipMessage, req: &Incoming) -> Result<()> {
+        match req.conn {
+            Some(c) => self.send_on(resp, c.id),
+            None => self.send(resp, req.from),
+        }
+    }
+
+    /// A fresh top Via naming this phone's socket (over streams: its listener), with `rport`
+    /// (RFC 3581).
     pub fn via(&self) -> String {
-        format!("SIP/2.0/UDP {};branch=z9hG4bK{};rport", self.local, token())
+        format!(
+            "SIP/2.0/{} {};branch=z9hG4bK{};rport",
+            self.transport.via_token(),
+            self.local,
+            token()
+        )
+    }
+
+    fn check_transport(&self, server: &Server) -> Result<()> {
+        if server.transport != self.transport {
+            bail!("phone {} talks {}, the server {server} does not", self.user, self.transport);
+        }
+        Ok(())
+    }
+
+    // ----- connections (TCP/TLS) ----------------------------------------------------------
+
+    fn streams_mut(&mut self) -> Result<&mut Streams> {
+        match &mut self.link {
+            Link::Stream(s) => Ok(s),
+            Link::Udp(_) => bail!("phone {} is a UDP phone: it has no connections", self.user),
+        }
+    }
+
+    fn streams(&self) -> Result<&Streams> {
+        match &self.link {
+            Link::Stream(s) => Ok(s),
+            Link::Udp(_) => bail!("phone {} is a UDP phone: it has no connections", self.user),
+        }
+    }
+
+    /// Opens a new connection to `to` (TLS: with a handshake), whatever is open already.
+    pub fn connect(&mut self, to: SocketAddr) -> Result<Connection> {
+        let conn = self.streams_mut()?.connect(to)?;
+        eprintln!("[phone {} {}] {conn} opened", self.user, self.local);
+        Ok(conn)
+    }
+
+    /// The open connection the phone uses for `to`, if any.
+    pub fn connection_to(&self, to: SocketAddr) -> Option<Connection> {
+        self.streams().ok()?.open_to(to)
+    }
+
+    /// Every connection the phone has had, opened or accepted, in order; events that have
+    /// arrived meanwhile are taken into account (messages are kept for later receives).
+    pub fn connections(&mut self) -> Result<Vec<Connection>> {
+        self.pump(Duration::ZERO)?;
+        Ok(self.streams()?.all().to_vec())
+    }
+
+    /// The certificate the server presented on TLS connection `id` (DER).
+    pub fn peer_certificate(&self, id: u64) -> Option<Vec<u8>> {
+        self.streams().ok()?.peer_certificate(id).map(<[u8]>::to_vec)
+    }
+
+    /// Whether connection `id` is still open, as far as the phone has seen.
+    pub fn is_open(&mut self, id: u64) -> Result<bool> {
+        self.pump(Duration::ZERO)?;
+        Ok(self.streams()?.is_open(id))
+    }
+
+    /// Closes connection `id` from the phone's side (TLS close_notify, then FIN) and waits
+    /// until the cluster has closed its side too.
+    pub fn close_connection(&mut self, id: u64, timeout: Duration) -> Result<()> {
+        self.streams_mut()?.shutdown(id)?;
+        self.wait_closed(id, timeout).map(|_| ())
+    }
+
+    /// Waits until connection `id` is closed (by the cluster, or after
+    /// [`Phone::close_connection`]); returns how it closed.
+    pub fn wait_closed(&mut self, id: u64, timeout: Duration) -> Result<String> {
+        self.wait_stream(&format!("connection #{id} to close"), timeout, |s| {
+            s.closed_reason(id).map(str::to_owned)
+        })
+    }
+
+    /// The next connection the cluster opened to the phone's listener (not yet returned).
+    pub fn wait_accepted(&mut self, timeout: Duration) -> Result<Connection> {
+        self.wait_stream("a connection to the phone's listener", timeout, Streams::take_accepted)
+    }
+
+    /// Fails if the cluster opens a connection to the phone's listener within `window` (or
+    /// has opened one not yet returned by [`Phone::wait_accepted`]). Negative assertions only.
+    pub fn expect_no_connection(&mut self, window: Duration) -> Result<()> {
+        self.pump(window)?;
+        if let Some(c) = self.streams_mut()?.take_accepted() {
+            bail!("phone {} expected no connection from the cluster, but got {c}", self.user);
+        }
+        Ok(())
+    }
+
+    /// The next CRLF keepalive the cluster sent (ping or pong), not yet returned.
+    pub fn recv_keepalive(&mut self, timeout: Duration) -> Result<KeepAlive> {
+        self.wait_stream("a CRLF keepalive", timeout, Streams::take_keepalive)
+    }
+
+    /// Handles stream events for `window` (zero: those already arrived), keeping messages.
+    fn pump(&mut self, window: Duration) -> Result<()> {
+        let deadline = Instant::now() + window;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.poll_stream(left)? {
+                Step::Message(m) => self.pending.push_back(*m),
+                Step::Other => {}
+                Step::Nothing => return Ok(()),
+            }
+        }
+    }
+
+    /// Handles stream events until `check` finds what it looks for, or `timeout` passes.
+    /// Messages arriving meanwhile are kept for later receives.
+    fn wait_stream<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&mut Streams) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = check(self.streams_mut()?) {
+                return Ok(v);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("phone {} ({}) saw no {what} within {timeout:?}", self.user, self.local);
+            }
+            if let Step::Message(m) = self.poll_stream(left)? {
+                self.pending.push_back(*m);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for one stream event and handles it. A message that does not
+    /// parse is reported and dropped: the cluster never should send one.
+    fn poll_stream(&mut self, timeout: Duration) -> Result<Step> {
+        let log = format!("{} {}", self.user, self.local);
+        let (conn, bytes, at) = match self.streams_mut()?.poll(timeout, &log) {
+            Polled::Message(conn, bytes, at) => (conn, bytes, at),
+            Polled::Other => return Ok(Step::Other),
+            Polled::Nothing => return Ok(Step::Nothing),
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        eprintln!("[phone {log}] << on {conn}\n{}", text.trim_end());
+        match sipmsg::parse(&bytes) {
+            Ok(msg) => {
+                Ok(Step::Message(Box::new(Incoming { msg, from: conn.peer, at, conn: Some(conn) })))
+            }
+            Err(e) => {
+                eprintln!("[phone {log}] unparseable message on {conn}: {e}");
+                Ok(Step::Other)
+            }
+        }
     }
 
     fn in_dialog_request(&self, call: &Call, method: &str, seq: u32) -> SipMessage {
@@ -573,18 +865,29 @@ impl Phone {
         m
     }
 
-    /// One datagram from the socket, parsed; `None` on timeout. Unparseable datagrams are
-    /// reported and skipped: the cluster never should send one.
-    fn read_socket(&mut self, timeout: Duration) -> Result<Option<Incoming>> {
+    /// The next message from the socket or any connection, parsed; `None` on timeout.
+    /// Unparseable messages are reported and skipped: the cluster never should send one.
+    fn read_link(&mut self, timeout: Duration) -> Result<Option<Incoming>> {
         let deadline = Instant::now() + timeout;
+        if self.transport.is_stream() {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.poll_stream(left)? {
+                    Step::Message(m) => return Ok(Some(*m)),
+                    Step::Other => {}
+                    Step::Nothing => return Ok(None),
+                }
+            }
+        }
+        let Link::Udp(socket) = &self.link else { bail!("a UDP phone without its socket") };
         let mut buf = vec![0u8; 65_535];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
             }
-            self.socket.set_read_timeout(Some(left))?;
-            let (n, from) = match self.socket.recv_from(&mut buf) {
+            socket.set_read_timeout(Some(left))?;
+            let (n, from) = match socket.recv_from(&mut buf) {
                 Ok(x) => x,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     return Ok(None);
@@ -595,7 +898,7 @@ impl Phone {
             let text = String::from_utf8_lossy(&buf[..n]);
             eprintln!("[phone {} {}] << from {from}\n{}", self.user, self.local, text.trim_end());
             match sipmsg::parse(&buf[..n]) {
-                Ok(msg) => return Ok(Some(Incoming { msg, from, at })),
+                Ok(msg) => return Ok(Some(Incoming { msg, from, at, conn: None })),
                 Err(e) => eprintln!("[phone {}] unparseable datagram from {from}: {e}", self.user),
             }
         }
@@ -696,7 +999,10 @@ fn in_dialog_destination(call: &Call) -> SocketAddr {
         .or_else(|| call.remote_target.as_deref().and_then(|t| Uri::parse(t).ok()));
     match next_hop {
         Some(uri) => match uri.host.parse::<IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, uri.port.unwrap_or(5060)),
+            Ok(ip) => {
+                let tls = uri.scheme == "sips" || uri.param("transport") == Some("tls");
+                SocketAddr::new(ip, uri.port.unwrap_or(if tls { 5061 } else { 5060 }))
+            }
             Err(_) => call.server,
         },
         None => call.server,
@@ -742,7 +1048,14 @@ mod tests {
     fn peer(
         script: impl FnOnce(&mut Phone) -> Result<()> + Send + 'static,
     ) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
-        let mut p = Phone::new("alice", "s3cret")?;
+        peer_with(Transport::Udp, script)
+    }
+
+    fn peer_with(
+        transport: Transport,
+        script: impl FnOnce(&mut Phone) -> Result<()> + Send + 'static,
+    ) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
+        let mut p = Phone::with_transport("alice", "s3cret", transport)?;
         let addr = p.addr();
         Ok((addr, std::thread::spawn(move || script(&mut p))))
     }
@@ -781,7 +1094,7 @@ mod tests {
             Ok(())
         })?;
         let mut phone = Phone::new("alice", "s3cret")?;
-        let server = Server { addr, domain: "127.0.0.2".into() };
+        let server = Server { addr, domain: "127.0.0.2".into(), transport: Transport::Udp };
         let ex = phone.register(&server, 300)?;
         join(registrar)?;
         assert_eq!(ex.status(), 200);
@@ -806,7 +1119,7 @@ mod tests {
             Ok(())
         })?;
         let mut b = Phone::new("bob", "pw")?;
-        let server = Server { addr, domain: addr.ip().to_string() };
+        let server = Server { addr, domain: addr.ip().to_string(), transport: Transport::Udp };
         let mut call = b.invite(&server, "alice", &sdp("bob", b.addr().ip(), 4000))?;
         assert!(call.challenge.is_none());
         let ringing = b.next_response(&mut call, T)?;
@@ -819,6 +1132,64 @@ mod tests {
         assert_eq!(bye.msg.request_uri(), Some(b.contact_uri().as_str()));
         b.respond(&bye, 200, "OK", None)?;
         join(callee)
+    }
+
+    fn call_between_two_stream_phones(transport: Transport) -> Result<()> {
+        let (addr, callee) = peer_with(transport, move |a| {
+            let inv = a.recv_request("INVITE", T)?;
+            let conn = inv.conn.context("INVITE came on no connection")?;
+            assert!(conn.accepted && conn.local == a.addr(), "{conn}");
+            assert_eq!(inv.msg.top_via()?.transport, transport.via_token());
+            let mut call = a.answer(&inv, 200, "OK", &sdp("alice", a.addr().ip(), 5000))?;
+            let ack = a.recv_request("ACK", T)?;
+            assert_eq!(ack.conn, Some(conn), "the ACK reuses the caller's connection");
+            // The callee's BYE goes to the caller's Contact: its listener, on a new connection.
+            let resp = a.bye(&mut call, T)?;
+            assert_eq!(resp.msg.status(), Some(200));
+            let back = resp.conn.context("200 came on no connection")?;
+            assert!(!back.accepted && back.peer != conn.peer, "{back}");
+            assert_eq!(a.connections()?, vec![conn, back]);
+            Ok(())
+        })?;
+        let mut b = Phone::with_transport("bob", "pw", transport)?;
+        let server = Server { addr, domain: addr.ip().to_string(), transport };
+        let mut call = b.invite(&server, "alice", &sdp("bob", b.addr().ip(), 4000))?;
+        let ok = b.final_response(&mut call, T)?;
+        let conn = ok.conn.context("200 came on no connection")?;
+        assert_eq!((conn.peer, conn.accepted), (addr, false));
+        assert_eq!(b.connection_to(addr), Some(conn));
+        assert_eq!(
+            call.remote_target.as_deref(),
+            Some(format!("sip:alice@{addr};transport={transport}").as_str())
+        );
+        b.ack(&call)?;
+        let bye = b.recv_request("BYE", T)?;
+        assert!(bye.conn.is_some_and(|c| c.accepted), "{}", bye.summary());
+        b.respond(&bye, 200, "OK", None)?;
+        join(callee)
+    }
+
+    #[test]
+    fn tcp_call_between_two_phones_answers_on_the_connection_requests_came_on() -> Result<()> {
+        call_between_two_stream_phones(Transport::Tcp)
+    }
+
+    #[test]
+    fn tls_call_between_two_phones_answers_on_the_connection_requests_came_on() -> Result<()> {
+        call_between_two_stream_phones(Transport::Tls)
+    }
+
+    #[test]
+    fn a_phone_refuses_a_server_of_another_transport() -> Result<()> {
+        let mut p = Phone::with_transport("bob", "pw", Transport::Tcp)?;
+        let udp = Server {
+            addr: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            domain: "x".into(),
+            transport: Transport::Udp,
+        };
+        assert!(p.register(&udp, 300).is_err());
+        assert!(p.connections()?.is_empty(), "nothing was sent");
+        Ok(())
     }
 
     #[test]
@@ -849,7 +1220,7 @@ mod tests {
             Ok(())
         })?;
         let mut b = Phone::new("bob", "pw")?;
-        let server = Server { addr, domain: "sip.example.net".into() };
+        let server = Server { addr, domain: "sip.example.net".into(), transport: Transport::Udp };
         let mut call = b.invite(&server, "alice", &sdp("bob", b.addr().ip(), 4000))?;
         assert_eq!(call.challenge.as_ref().and_then(|c| c.msg.status()), Some(407));
         let busy = b.final_response(&mut call, T)?;
@@ -872,7 +1243,7 @@ mod tests {
             Ok(())
         })?;
         let mut b = Phone::new("bob", "pw")?;
-        let server = Server { addr, domain: addr.ip().to_string() };
+        let server = Server { addr, domain: addr.ip().to_string(), transport: Transport::Udp };
         let mut call = b.invite(&server, "alice", &sdp("bob", b.addr().ip(), 4000))?;
         assert_eq!(b.next_response(&mut call, T)?.msg.status(), Some(180));
         let cancel = b.cancel(&call)?;

@@ -40,6 +40,20 @@ pub fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
     free_udp_port_on_all(&[ip])
 }
 
+/// A TCP port that is free on every one of `ips` (the first picks it, the others are checked).
+pub fn free_tcp_port_on_all(ips: &[Ipv4Addr]) -> Result<u16> {
+    let (first, rest) = ips.split_first().context("no address given")?;
+    for _ in 0..ATTEMPTS {
+        let held =
+            TcpListener::bind((*first, 0)).with_context(|| format!("binding tcp {first}:0"))?;
+        let port = held.local_addr()?.port();
+        if rest.iter().all(|ip| TcpListener::bind((*ip, port)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    bail!("no TCP port free on all of {ips:?} after {ATTEMPTS} attempts")
+}
+
 /// A free TCP port on `ip`.
 pub fn free_tcp_port(ip: Ipv4Addr) -> Result<u16> {
     let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding tcp {ip}:0"))?;

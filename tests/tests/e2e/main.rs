@@ -5,8 +5,9 @@
 //! run in parallel. The binaries must be built first: `cargo build --workspace --bins`.
 //!
 //! The main IP is 127.0.0.1 (domain `sip.example.net`), the aliases 127.0.0.2 and 127.0.0.3
-//! (plus an extra port on .3). The rule under test everywhere: a phone sees the cluster only
-//! through the address it registered through.
+//! (plus extra ports on .3), over UDP, TCP and TLS. The rule under test everywhere: a phone
+//! sees the cluster only through the address it registered through — over TCP/TLS, through
+//! the very connection it registered on.
 
 mod billing;
 mod calls;
@@ -14,6 +15,7 @@ mod failures;
 mod keepalive;
 mod registration;
 mod sipp;
+mod streams;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,9 +33,9 @@ fn cluster() -> Result<Cluster> {
     Cluster::start(ClusterOptions::default())
 }
 
-/// A phone for `user` registered through `server`, asserting the 200.
+/// A phone for `user` registered through `server` (over its transport), asserting the 200.
 fn registered(server: &Server, user: &str, password: &str) -> Result<Phone> {
-    let mut phone = Phone::new(user, password)?;
+    let mut phone = Phone::for_server(user, password, server)?;
     let ex = phone.register(server, 300)?;
     ensure!(
         ex.status() == 200,
@@ -54,16 +56,21 @@ fn from_to_hosts(m: &SipMessage) -> Result<(String, String)> {
     Ok((m.from()?.uri.host, m.to()?.uri.host))
 }
 
-/// Asserts an incoming request was sent from `socket` and names it as its own: top Via
-/// sent-by and Contact host:port.
+/// Asserts an incoming request was sent from `socket` (over TCP/TLS: came on a connection to
+/// `socket`) and names it as its own: top Via sent-by and Contact host:port.
 fn assert_sent_from(req: &Incoming, socket: SocketAddr) -> Result<()> {
     ensure!(req.from == socket, "{} came from {}, expected {socket}", req.summary(), req.from);
-    let (host, port) = top_via_sent_by(&req.msg)?;
+    assert_names_socket(&req.msg, socket)
+}
+
+/// Asserts a request names `socket` as its own in the top Via sent-by and the Contact.
+fn assert_names_socket(req: &SipMessage, socket: SocketAddr) -> Result<()> {
+    let (host, port) = top_via_sent_by(req)?;
     ensure!(
         host == socket.ip().to_string() && port == Some(socket.port()),
         "top Via sent-by is {host}:{port:?}, expected {socket}"
     );
-    if let Some(contact) = req.msg.contacts()?.first() {
+    if let Some(contact) = req.contacts()?.first() {
         ensure!(
             contact.uri.host == socket.ip().to_string() && contact.uri.port == Some(socket.port()),
             "Contact {contact} does not name {socket}"
