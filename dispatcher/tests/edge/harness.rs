@@ -382,11 +382,12 @@ pub struct Limits {
     pub message_timeout_secs: u64,
     pub idle_timeout_secs: u64,
     pub per_ip: usize,
+    pub total: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { message_timeout_secs: 10, idle_timeout_secs: 3600, per_ip: 100 }
+        Self { message_timeout_secs: 10, idle_timeout_secs: 3600, per_ip: 100, total: 10_000 }
     }
 }
 
@@ -437,6 +438,7 @@ impl StreamEdge {
             tcp_message_timeout_secs = {message_timeout}
             tcp_idle_timeout_secs = {idle_timeout}
             max_connections_per_ip = {per_ip}
+            max_connections = {total}
             tls_reload_secs = 1
             [dispatcher.main]
             ip = "127.0.0.1"
@@ -466,6 +468,7 @@ impl StreamEdge {
             message_timeout = limits.message_timeout_secs,
             idle_timeout = limits.idle_timeout_secs,
             per_ip = limits.per_ip,
+            total = limits.total,
             main_udp = main_udp_socket.local_addr()?.port(),
             main_tcp = port(&main_tcp_l)?,
             main_tls = port(&main_tls_l)?,

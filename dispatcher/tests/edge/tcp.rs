@@ -397,3 +397,54 @@ async fn sends_from_sockets_the_dispatcher_does_not_own_are_refused() -> Result<
     }
     d.shutdown().await
 }
+
+/// Connects to `to` from `from_ip` (each test client gets its own loopback source address).
+async fn connect_from(from_ip: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((from_ip, 0)))?;
+    socket.connect(to).await
+}
+
+/// Whether the dispatcher closes `stream` within a short while (a refused connection is closed
+/// at once; an accepted one stays open).
+async fn closed_soon(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(timeout(Duration::from_millis(300), stream.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn connections_over_the_total_limit_are_refused_whatever_their_source() -> Result<()> {
+    const TOTAL: usize = 5;
+    let d = StreamEdge::start(Limits { total: TOTAL, ..Limits::default() }).await?;
+    let mut fp = FakeProcessor::connect(d.grpc, "fp1").await?;
+    // Five clients from five different source IPs fill the dispatcher.
+    let mut open = Vec::new();
+    for i in 0..TOTAL {
+        let mut s = connect_from([127, 0, 1, 10 + i as u8], d.alias_tcp).await?;
+        let options = request("OPTIONS", "sip:127.0.0.2", &format!("total-{i}"));
+        s.write_all(options.as_bytes()).await?;
+        let inbound = fp.next_inbound().await?;
+        assert_eq!(inbound.message, options.as_bytes());
+        open.push(s);
+    }
+    // A sixth, from yet another IP (its own per-IP count is zero), is refused.
+    let mut sixth = match connect_from([127, 0, 1, 99], d.alias_tcp).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return d.shutdown().await,
+        Err(e) => return Err(e.into()),
+    };
+    assert!(closed_soon(&mut sixth).await, "a connection over the total limit was kept");
+    // Freeing one slot (the processor hears of the close) lets a new client in.
+    drop(open.pop());
+    match fp.next().await? {
+        sipalias_proto::edge::dispatcher_message::Kind::Closed(c) => {
+            assert_eq!(c.remote_ip, "127.0.1.14")
+        }
+        other => bail!("expected the close of the freed connection, got {other:?}"),
+    }
+    let mut s = connect_from([127, 0, 1, 98], d.alias_tcp).await?;
+    let options = request("OPTIONS", "sip:127.0.0.2", "after-free");
+    s.write_all(options.as_bytes()).await?;
+    assert_eq!(fp.next_inbound().await?.message, options.as_bytes());
+    d.shutdown().await
+}
