@@ -111,6 +111,12 @@ pub enum Work {
     SaveDialog(Box<DialogRecord>),
     /// Remove an ended call from Redis.
     DeleteDialog(Box<DialogRecord>),
+    /// An ACK (for a 2xx) for a call this processor does not hold: look for it in Redis, then
+    /// relay it.
+    LoadDialogForAck {
+        /// The ACK.
+        request: SipMessage,
+    },
     /// An in-dialog request for a call this processor does not hold: look for it in Redis.
     LoadDialog {
         /// Its server transaction.
@@ -466,6 +472,16 @@ impl B2bua {
         self.by_call_id.insert(record.a.call_id.clone(), (id, Side::A));
         self.by_call_id.insert(record.b.call_id.clone(), (id, Side::B(0)));
         tracing::info!(call_ref = %record.call_ref, "call taken over from redis");
+        // The processor that answered may have died before billing heard of the answer; the
+        // start is idempotent, so sending it again makes sure the call is charged.
+        cx.work.push(Work::AccountingStart(AccountingStartRequest {
+            call_ref: record.call_ref.clone(),
+            caller: record.caller_aor.clone(),
+            callee: record.callee_aor.clone(),
+            answered_at_ms: record.answered_at_ms,
+            callee_ingress_ip: record.b.egress.local.addr.ip().to_string(),
+            caller_ingress_ip: record.a_ingress_ip.clone(),
+        }));
         self.calls.insert(
             id,
             Call {
@@ -897,17 +913,19 @@ impl B2bua {
     }
 
     /// An ACK for a 2xx (a transaction of its own): relay it end to end.
-    pub fn handle_ack(&mut self, cx: &mut Ctx<'_>, req: &SipMessage) {
-        let Ok(call_id) = req.call_id() else { return };
-        let Some(&(call, side)) = self.by_call_id.get(call_id) else { return };
+    /// Returns false when the ACK's call is not held here (it may be in Redis).
+    pub fn handle_ack(&mut self, cx: &mut Ctx<'_>, req: &SipMessage) -> bool {
+        let Ok(call_id) = req.call_id() else { return true };
+        let Some(&(call, side)) = self.by_call_id.get(call_id) else { return false };
         let ids = self.ids.clone();
-        let Some(c) = self.calls.get_mut(&call) else { return };
-        let Some(other) = c.other(side) else { return };
+        let Some(c) = self.calls.get_mut(&call) else { return true };
+        let Some(other) = c.other(side) else { return true };
         let d = c.dialog_mut(other);
         let ack = build_ack(&ids, d, d.invite_cseq, req);
         let t = Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() };
         d.last_ack = Some(t.clone());
         cx.out.push(t);
+        true
     }
 
     /// The caller never ACKed our 2xx (RFC 3261 §13.3.1.4): hang up both legs.

@@ -248,6 +248,21 @@ impl Core {
         self.process_events(now, wall_ms);
     }
 
+    /// Takes over a stored call found for an ACK and relays the ACK.
+    pub fn adopt_and_ack(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        record: crate::b2bua::DialogRecord,
+        ack: &SipMessage,
+    ) {
+        let mut cx =
+            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+        self.b2bua.adopt(&mut cx, record);
+        self.b2bua.handle_ack(&mut cx, ack);
+        self.process_events(now, wall_ms);
+    }
+
     /// Next message to put on the wire.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.tx.poll_transmit().or_else(|| (!self.out.is_empty()).then(|| self.out.remove(0)))
@@ -271,7 +286,12 @@ impl Core {
                 TxEvent::Request { key, request, ingress } => {
                     route_request(&mut self.b2bua, &mut cx, &self.ids, key, request, ingress);
                 }
-                TxEvent::Ack { request, .. } => self.b2bua.handle_ack(&mut cx, &request),
+                TxEvent::Ack { request, .. } => {
+                    if !self.b2bua.handle_ack(&mut cx, &request) {
+                        // Perhaps the call of a processor that died or drained after its 200.
+                        cx.work.push(Work::LoadDialogForAck { request });
+                    }
+                }
                 TxEvent::Response { key, response } => {
                     if let Some((aor, field)) = self.keepalives.get(&key).cloned() {
                         if response.status().unwrap_or(0) >= 200 {

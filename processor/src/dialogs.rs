@@ -77,9 +77,14 @@ impl DialogStore {
 
     /// The stored call one of whose legs has this Call-ID.
     pub async fn load(&self, call_id: &str) -> Result<Option<DialogRecord>, Error> {
+        let leg = self.leg_key(call_id);
+        let call_ref: Option<String> = crate::location::retry_once(|| {
+            let mut conn = self.redis.clone();
+            let cmd = redis::cmd("GET").arg(&leg).clone();
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await?;
         let mut conn = self.redis.clone();
-        let call_ref: Option<String> =
-            redis::cmd("GET").arg(self.leg_key(call_id)).query_async(&mut conn).await?;
         let Some(call_ref) = call_ref else { return Ok(None) };
         let key = self.key(&call_ref);
         let json: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
@@ -89,12 +94,27 @@ impl DialogStore {
             .map_err(|e| Error::Corrupt { key, detail: e.to_string() })
     }
 
+    async fn apply(&self, op: &Op) -> Result<(), Error> {
+        match op {
+            Op::Save(r) => self.save(r, crate::node::wall_ms()).await,
+            Op::Delete(r) => self.delete(r).await,
+        }
+    }
+
     /// Applies writes in order for as long as the processor runs.
     pub async fn run_writer(self, mut ops: mpsc::UnboundedReceiver<Op>) {
         while let Some(op) = ops.recv().await {
-            let (what, result) = match &op {
-                Op::Save(r) => ("save", self.save(r, crate::node::wall_ms()).await),
-                Op::Delete(r) => ("delete", self.delete(r).await),
+            let mut result = self.apply(&op).await;
+            // Right after a Redis restart the first command reports the old connection's
+            // failure and reconnects; one retry makes the write land.
+            if let Err(Error::Redis(e)) = &result
+                && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
+            {
+                result = self.apply(&op).await;
+            }
+            let what = match op {
+                Op::Save(_) => "save",
+                Op::Delete(_) => "delete",
             };
             if let Err(e) = result {
                 let call_ref = match &op {

@@ -219,8 +219,13 @@ impl Location {
                 inv.arg(&c.field).arg(b.expires_at_ms).arg(json);
             }
         }
-        let mut conn = self.conn.clone();
-        let raw: Vec<String> = match inv.invoke_async(&mut conn).await {
+        let raw: Vec<String> = match retry_once(|| {
+            let mut conn = self.conn.clone();
+            let inv = &inv;
+            async move { inv.invoke_async(&mut conn).await }
+        })
+        .await
+        {
             Ok(v) => v,
             Err(e) if e.to_string().contains("OUTOFORDER") => {
                 return Err(Error::OutOfOrder { call_id: meta.call_id.to_owned() });
@@ -233,9 +238,12 @@ impl Location {
     /// One binding of an AOR, if present and live.
     pub async fn get(&self, aor: &str, field: &str, now_ms: u64) -> Result<Option<Binding>, Error> {
         let key = self.key(aor);
-        let mut conn = self.conn.clone();
-        let raw: Option<String> =
-            redis::cmd("HGET").arg(&key).arg(field).query_async(&mut conn).await?;
+        let raw: Option<String> = retry_once(|| {
+            let mut conn = self.conn.clone();
+            let cmd = redis::cmd("HGET").arg(&key).arg(field).clone();
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await?;
         let Some(json) = raw else { return Ok(None) };
         let b: Binding = serde_json::from_str(&json)
             .map_err(|e| Error::Corrupt { key: key.clone(), detail: e.to_string() })?;
@@ -253,9 +261,30 @@ impl Location {
     /// The live bindings of an AOR.
     pub async fn lookup(&self, aor: &str, now_ms: u64) -> Result<Vec<Binding>, Error> {
         let key = self.key(aor);
-        let mut conn = self.conn.clone();
-        let raw: Vec<String> = redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await?;
+        let raw: Vec<String> = retry_once(|| {
+            let mut conn = self.conn.clone();
+            let cmd = redis::cmd("HGETALL").arg(&key).clone();
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await?;
         decode_pairs(&key, &raw, now_ms)
+    }
+}
+
+/// Runs a Redis operation, and once more if it failed on the connection: after an outage the
+/// connection manager reports its last failed reconnect to the first command, which then
+/// reconnects; without the retry the first REGISTER or call after Redis returns gets a 503.
+pub async fn retry_once<T, F, Fut>(op: F) -> Result<T, redis::RedisError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+{
+    match op().await {
+        Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+            tracing::debug!(error = %e, "redis connection error: retrying once");
+            op().await
+        }
+        other => other,
     }
 }
 

@@ -299,6 +299,18 @@ impl Node {
             Work::DeleteDialog(r) => {
                 let _ = self.dialog_ops.send(DialogOp::Delete(r));
             }
+            Work::LoadDialogForAck { request } => {
+                let call_id = request.call_id().unwrap_or_default().to_owned();
+                match self.dialogs.load(&call_id).await {
+                    Ok(Some(record)) => self.with_core(|core, now, wall| {
+                        core.adopt_and_ack(now, wall, record, &request)
+                    }),
+                    Ok(None) => tracing::debug!(%call_id, "ACK for no known call dropped"),
+                    Err(e) => {
+                        tracing::warn!(%call_id, error = %e, "ACK dropped: dialog lookup failed")
+                    }
+                }
+            }
             Work::LoadDialog { key, request } => {
                 let call_id = request.call_id().unwrap_or_default().to_owned();
                 match self.dialogs.load(&call_id).await {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -66,6 +66,9 @@ pub struct ClusterOptions {
     /// TLS listeners on 127.0.0.1 and 127.0.0.3 (on by default; certificates are made at
     /// start-up). Without, those IPs listen on UDP and TCP only.
     pub tls: bool,
+    /// Run Redis with an append-only file fsynced on every write, so that
+    /// [`Cluster::restart_redis`] keeps bindings and dialogs (off by default: nothing on disk).
+    pub redis_persistence: bool,
 }
 
 impl Default for ClusterOptions {
@@ -77,6 +80,7 @@ impl Default for ClusterOptions {
             processor_toml: String::new(),
             dispatcher_toml: String::new(),
             tls: true,
+            redis_persistence: false,
         }
     }
 }
@@ -99,11 +103,43 @@ struct Certificates {
     alias3: CertFiles,
 }
 
+/// A processor that was sent SIGTERM and has not been seen to exit yet.
+struct Terminating {
+    /// When SIGTERM was sent.
+    at: Instant,
+    /// The dispatcher's output line count then, to wait for its `disconnected` line.
+    dispatcher_mark: usize,
+}
+
+/// How a processor ended after SIGTERM ([`Cluster::terminate_processor`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Terminated {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// From SIGTERM to its exit.
+    pub took: Duration,
+}
+
+/// What [`Cluster::restart_dispatcher`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatcherRestart {
+    /// When the new dispatcher logged that its edge (gRPC) listens: from then on processors
+    /// can link.
+    pub listening_at: Instant,
+    /// From then until the dispatcher logged the last running processor as connected (zero
+    /// when they all linked before the line was read, or none was running).
+    pub processors_back_after: Duration,
+}
+
 /// A running cluster. Dropping it stops every process (processors first) and removes its
 /// directory.
 pub struct Cluster {
     // Field order is drop order: clients of Redis before Redis, the directory last.
+    /// Processor `pN` at index N-1; `None` when not running (killed, terminated, or a gap
+    /// below a processor started beyond `options.processors`).
     processors: Vec<Option<Process>>,
+    /// Processors sent SIGTERM, by number, until [`Cluster::wait_processor_exit`].
+    terminating: BTreeMap<usize, Terminating>,
     dispatcher: Process,
     billing: Option<Process>,
     redis: RedisServer,
@@ -140,7 +176,7 @@ impl Cluster {
 
     fn try_start(options: ClusterOptions) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("sipalias-e2e-").tempdir()?;
-        let redis = RedisServer::start(dir.path())?;
+        let redis = RedisServer::start_with(dir.path(), options.redis_persistence)?;
         let sip_port = ports::free_sip_port_on_all(&[MAIN_IP, ALIAS2_IP, ALIAS3_IP])?;
         let extra_port = loop {
             let p = ports::free_udp_port(ALIAS3_IP)?;
@@ -201,33 +237,14 @@ impl Cluster {
 
         let dispatcher =
             Process::spawn("dispatcher", service_command(binary::DISPATCHER, &config, &[])?)?;
-        dispatcher.wait_for_line("edge grpc listening on", START_TIMEOUT)?;
-        let mut sockets = vec![
-            ("udp", MAIN_IP, sip_port),
-            ("udp", ALIAS2_IP, sip_port),
-            ("udp", ALIAS3_IP, sip_port),
-            ("udp", ALIAS3_IP, extra_port),
-            ("tcp", MAIN_IP, sip_port),
-            ("tcp", ALIAS2_IP, sip_port),
-            ("tcp", ALIAS3_IP, sip_port),
-            ("tcp", ALIAS3_IP, streams.extra_tcp),
-        ];
-        if certs.is_some() {
-            sockets.extend([
-                ("tls", MAIN_IP, streams.tls),
-                ("tls", ALIAS3_IP, streams.tls),
-                ("tls", ALIAS3_IP, streams.extra_tls),
-            ]);
-        }
-        for (transport, ip, port) in sockets {
-            dispatcher.wait_for_line(
-                &format!("sip {transport} listening on {ip}:{port}"),
-                START_TIMEOUT,
-            )?;
-        }
+        wait_dispatcher_listening(
+            &dispatcher,
+            &listening_sockets(sip_port, extra_port, &streams, certs.is_some()),
+        )?;
 
         let mut cluster = Cluster {
             processors: Vec::new(),
+            terminating: BTreeMap::new(),
             dispatcher,
             billing: Some(billing),
             redis,
@@ -393,10 +410,12 @@ impl Cluster {
         &self.redis
     }
 
-    /// Fails naming the first service process that is no longer running.
+    /// Fails naming the first service process that is no longer running (Redis and billing
+    /// only while not stopped on purpose).
     pub fn check_all_running(&self) -> Result<()> {
-        let all = [&self.dispatcher, self.redis.process()]
+        let all = [&self.dispatcher]
             .into_iter()
+            .chain(self.redis.process())
             .chain(self.billing.iter())
             .chain(self.processors.iter().flatten());
         for p in all {
@@ -422,26 +441,115 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts processor `pN` (again) with the same id and waits until it is connected.
-    pub fn start_processor(&mut self, n: usize) -> Result<()> {
+    /// Starts processor `pN` — again with the same id, or a new one (any `n` ≥ 1, also beyond
+    /// `options.processors`) — and waits until it is connected. Returns when the dispatcher
+    /// logged `processor pN connected`: from then on it is routable.
+    pub fn start_processor(&mut self, n: usize) -> Result<Instant> {
+        if n == 0 {
+            bail!("processors are numbered from 1");
+        }
         if self.processor(n).is_some() {
             bail!("processor p{n} is already running");
         }
+        if self.processors.len() < n {
+            self.processors.resize_with(n, || None);
+        }
+        self.terminating.remove(&n);
         let mark = self.dispatcher.mark();
         let p = self.spawn_processor(n)?;
-        *self.processors.get_mut(n.wrapping_sub(1)).context("no such processor")? = Some(p);
-        self.dispatcher.wait_for_line_since(
+        self.processors[n - 1] = Some(p);
+        let (at, _) = self.dispatcher.wait_for_line_at(
             mark,
             &format!("processor p{n} connected"),
             START_TIMEOUT,
         )?;
-        Ok(())
+        Ok(at)
     }
 
     /// Kills processor `pN` and starts it again (same id), waiting for it to reconnect.
     pub fn restart_processor(&mut self, n: usize) -> Result<()> {
         self.kill_processor(n)?;
-        self.start_processor(n)
+        self.start_processor(n).map(|_| ())
+    }
+
+    /// Sends SIGTERM to processor `pN` (a graceful drain) and returns at once; the processor
+    /// keeps running until its drain ends: see [`Cluster::wait_processor_exit`].
+    pub fn signal_processor_term(&mut self, n: usize) -> Result<()> {
+        let p = self.processor(n).with_context(|| format!("processor p{n} is not running"))?;
+        let dispatcher_mark = self.dispatcher.mark();
+        let at = Instant::now();
+        p.send_term()?;
+        self.terminating.insert(n, Terminating { at, dispatcher_mark });
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for processor `pN`, sent SIGTERM by
+    /// [`Cluster::signal_processor_term`], to exit, then for the dispatcher to log it as
+    /// disconnected. Fails (having killed it) if it is still running after `timeout`.
+    pub fn wait_processor_exit(&mut self, n: usize, timeout: Duration) -> Result<Terminated> {
+        let term = self
+            .terminating
+            .remove(&n)
+            .with_context(|| format!("processor p{n} was not sent SIGTERM"))?;
+        let slot = self.processors.get_mut(n.wrapping_sub(1)).context("no such processor")?;
+        let p = slot.take().with_context(|| format!("processor p{n} is not running"))?;
+        let left = timeout.saturating_sub(term.at.elapsed());
+        let status = p.wait_exit(left).with_context(|| {
+            format!("p{n} did not exit within {timeout:?} of SIGTERM; last output:\n{}", {
+                let lines = p.lines();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            })
+        })?;
+        let took = term.at.elapsed();
+        drop(p);
+        self.dispatcher.wait_for_line_since(
+            term.dispatcher_mark,
+            &format!("processor p{n} disconnected"),
+            START_TIMEOUT,
+        )?;
+        Ok(Terminated { status, took })
+    }
+
+    /// Sends SIGTERM to processor `pN` and waits up to `timeout` for it to exit (see
+    /// [`Cluster::wait_processor_exit`]): its exit status and how long it took.
+    pub fn terminate_processor(&mut self, n: usize, timeout: Duration) -> Result<Terminated> {
+        self.signal_processor_term(n)?;
+        self.wait_processor_exit(n, timeout)
+    }
+
+    /// Kills the dispatcher (SIGKILL: no goodbye to the processors) and starts it again with
+    /// the same configuration; waits until every socket listens and every running processor
+    /// has linked to it again.
+    pub fn restart_dispatcher(&mut self) -> Result<DispatcherRestart> {
+        self.dispatcher.kill()?;
+        let dispatcher =
+            Process::spawn("dispatcher", service_command(binary::DISPATCHER, &self.config, &[])?)?;
+        // The old one is dead already: dropping it only reaps nothing twice.
+        self.dispatcher = dispatcher;
+        // Marks taken from the old dispatcher's output mean nothing to the new one.
+        self.terminating.clear();
+        let listening_at = wait_dispatcher_listening(
+            &self.dispatcher,
+            &listening_sockets(self.sip_port, self.extra_port, &self.streams, self.certs.is_some()),
+        )?;
+        let mut processors_back_after = Duration::ZERO;
+        let running: Vec<usize> =
+            (1..=self.processors.len()).filter(|n| self.processor(*n).is_some()).collect();
+        for n in running {
+            let (at, _) = self.dispatcher.wait_for_line_at(
+                0,
+                &format!("processor p{n} connected"),
+                START_TIMEOUT,
+            )?;
+            processors_back_after =
+                processors_back_after.max(at.saturating_duration_since(listening_at));
+        }
+        Ok(DispatcherRestart { listening_at, processors_back_after })
+    }
+
+    /// The cluster view: the output of `sipalias-dispatcher status --config F`.
+    pub fn status(&self) -> Result<String> {
+        self.run_cli(binary::DISPATCHER, &["status"])
     }
 
     fn spawn_processor(&self, n: usize) -> Result<Process> {
@@ -526,12 +634,18 @@ impl Cluster {
 
     /// Runs `sipalias-billing --config F ARGS…` to completion and returns its stdout.
     pub fn billing_cli(&self, args: &[&str]) -> Result<String> {
+        self.run_cli(binary::BILLING, args)
+    }
+
+    /// Runs `BIN --config F ARGS…` to completion and returns its stdout; fails with its
+    /// output if it exits unsuccessfully.
+    fn run_cli(&self, bin: &str, args: &[&str]) -> Result<String> {
         let stamp = format!("{:x}", rand::random::<u32>());
         let out_path = self.dir.path().join(format!("cli-{stamp}.out"));
         let err_path = self.dir.path().join(format!("cli-{stamp}.err"));
-        let mut cmd = service_command(binary::BILLING, &self.config, args)?;
+        let mut cmd = service_command(bin, &self.config, args)?;
         cmd.stdin(Stdio::null()).stdout(File::create(&out_path)?).stderr(File::create(&err_path)?);
-        let mut child = cmd.spawn().with_context(|| format!("running billing {args:?}"))?;
+        let mut child = cmd.spawn().with_context(|| format!("running {bin} {args:?}"))?;
         let deadline = Instant::now() + CLI_TIMEOUT;
         let status = loop {
             if let Some(s) = child.try_wait()? {
@@ -540,7 +654,7 @@ impl Cluster {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("billing {args:?} did not finish within {CLI_TIMEOUT:?}");
+                bail!("{bin} {args:?} did not finish within {CLI_TIMEOUT:?}");
             }
             // Polling the child for exit: std has no wait-with-timeout.
             std::thread::sleep(Duration::from_millis(10));
@@ -548,12 +662,42 @@ impl Cluster {
         let stdout = std::fs::read_to_string(&out_path)?;
         let stderr = std::fs::read_to_string(&err_path)?;
         if !status.success() {
-            bail!("billing {args:?} failed ({status}):\n{stdout}{stderr}");
+            bail!("{bin} {args:?} failed ({status}):\n{stdout}{stderr}");
         }
         Ok(stdout)
     }
 
     // ----- redis --------------------------------------------------------------------------
+
+    /// Stops redis-server (an outage); the services keep running.
+    pub fn stop_redis(&mut self) -> Result<()> {
+        self.redis.stop()
+    }
+
+    /// Starts redis-server again after [`Cluster::stop_redis`], on the same socket and
+    /// directory, and waits until it answers (with persistence: has loaded its data).
+    pub fn start_redis(&mut self) -> Result<()> {
+        self.redis.start_again()
+    }
+
+    /// Stops redis-server and starts it again on the same socket and directory. Only with
+    /// [`ClusterOptions::redis_persistence`] does its data survive.
+    pub fn restart_redis(&mut self) -> Result<()> {
+        self.redis.restart()
+    }
+
+    /// The Redis keys matching a glob `pattern` (prefix included, e.g. `e2e:dlg:*`), sorted.
+    pub fn redis_keys(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut con = self.redis.client()?;
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut con)?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The Redis key of an answered call, by its `call_ref` (caller's `Call-ID;from-tag`).
+    pub fn dialog_key(call_ref: &str) -> String {
+        format!("{KEY_PREFIX}dlg:{{{call_ref}}}")
+    }
 
     /// The Redis key of `user`'s bindings.
     pub fn location_key(user: &str) -> String {
@@ -573,6 +717,47 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// Every socket the dispatcher of a cluster listens on: (transport, ip, port).
+fn listening_sockets(
+    sip_port: u16,
+    extra_port: u16,
+    streams: &StreamPorts,
+    tls: bool,
+) -> Vec<(&'static str, Ipv4Addr, u16)> {
+    let mut sockets = vec![
+        ("udp", MAIN_IP, sip_port),
+        ("udp", ALIAS2_IP, sip_port),
+        ("udp", ALIAS3_IP, sip_port),
+        ("udp", ALIAS3_IP, extra_port),
+        ("tcp", MAIN_IP, sip_port),
+        ("tcp", ALIAS2_IP, sip_port),
+        ("tcp", ALIAS3_IP, sip_port),
+        ("tcp", ALIAS3_IP, streams.extra_tcp),
+    ];
+    if tls {
+        sockets.extend([
+            ("tls", MAIN_IP, streams.tls),
+            ("tls", ALIAS3_IP, streams.tls),
+            ("tls", ALIAS3_IP, streams.extra_tls),
+        ]);
+    }
+    sockets
+}
+
+/// Waits until a (new) dispatcher's edge and every SIP socket listen; returns when it logged
+/// its edge as listening.
+fn wait_dispatcher_listening(
+    dispatcher: &Process,
+    sockets: &[(&'static str, Ipv4Addr, u16)],
+) -> Result<Instant> {
+    let (edge, _) = dispatcher.wait_for_line_at(0, "edge grpc listening on", START_TIMEOUT)?;
+    for (transport, ip, port) in sockets {
+        dispatcher
+            .wait_for_line(&format!("sip {transport} listening on {ip}:{port}"), START_TIMEOUT)?;
+    }
+    Ok(edge)
 }
 
 /// The values that differ between clusters.

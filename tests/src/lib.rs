@@ -22,6 +22,7 @@ pub mod ports;
 pub mod process;
 pub mod redis;
 pub mod sipp;
+pub mod status;
 pub mod stream;
 pub mod tls;
 pub mod wait;

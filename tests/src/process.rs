@@ -18,6 +18,8 @@ const TAIL_LINES: usize = 30;
 #[derive(Default)]
 struct Output {
     lines: Vec<String>,
+    /// When each line was read, for measuring how long after one event another came.
+    times: Vec<Instant>,
     /// Streams still open; 0 once the process has closed both (normally: exited).
     open: usize,
 }
@@ -74,7 +76,7 @@ impl Process {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
         let shared = Arc::new(Shared {
-            output: Mutex::new(Output { lines: Vec::new(), open: 2 }),
+            output: Mutex::new(Output { lines: Vec::new(), times: Vec::new(), open: 2 }),
             changed: Condvar::new(),
         });
         let stdout = child.stdout.take().context("stdout not piped")?;
@@ -118,11 +120,23 @@ impl Process {
         needle: &str,
         timeout: Duration,
     ) -> Result<String> {
+        self.wait_for_line_at(mark, needle, timeout).map(|(_, line)| line)
+    }
+
+    /// Like [`Process::wait_for_line_since`], and also returns when the line was read (not
+    /// when the wait noticed it), so tests can measure the time between two events.
+    pub fn wait_for_line_at(
+        &self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(Instant, String)> {
         let deadline = Instant::now() + timeout;
         let mut out = self.shared.lock();
         loop {
-            if let Some(l) = out.lines.iter().skip(mark).find(|l| l.contains(needle)) {
-                return Ok(l.clone());
+            if let Some(i) = out.lines.iter().skip(mark).position(|l| l.contains(needle)) {
+                let i = mark + i;
+                return Ok((out.times[i], out.lines[i].clone()));
             }
             if out.open == 0 {
                 let tail = tail(&out.lines);
@@ -166,17 +180,28 @@ impl Process {
         Ok(child.wait()?)
     }
 
-    /// Sends SIGTERM and waits for the process to exit; kills it after a grace period.
-    pub fn terminate(&self) -> Result<ExitStatus> {
+    /// Sends SIGTERM (if the process still runs) and returns at once.
+    pub fn send_term(&self) -> Result<()> {
         let pid = self.pid();
         if self.child().try_wait()?.is_none() {
             // No signal crate in the workspace: `kill(1)` sends SIGTERM to exactly this PID.
-            let _ = Command::new("kill")
+            let status = Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status();
+                .status()
+                .with_context(|| format!("running kill -TERM {pid} ({})", self.name))?;
+            // kill fails when the process exited meanwhile: nothing left to signal.
+            if !status.success() && self.child().try_wait()?.is_none() {
+                bail!("kill -TERM {pid} ({}) failed: {status}", self.name);
+            }
         }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; kills it after a grace period.
+    pub fn terminate(&self) -> Result<ExitStatus> {
+        self.send_term()?;
         let deadline = Instant::now() + TERM_GRACE;
         loop {
             if let Some(status) = self.child().try_wait()? {
@@ -239,8 +264,12 @@ fn spawn_reader(name: &str, stream: impl Read + Send + 'static, shared: Arc<Shar
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
+                        let at = Instant::now();
                         eprintln!("[{prefix}] {line}");
-                        shared.lock().lines.push(line);
+                        let mut out = shared.lock();
+                        out.lines.push(line);
+                        out.times.push(at);
+                        drop(out);
                         shared.changed.notify_all();
                     }
                 }

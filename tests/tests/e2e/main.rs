@@ -11,6 +11,7 @@
 
 mod billing;
 mod calls;
+mod cluster;
 mod failures;
 mod keepalive;
 mod registration;
