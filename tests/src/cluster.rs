@@ -5,6 +5,11 @@
 //! Every IP listens on UDP and TCP port P. 127.0.0.1 and 127.0.0.3 also listen on TLS port T,
 //! each with a self-signed certificate of its own made at start-up; 127.0.0.3 has an extra UDP,
 //! TCP and TLS port.
+//!
+//! With [`ClusterOptions::second_dispatcher`] a second dispatcher, `d2`, runs beside `d1` with
+//! IPs of its own (two dispatchers on one host cannot bind the same IPs without VRRP): main IP
+//! 127.0.0.4 (same canonical domain) and alias 127.0.0.5 (realm of its own), UDP and TCP, and
+//! every processor links to both.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -39,6 +44,12 @@ pub const ALIAS3_REALM: &str = "sip.another-old.example";
 pub const MAIN_CERT_SUBJECT: &str = "sip.example.net";
 /// Subject (common name) of the second alias's TLS certificate: the old provider's server.
 pub const ALIAS3_CERT_SUBJECT: &str = "sip.another-old.example";
+/// Main IP of the second dispatcher (same canonical domain as [`MAIN_IP`]).
+pub const D2_MAIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+/// Alias IP of the second dispatcher.
+pub const D2_ALIAS_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+/// The digest realm phones of the second dispatcher's alias expect.
+pub const D2_ALIAS_REALM: &str = "sip.third-old.example";
 /// Prefix of every Redis key; not the default, to prove the setting is honoured.
 pub const KEY_PREFIX: &str = "e2e:";
 
@@ -69,6 +80,10 @@ pub struct ClusterOptions {
     /// Run Redis with an append-only file fsynced on every write, so that
     /// [`Cluster::restart_redis`] keeps bindings and dialogs (off by default: nothing on disk).
     pub redis_persistence: bool,
+    /// A second dispatcher, `d2`, on 127.0.0.4 (main, domain `sip.example.net`) and 127.0.0.5
+    /// (alias, realm [`D2_ALIAS_REALM`]) over UDP and TCP, with its own port and gRPC port;
+    /// every processor lists both dispatchers and is waited for on both. Off by default.
+    pub second_dispatcher: bool,
 }
 
 impl Default for ClusterOptions {
@@ -81,6 +96,7 @@ impl Default for ClusterOptions {
             dispatcher_toml: String::new(),
             tls: true,
             redis_persistence: false,
+            second_dispatcher: false,
         }
     }
 }
@@ -101,6 +117,19 @@ struct StreamPorts {
 struct Certificates {
     main: CertFiles,
     alias3: CertFiles,
+}
+
+/// The second dispatcher (`d2`) of a cluster started with
+/// [`ClusterOptions::second_dispatcher`].
+struct SecondDispatcher {
+    /// `None` once killed ([`Cluster::kill_second_dispatcher`]).
+    process: Option<Process>,
+    /// Its own TOML file: the `[dispatcher]` table with its id, edge and IPs.
+    config: PathBuf,
+    /// Its edge (gRPC) address.
+    grpc: SocketAddr,
+    /// Its UDP and TCP port on both its IPs.
+    sip_port: u16,
 }
 
 /// A processor that was sent SIGTERM and has not been seen to exit yet.
@@ -141,6 +170,7 @@ pub struct Cluster {
     /// Processors sent SIGTERM, by number, until [`Cluster::wait_processor_exit`].
     terminating: BTreeMap<usize, Terminating>,
     dispatcher: Process,
+    second: Option<SecondDispatcher>,
     billing: Option<Process>,
     redis: RedisServer,
     config: PathBuf,
@@ -215,9 +245,25 @@ impl Cluster {
         };
         let grpc = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
         let billing_addr = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
+        let second = if options.second_dispatcher {
+            let config = dir.path().join("sipalias-d2.toml");
+            let grpc = loop {
+                let a = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
+                if a != grpc && a != billing_addr {
+                    break a;
+                }
+            };
+            let sip_port = ports::free_sip_port_on_all(&[D2_MAIN_IP, D2_ALIAS_IP])?;
+            std::fs::write(&config, second_dispatcher_toml(grpc, sip_port))
+                .with_context(|| format!("writing {}", config.display()))?;
+            Some(SecondDispatcher { process: None, config, grpc, sip_port })
+        } else {
+            None
+        };
         let config = dir.path().join("sipalias.toml");
         let toml = config_toml(&ConfigValues {
             grpc,
+            second_grpc: second.as_ref().map(|d| d.grpc),
             billing: billing_addr,
             redis_url: &redis.url(),
             sip_port,
@@ -241,11 +287,22 @@ impl Cluster {
             &dispatcher,
             &listening_sockets(sip_port, extra_port, &streams, certs.is_some()),
         )?;
+        let second = match second {
+            Some(mut d2) => {
+                let p =
+                    Process::spawn("d2", service_command(binary::DISPATCHER, &d2.config, &[])?)?;
+                wait_dispatcher_listening(&p, &second_dispatcher_sockets(d2.sip_port))?;
+                d2.process = Some(p);
+                Some(d2)
+            }
+            None => None,
+        };
 
         let mut cluster = Cluster {
             processors: Vec::new(),
             terminating: BTreeMap::new(),
             dispatcher,
+            second,
             billing: Some(billing),
             redis,
             config,
@@ -261,9 +318,9 @@ impl Cluster {
             cluster.processors.push(Some(p));
         }
         for n in 1..=cluster.options.processors {
-            cluster
-                .dispatcher
-                .wait_for_line(&format!("processor p{n} connected"), START_TIMEOUT)?;
+            for d in cluster.dispatchers() {
+                d.wait_for_line(&format!("processor p{n} connected"), START_TIMEOUT)?;
+            }
         }
         Ok(cluster)
     }
@@ -333,6 +390,24 @@ impl Cluster {
         Self::server(ALIAS3_IP, self.streams.extra_tls, Transport::Tls)
     }
 
+    /// The second dispatcher's main IP 127.0.0.4 (UDP), for phones configured with the
+    /// canonical domain. Fails without [`ClusterOptions::second_dispatcher`].
+    pub fn d2_main(&self) -> Result<Server> {
+        let d2 = self.second.as_ref().context("the cluster has no second dispatcher")?;
+        Ok(Server {
+            addr: SocketAddr::from((D2_MAIN_IP, d2.sip_port)),
+            domain: DOMAIN.to_owned(),
+            transport: Transport::Udp,
+        })
+    }
+
+    /// The second dispatcher's alias 127.0.0.5 (UDP); its phones use the alias IP as their
+    /// domain and answer challenges with [`D2_ALIAS_REALM`].
+    pub fn d2_alias(&self) -> Result<Server> {
+        let d2 = self.second.as_ref().context("the cluster has no second dispatcher")?;
+        Ok(Self::server(D2_ALIAS_IP, d2.sip_port, Transport::Udp))
+    }
+
     /// The certificate the dispatcher presents on `ip`'s TLS ports, if it has TLS.
     pub fn certificate(&self, ip: Ipv4Addr) -> Option<&CertFiles> {
         let certs = self.certs.as_ref()?;
@@ -375,6 +450,36 @@ impl Cluster {
         &self.dispatcher
     }
 
+    /// The second dispatcher (`d2`), while it runs.
+    pub fn second_dispatcher(&self) -> Option<&Process> {
+        self.second.as_ref()?.process.as_ref()
+    }
+
+    /// Every running dispatcher: `d1`, then `d2` if started and not killed.
+    fn dispatchers(&self) -> impl Iterator<Item = &Process> {
+        std::iter::once(&self.dispatcher).chain(self.second_dispatcher())
+    }
+
+    /// Kills the second dispatcher with SIGKILL (a crash) and waits until every running
+    /// processor has logged a line about its link to it since (the link failing, or a
+    /// re-dial being refused): from then on each processor knows `d2` is gone.
+    pub fn kill_second_dispatcher(&mut self) -> Result<()> {
+        let d2 = self.second.as_mut().context("the cluster has no second dispatcher")?;
+        let url = format!("http://{}", d2.grpc);
+        let p = d2.process.take().context("the second dispatcher is not running")?;
+        let marks: Vec<(usize, usize)> = (1..=self.processors.len())
+            .filter_map(|n| self.processor(n).map(|p| (n, p.mark())))
+            .collect();
+        p.kill()?;
+        drop(p);
+        for (n, mark) in marks {
+            if let Some(p) = self.processor(n) {
+                p.wait_for_line_since(mark, &url, START_TIMEOUT)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The billing process, unless stopped with [`Cluster::stop_billing`].
     pub fn billing(&self) -> Option<&Process> {
         self.billing.as_ref()
@@ -413,8 +518,8 @@ impl Cluster {
     /// Fails naming the first service process that is no longer running (Redis and billing
     /// only while not stopped on purpose).
     pub fn check_all_running(&self) -> Result<()> {
-        let all = [&self.dispatcher]
-            .into_iter()
+        let all = self
+            .dispatchers()
             .chain(self.redis.process())
             .chain(self.billing.iter())
             .chain(self.processors.iter().flatten());
@@ -456,13 +561,14 @@ impl Cluster {
         }
         self.terminating.remove(&n);
         let mark = self.dispatcher.mark();
+        let second_mark = self.second_dispatcher().map(Process::mark);
         let p = self.spawn_processor(n)?;
         self.processors[n - 1] = Some(p);
-        let (at, _) = self.dispatcher.wait_for_line_at(
-            mark,
-            &format!("processor p{n} connected"),
-            START_TIMEOUT,
-        )?;
+        let connected = format!("processor p{n} connected");
+        let (at, _) = self.dispatcher.wait_for_line_at(mark, &connected, START_TIMEOUT)?;
+        if let (Some(d2), Some(mark)) = (self.second_dispatcher(), second_mark) {
+            d2.wait_for_line_since(mark, &connected, START_TIMEOUT)?;
+        }
         Ok(at)
     }
 
@@ -552,6 +658,12 @@ impl Cluster {
         self.run_cli(binary::DISPATCHER, &["status"])
     }
 
+    /// The second dispatcher's view: `sipalias-dispatcher status --grpc http://<d2 edge>`.
+    pub fn second_dispatcher_status(&self) -> Result<String> {
+        let d2 = self.second.as_ref().context("the cluster has no second dispatcher")?;
+        self.run_cli(binary::DISPATCHER, &["status", "--grpc", &format!("http://{}", d2.grpc)])
+    }
+
     fn spawn_processor(&self, n: usize) -> Result<Process> {
         let mut cmd = service_command(binary::PROCESSOR, &self.config, &[])?;
         cmd.env("SIPALIAS_PROCESSOR__ID", format!("p{n}"));
@@ -560,24 +672,10 @@ impl Cluster {
 
     // ----- billing ------------------------------------------------------------------------
 
-    /// Creates `user@sip.example.net` with credentials for the domain and both alias realms.
+    /// Creates `user@sip.example.net` with credentials for the domain and both alias realms
+    /// (and the second dispatcher's alias realm when it runs one).
     pub fn add_account(&self, user: &str, password: &str) -> Result<()> {
-        let aor = format!("{user}@{DOMAIN}");
-        self.billing_cli(&[
-            "account",
-            "add",
-            "--aor",
-            &aor,
-            "--password",
-            password,
-            "--realm",
-            DOMAIN,
-            "--realm",
-            ALIAS2_REALM,
-            "--realm",
-            ALIAS3_REALM,
-        ])?;
-        Ok(())
+        self.add_account_with(user, password, &[])
     }
 
     /// Like [`Cluster::add_account`], with extra `account add` options (e.g. `--prepaid`,
@@ -598,6 +696,9 @@ impl Cluster {
             "--realm",
             ALIAS3_REALM,
         ];
+        if self.options.second_dispatcher {
+            args.extend_from_slice(&["--realm", D2_ALIAS_REALM]);
+        }
         args.extend_from_slice(extra);
         self.billing_cli(&args)?;
         Ok(())
@@ -746,6 +847,42 @@ fn listening_sockets(
     sockets
 }
 
+/// Every socket the second dispatcher listens on: UDP and TCP `sip_port` on both its IPs.
+fn second_dispatcher_sockets(sip_port: u16) -> Vec<(&'static str, Ipv4Addr, u16)> {
+    vec![
+        ("udp", D2_MAIN_IP, sip_port),
+        ("udp", D2_ALIAS_IP, sip_port),
+        ("tcp", D2_MAIN_IP, sip_port),
+        ("tcp", D2_ALIAS_IP, sip_port),
+    ]
+}
+
+/// The second dispatcher's own file: a `[dispatcher]` table (all it reads) with id `d2`, its
+/// edge, and its own main IP (the cluster's domain) and alias.
+fn second_dispatcher_toml(grpc: SocketAddr, sip_port: u16) -> String {
+    format!(
+        r#"# Written by the sipalias end-to-end harness: the second dispatcher.
+[dispatcher]
+id = "d2"
+grpc_listen = "{grpc}"
+retry_after_secs = 5
+
+[dispatcher.main]
+ip = "{D2_MAIN_IP}"
+domain = "{DOMAIN}"
+udp_port = {sip_port}
+tcp_port = {sip_port}
+
+[[dispatcher.aliases]]
+ip = "{D2_ALIAS_IP}"
+domain = "{DOMAIN}"
+realm = "{D2_ALIAS_REALM}"
+udp_port = {sip_port}
+tcp_port = {sip_port}
+"#
+    )
+}
+
 /// Waits until a (new) dispatcher's edge and every SIP socket listen; returns when it logged
 /// its edge as listening.
 fn wait_dispatcher_listening(
@@ -763,6 +900,8 @@ fn wait_dispatcher_listening(
 /// The values that differ between clusters.
 struct ConfigValues<'a> {
     grpc: SocketAddr,
+    /// The second dispatcher's edge, which processors dial too.
+    second_grpc: Option<SocketAddr>,
     billing: SocketAddr,
     redis_url: &'a str,
     sip_port: u16,
@@ -779,6 +918,7 @@ struct ConfigValues<'a> {
 fn config_toml(v: &ConfigValues<'_>) -> String {
     let ConfigValues {
         grpc,
+        second_grpc,
         billing,
         redis_url,
         sip_port,
@@ -791,6 +931,11 @@ fn config_toml(v: &ConfigValues<'_>) -> String {
         dispatcher_toml,
     } = v;
     let t1 = t1_ms.map(|t| format!("t1_ms = {t}\n")).unwrap_or_default();
+    let dispatchers = std::iter::once(grpc)
+        .chain(second_grpc)
+        .map(|g| format!("\"http://{g}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let StreamPorts { tls, extra_tcp, extra_tls } = streams;
     // TOML basic strings: a temporary directory's path has no quote or backslash.
     let tls_of = |c: &CertFiles| {
@@ -838,7 +983,7 @@ extra_tcp_ports = [{extra_tcp}]
 {alias3_tls}
 [processor]
 id = "p1"
-dispatchers = ["http://{grpc}"]
+dispatchers = [{dispatchers}]
 billing_url = "http://{billing}"
 redis_url = "{redis_url}"
 key_prefix = "{KEY_PREFIX}"
@@ -898,6 +1043,7 @@ mod tests {
     fn config_has_every_alias_and_optional_t1() {
         let v = ConfigValues {
             grpc: SocketAddr::from((MAIN_IP, 7070)),
+            second_grpc: None,
             billing: SocketAddr::from((MAIN_IP, 7080)),
             redis_url: "redis+unix:///tmp/x/redis.sock",
             sip_port: 15060,
@@ -920,6 +1066,39 @@ mod tests {
     }
 
     #[test]
+    fn processors_list_both_dispatchers_and_the_second_has_its_own_ips() {
+        let toml = config_toml(&ConfigValues {
+            grpc: SocketAddr::from((MAIN_IP, 7070)),
+            second_grpc: Some(SocketAddr::from((MAIN_IP, 7071))),
+            billing: SocketAddr::from((MAIN_IP, 7080)),
+            redis_url: "redis+unix:///tmp/x/redis.sock",
+            sip_port: 15060,
+            extra_port: 15080,
+            streams: &StreamPorts { tls: 15061, extra_tcp: 15090, extra_tls: 15091 },
+            certs: None,
+            t1_ms: None,
+            keepalive_interval_secs: 0,
+            processor_toml: "",
+            dispatcher_toml: "",
+        });
+        assert!(
+            toml.contains("dispatchers = [\"http://127.0.0.1:7070\", \"http://127.0.0.1:7071\"]"),
+            "{toml}"
+        );
+        let d2 = second_dispatcher_toml(SocketAddr::from((MAIN_IP, 7071)), 15070);
+        assert!(d2.contains("id = \"d2\"\ngrpc_listen = \"127.0.0.1:7071\""), "{d2}");
+        assert!(d2.contains("ip = \"127.0.0.4\"\ndomain = \"sip.example.net\""), "{d2}");
+        assert!(
+            d2.contains(&format!(
+                "ip = \"127.0.0.5\"\ndomain = \"{DOMAIN}\"\nrealm = \"{D2_ALIAS_REALM}\""
+            )),
+            "{d2}"
+        );
+        assert_eq!(d2.matches("udp_port = 15070").count(), 2, "{d2}");
+        assert!(!d2.contains("[processor]") && !d2.contains("tls"), "{d2}");
+    }
+
+    #[test]
     fn config_gives_main_and_second_alias_their_own_certificate() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let certs = Certificates {
@@ -928,6 +1107,7 @@ mod tests {
         };
         let toml = config_toml(&ConfigValues {
             grpc: SocketAddr::from((MAIN_IP, 7070)),
+            second_grpc: None,
             billing: SocketAddr::from((MAIN_IP, 7080)),
             redis_url: "redis+unix:///tmp/x/redis.sock",
             sip_port: 15060,

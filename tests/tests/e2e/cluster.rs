@@ -672,3 +672,115 @@ fn cluster_view_lists_both_processors_active_and_the_dialogs_of_the_one_holding_
     dialogs_of(&call.node, |d| d == 0)?;
     Ok(())
 }
+
+/// Calls between `a` (registered through `a_via`) and `b` (through `b_via`), each answered and
+/// hung up, until every processor in `nodes` has set one up in each direction, the callee always
+/// hearing from its own socket. Returns the number of calls made.
+fn calls_both_ways_on_every_processor(
+    a: &mut Phone,
+    a_via: &Server,
+    b: &mut Phone,
+    b_via: &Server,
+    nodes: &[&str],
+) -> Result<usize> {
+    /// Enough rounds for each processor to win a Call-ID (1 in 2 each) in each direction.
+    const ROUNDS: usize = 20;
+    let (mut b_to_a, mut a_to_b) = (HashSet::new(), HashSet::new());
+    let mut calls = 0;
+    for round in 0..ROUNDS {
+        if nodes.iter().all(|n| b_to_a.contains(*n) && a_to_b.contains(*n)) {
+            return Ok(calls);
+        }
+        // b calls a: INVITE, ACK and BYE reach a from a_via; the 200 reaches b from b_via.
+        let mut c = establish(b, b_via, a, a_via.addr)
+            .with_context(|| format!("{} calling {}, round {round}", b.user(), a.user()))?;
+        if round % 2 == 0 {
+            hang_up(b, &mut c.out, b_via.addr, a, &c.inb.call_id, a_via.addr)?;
+        } else {
+            hang_up(a, &mut c.inb, a_via.addr, b, &c.out.call_id, b_via.addr)?;
+        }
+        b_to_a.insert(c.node);
+        // And the reverse.
+        let mut c = establish(a, a_via, b, b_via.addr)
+            .with_context(|| format!("{} calling {}, round {round}", a.user(), b.user()))?;
+        if round % 2 == 0 {
+            hang_up(a, &mut c.out, a_via.addr, b, &c.inb.call_id, b_via.addr)?;
+        } else {
+            hang_up(b, &mut c.inb, b_via.addr, a, &c.out.call_id, a_via.addr)?;
+        }
+        a_to_b.insert(c.node);
+        calls += 2;
+    }
+    bail!(
+        "after {calls} calls: {} -> {} set up by {b_to_a:?}, the reverse by {a_to_b:?}; \
+         expected each of {nodes:?}",
+        b.user(),
+        a.user()
+    )
+}
+
+/// The processors linked to a dispatcher, by id, asserting each is active.
+fn linked_active(view: &status::ClusterView) -> Result<Vec<&str>> {
+    for p in &view.processors {
+        ensure!(p.state == "active", "{} is {}: {view:?}", p.id, p.state);
+    }
+    Ok(view.processors.iter().map(|p| p.id.as_str()).collect())
+}
+
+#[test]
+fn processors_link_to_two_dispatchers_and_send_each_call_through_the_one_owning_the_socket()
+-> Result<()> {
+    let mut cluster =
+        Cluster::start(ClusterOptions { second_dispatcher: true, ..ClusterOptions::default() })?;
+    for (user, pw) in [("alice", "pw-a"), ("bob", "pw-b"), ("carol", "pw-c")] {
+        cluster.add_account(user, pw)?;
+    }
+    // Every processor is linked to both dispatchers.
+    let (d1_view, d2_view) =
+        (status::parse(&cluster.status()?)?, status::parse(&cluster.second_dispatcher_status()?)?);
+    ensure!(d1_view.summary.starts_with("dispatcher d1 at "), "{}", d1_view.summary);
+    ensure!(d2_view.summary.starts_with("dispatcher d2 at "), "{}", d2_view.summary);
+    for view in [&d1_view, &d2_view] {
+        ensure!(linked_active(view)? == ["p1", "p2"], "{view:?}");
+    }
+
+    // alice behind d2's alias, bob behind d1's main IP, carol behind d1's alias.
+    let (main, alias2, d2_alias) = (cluster.main(), cluster.alias2(), cluster.d2_alias()?);
+    let mut alice = registered(&d2_alias, "alice", "pw-a")?;
+    let mut bob = registered(&main, "bob", "pw-b")?;
+    let mut carol = registered(&alias2, "carol", "pw-c")?;
+    for (user, dispatcher, via) in
+        [("alice", "d2", d2_alias.addr), ("bob", "d1", main.addr), ("carol", "d1", alias2.addr)]
+    {
+        let bindings = cluster.redis_bindings(user)?;
+        ensure!(bindings.len() == 1, "{user} has {} bindings: {bindings:?}", bindings.len());
+        let b = bindings.values().next().context("no binding")?;
+        ensure!(b["dispatcher"] == dispatcher, "{user}'s binding names {}: {b}", b["dispatcher"]);
+        let ingress = (b["ingress"]["ip"].as_str(), b["ingress"]["port"].as_u64());
+        ensure!(
+            ingress == (Some(&*via.ip().to_string()), Some(u64::from(via.port()))),
+            "{user}'s binding records ingress {}, expected {via}",
+            b["ingress"]
+        );
+    }
+
+    // bob -> alice: alice hears only from 127.0.0.5 (d2); alice -> bob: bob only from
+    // 127.0.0.1 (d1). Both processors do both, so each sends through both dispatchers.
+    let calls =
+        calls_both_ways_on_every_processor(&mut alice, &d2_alias, &mut bob, &main, &["p1", "p2"])
+            .context("alice on d2, bob on d1")?;
+    let d2_view = status::parse(&cluster.second_dispatcher_status()?)?;
+    for p in &d2_view.processors {
+        ensure!(p.routed > 0, "d2 routed nothing to {}: {d2_view:?}", p.id);
+    }
+
+    // Without d2 the processors carry on through d1.
+    cluster.kill_second_dispatcher()?;
+    let d1_view = status::parse(&cluster.status()?)?;
+    ensure!(linked_active(&d1_view)? == ["p1", "p2"], "after d2 died: {d1_view:?}");
+    let after =
+        calls_both_ways_on_every_processor(&mut carol, &alias2, &mut bob, &main, &["p1", "p2"])
+            .context("carol and bob on d1, after d2 was killed")?;
+    eprintln!("{calls} calls between d2 and d1 phones; {after} between d1 phones once d2 died");
+    cluster.check_all_running()
+}
