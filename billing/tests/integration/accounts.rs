@@ -349,7 +349,7 @@ async fn store_and_service_against_real_redis() {
     assert_eq!(empty.expect_err("empty call_ref").code(), tonic::Code::InvalidArgument);
 
     // Redis gone: RPCs fail with UNAVAILABLE rather than a wrong answer.
-    env.redis.process().kill().expect("kill redis-server");
+    env.redis.process().expect("redis-server running").kill().expect("kill redis-server");
     let err = rpc
         .get_account(GetAccountRequest { aor: "alice@example.com".to_owned() })
         .await
