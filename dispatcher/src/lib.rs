@@ -39,6 +39,8 @@ pub mod route;
 pub mod status;
 mod stream;
 mod tls;
+
+pub use tls::AnyCertificate;
 mod udp;
 
 pub use config::{DispatcherConfig, IpConfig, StreamLimits};

@@ -224,7 +224,7 @@ pub(crate) fn client_config(limits: &StreamLimits) -> Result<Arc<ClientConfig>, 
         }
         _ => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate::new()))
             .with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -235,9 +235,24 @@ pub(crate) fn server_name(ip: IpAddr) -> ServerName<'static> {
     ServerName::IpAddress(ip.into())
 }
 
-/// Accepts any certificate, but checks the handshake signatures with it.
+/// Accepts any certificate, but checks the handshake signatures with it: what the dispatcher
+/// uses towards phones (self-signed certificates) unless `tls_verify_peer` is set, and what test
+/// clients use towards the dispatcher's test certificates.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+pub struct AnyCertificate(Arc<CryptoProvider>);
+
+impl AnyCertificate {
+    /// A verifier using the ring provider's signature algorithms.
+    pub fn new() -> Self {
+        AnyCertificate(provider())
+    }
+}
+
+impl Default for AnyCertificate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
