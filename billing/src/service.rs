@@ -48,7 +48,17 @@ impl BillingService {
                 return Ok(None);
             }
         };
-        self.store.get(&aor).await.map_err(|e| store_error(rpc, e))
+        match self.store.get(&aor).await {
+            // Right after a Redis restart the first command reports the old connection's
+            // failure (and reconnects): one retry keeps that from turning into a 503.
+            Err(Error::Redis(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
+            {
+                debug!(rpc, error = %e, "redis connection error: retrying once");
+                self.store.get(&aor).await.map_err(|e| store_error(rpc, e))
+            }
+            other => other.map_err(|e| store_error(rpc, e)),
+        }
     }
 }
 
