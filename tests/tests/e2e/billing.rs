@@ -27,10 +27,9 @@ fn answered(
     Ok((call, callee_call))
 }
 
-#[test]
-fn prepaid_call_is_cut_off_at_its_limit_on_both_legs_and_debited_once() -> Result<()> {
-    let cluster = cluster()?;
-    // 0.60 per minute, per-second increments: 0.03 buys exactly 3 s.
+/// A rate plan `pp` (0.60 per minute, per-second increments), a prepaid caller `payer` with
+/// `balance` on it, and callee `alice` registered through alias2.
+fn prepaid_payer_and_alice(cluster: &Cluster, balance: &str) -> Result<(Phone, Phone)> {
     cluster.billing_cli(&[
         "rate-plan",
         "set",
@@ -46,11 +45,18 @@ fn prepaid_call_is_cut_off_at_its_limit_on_both_legs_and_debited_once() -> Resul
     cluster.add_account_with(
         "payer",
         "pw1",
-        &["--prepaid", "--balance", "0.03", "--rate-plan", "pp"],
+        &["--prepaid", "--balance", balance, "--rate-plan", "pp"],
     )?;
     cluster.add_account("alice", "pw2")?;
-    let mut callee = registered(&cluster.alias2(), "alice", "pw2")?;
-    let mut caller = Phone::new("payer", "pw1")?;
+    let callee = registered(&cluster.alias2(), "alice", "pw2")?;
+    Ok((Phone::new("payer", "pw1")?, callee))
+}
+
+#[test]
+fn prepaid_call_is_cut_off_at_its_limit_on_both_legs_and_debited_once() -> Result<()> {
+    let cluster = cluster()?;
+    // 0.60 per minute, per-second increments: 0.03 buys exactly 3 s.
+    let (mut caller, mut callee) = prepaid_payer_and_alice(&cluster, "0.03")?;
     let started = Instant::now();
     answered(&mut caller, &cluster.main(), &mut callee)?;
 
@@ -120,26 +126,7 @@ fn account_limited_to_5_calls_gets_5_connected_and_5_refused() -> Result<()> {
 fn billing_outage_rejects_new_calls_quickly_keeps_calls_up_and_delivers_their_stops_later()
 -> Result<()> {
     let mut cluster = cluster()?;
-    cluster.billing_cli(&[
-        "rate-plan",
-        "set",
-        "--name",
-        "pp",
-        "--prefix",
-        "default",
-        "--per-minute",
-        "0.60",
-        "--increments",
-        "1/1",
-    ])?;
-    cluster.add_account_with(
-        "payer",
-        "pw1",
-        &["--prepaid", "--balance", "10.00", "--rate-plan", "pp"],
-    )?;
-    cluster.add_account("alice", "pw2")?;
-    let mut callee = registered(&cluster.alias2(), "alice", "pw2")?;
-    let mut caller = Phone::new("payer", "pw1")?;
+    let (mut caller, mut callee) = prepaid_payer_and_alice(&cluster, "10.00")?;
     let (mut call, _) = answered(&mut caller, &cluster.main(), &mut callee)?;
 
     cluster.stop_billing()?;

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use sipalias_tests::cluster::DOMAIN;
-use sipalias_tests::phone::sdp;
+use sipalias_tests::cluster::{Cluster, DOMAIN};
+use sipalias_tests::phone::{Phone, Server, sdp};
 
 use super::{WAIT, assert_sent_from, cluster, from_to_hosts, registered};
 
@@ -15,15 +15,22 @@ const HOLD: Duration = Duration::from_secs(1);
 /// How far the billed duration may be from the hold time the phones measured.
 const DURATION_TOLERANCE_MS: u64 = 300;
 
-#[test]
-fn call_to_alias_registered_phone_comes_from_alias_socket_and_is_billed() -> Result<()> {
+/// A cluster with alice registered through the first alias and bob through the main IP:
+/// (cluster, alias server, main server, alice's phone, bob's phone).
+fn alice_on_alias_bob_on_main() -> Result<(Cluster, Server, Server, Phone, Phone)> {
     let cluster = cluster()?;
     cluster.add_account("alice", "pw-a")?;
     cluster.add_account("bob", "pw-b")?;
     let alias = cluster.alias2();
     let main = cluster.main();
-    let mut a = registered(&alias, "alice", "pw-a")?;
-    let mut b = registered(&main, "bob", "pw-b")?;
+    let a = registered(&alias, "alice", "pw-a")?;
+    let b = registered(&main, "bob", "pw-b")?;
+    Ok((cluster, alias, main, a, b))
+}
+
+#[test]
+fn call_to_alias_registered_phone_comes_from_alias_socket_and_is_billed() -> Result<()> {
+    let (cluster, alias, main, mut a, mut b) = alice_on_alias_bob_on_main()?;
 
     let offer = sdp("bob", b.addr().ip(), 40_000);
     let mut call = b.invite(&main, "alice", &offer)?;
@@ -108,13 +115,7 @@ fn call_to_alias_registered_phone_comes_from_alias_socket_and_is_billed() -> Res
 
 #[test]
 fn call_to_main_registered_phone_comes_from_main_socket_with_domain_hosts() -> Result<()> {
-    let cluster = cluster()?;
-    cluster.add_account("alice", "pw-a")?;
-    cluster.add_account("bob", "pw-b")?;
-    let alias = cluster.alias2();
-    let main = cluster.main();
-    let mut a = registered(&alias, "alice", "pw-a")?;
-    let mut b = registered(&main, "bob", "pw-b")?;
+    let (_cluster, alias, main, mut a, mut b) = alice_on_alias_bob_on_main()?;
 
     let mut call = a.invite(&alias, "bob", &sdp("alice", a.addr().ip(), 40_000))?;
     let invite = b.recv_request("INVITE", WAIT)?;
@@ -145,13 +146,7 @@ fn call_to_main_registered_phone_comes_from_main_socket_with_domain_hosts() -> R
 
 #[test]
 fn caller_cancel_after_ringing_cancels_callee_and_caller_gets_487() -> Result<()> {
-    let cluster = cluster()?;
-    cluster.add_account("alice", "pw-a")?;
-    cluster.add_account("bob", "pw-b")?;
-    let alias = cluster.alias2();
-    let main = cluster.main();
-    let mut a = registered(&alias, "alice", "pw-a")?;
-    let mut b = registered(&main, "bob", "pw-b")?;
+    let (_cluster, alias, main, mut a, mut b) = alice_on_alias_bob_on_main()?;
 
     let mut call = b.invite(&main, "alice", &sdp("bob", b.addr().ip(), 40_000))?;
     let invite = a.recv_request("INVITE", WAIT)?;
@@ -182,13 +177,7 @@ fn caller_cancel_after_ringing_cancels_callee_and_caller_gets_487() -> Result<()
 
 #[test]
 fn busy_reason_phrase_reaches_caller_unchanged() -> Result<()> {
-    let cluster = cluster()?;
-    cluster.add_account("alice", "pw-a")?;
-    cluster.add_account("bob", "pw-b")?;
-    let alias = cluster.alias2();
-    let main = cluster.main();
-    let mut a = registered(&alias, "alice", "pw-a")?;
-    let mut b = registered(&main, "bob", "pw-b")?;
+    let (_cluster, alias, main, mut a, mut b) = alice_on_alias_bob_on_main()?;
 
     let mut call = b.invite(&main, "alice", &sdp("bob", b.addr().ip(), 40_000))?;
     let invite = a.recv_request("INVITE", WAIT)?;
