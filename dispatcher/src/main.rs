@@ -8,6 +8,11 @@
 //! error, including an unusable certificate (nothing has been bound), 1 for any other failure;
 //! `status`: 0 when every dispatcher answered, 1 otherwise, 2 for a configuration error.
 
+/// mimalloc: far cheaper than glibc malloc for the many small, short-lived allocations of
+/// SIP messages (measured in docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
