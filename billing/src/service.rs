@@ -84,6 +84,35 @@ fn wire_denial(denial: Denial) -> DenyReason {
     }
 }
 
+/// Checks digest credentials against an account's stored HA1s; the reason if they fail.
+///
+/// Status is not part of the decision: a blocked account with the right password is valid,
+/// so the processor can answer 403 rather than challenging again.
+fn check_digest(account: Option<&Account>, req: &VerifyDigestRequest) -> Result<(), String> {
+    let Some(account) = account else { return Err("unknown account".to_owned()) };
+    let algorithm = match DigestAlgorithm::try_from(req.algorithm) {
+        // RFC 3261: no algorithm parameter means MD5.
+        Ok(DigestAlgorithm::Unspecified | DigestAlgorithm::Md5) => Algorithm::Md5,
+        Ok(DigestAlgorithm::Sha256) => Algorithm::Sha256,
+        Err(_) => return Err("unsupported algorithm".to_owned()),
+    };
+    let attempt = DigestAttempt {
+        realm: &req.realm,
+        algorithm,
+        method: &req.method,
+        uri: &req.uri,
+        nonce: &req.nonce,
+        qop: &req.qop,
+        nc: &req.nc,
+        cnonce: &req.cnonce,
+        response: &req.response,
+    };
+    account::verify_digest(&account.realms, &attempt).map_err(|rejection| {
+        debug!(aor = %account.aor, realm = %req.realm, %rejection, "digest rejected");
+        rejection.to_string()
+    })
+}
+
 /// Maps a store error to an RPC status, logging the ones that mean billing is unhealthy.
 fn store_error(rpc: &'static str, e: Error) -> RpcStatus {
     match e {
@@ -124,39 +153,16 @@ impl Billing for BillingService {
         request: Request<VerifyDigestRequest>,
     ) -> Result<Response<VerifyDigestResponse>, RpcStatus> {
         let req = request.into_inner();
-        let reply = |valid: bool, status: AccountStatus, reason: String| {
-            Ok(Response::new(VerifyDigestResponse { valid, status: status as i32, reason }))
+        let account = self.lookup("VerifyDigest", &req.aor).await?;
+        let (valid, reason) = match check_digest(account.as_ref(), &req) {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason),
         };
-        let Some(account) = self.lookup("VerifyDigest", &req.aor).await? else {
-            return reply(false, AccountStatus::Unspecified, "unknown account".to_owned());
-        };
-        let status = wire_status(Some(&account));
-        let algorithm = match DigestAlgorithm::try_from(req.algorithm) {
-            // RFC 3261: no algorithm parameter means MD5.
-            Ok(DigestAlgorithm::Unspecified | DigestAlgorithm::Md5) => Algorithm::Md5,
-            Ok(DigestAlgorithm::Sha256) => Algorithm::Sha256,
-            Err(_) => return reply(false, status, "unsupported algorithm".to_owned()),
-        };
-        let attempt = DigestAttempt {
-            realm: &req.realm,
-            algorithm,
-            method: &req.method,
-            uri: &req.uri,
-            nonce: &req.nonce,
-            qop: &req.qop,
-            nc: &req.nc,
-            cnonce: &req.cnonce,
-            response: &req.response,
-        };
-        // Status does not enter the decision: a blocked account with the right password is
-        // valid, and the processor answers 403 because of the status we return with it.
-        match account::verify_digest(&account.realms, &attempt) {
-            Ok(()) => reply(true, status, String::new()),
-            Err(rejection) => {
-                debug!(aor = %account.aor, realm = %req.realm, %rejection, "digest rejected");
-                reply(false, status, rejection.to_string())
-            }
-        }
+        Ok(Response::new(VerifyDigestResponse {
+            valid,
+            status: wire_status(account.as_ref()) as i32,
+            reason,
+        }))
     }
 
     async fn authorize(
@@ -164,11 +170,45 @@ impl Billing for BillingService {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, RpcStatus> {
         let req = request.into_inner();
-        let decision = self
-            .store
-            .authorize(&req.caller, &req.callee, &req.call_ref, now_ms())
-            .await
-            .map_err(|e| store_error("Authorize", e))?;
+        let decision = match &req.credentials {
+            None => self.store.authorize(&req.caller, &req.callee, &req.call_ref, now_ms()).await,
+            Some(creds) => {
+                // One read of the account serves the digest and the authorization.
+                let account = self.lookup("Authorize", &req.caller).await?;
+                let checked = if creds.aor == req.caller {
+                    check_digest(account.as_ref(), creds)
+                } else {
+                    Err("credentials for another account".to_owned())
+                };
+                if let Err(reason) = checked {
+                    debug!(caller = %req.caller, %reason, "call credentials rejected");
+                    return Ok(Response::new(AuthorizeResponse {
+                        allowed: false,
+                        reason,
+                        max_duration_secs: 0,
+                        deny: DenyReason::BadCredentials as i32,
+                    }));
+                }
+                match (Aor::parse(&req.caller), account) {
+                    (Ok(aor), Some(account)) => {
+                        let callee = &req.callee;
+                        let store = &self.store;
+                        store
+                            .authorize_account(
+                                &aor,
+                                Some(&account),
+                                callee,
+                                &req.call_ref,
+                                now_ms(),
+                            )
+                            .await
+                    }
+                    // check_digest accepted only an existing account.
+                    _ => Ok(Authorization::Denied(Denial::UnknownAccount)),
+                }
+            }
+        }
+        .map_err(|e| store_error("Authorize", e))?;
         let reply = match decision {
             Authorization::Allowed { max_duration_secs, reserved_micros, repeated } => {
                 debug!(

@@ -31,6 +31,46 @@ pub struct DigestVerdict {
     pub reason: String,
 }
 
+/// What billing is asked to authorize.
+#[derive(Debug, Clone, Copy)]
+pub struct CallRequest<'a> {
+    /// Caller's AOR.
+    pub caller: &'a str,
+    /// Callee's AOR.
+    pub callee: &'a str,
+    /// Call-ID of the caller's leg.
+    pub call_id: &'a str,
+    /// Local IP the call came in on.
+    pub ingress_ip: &'a str,
+    /// The processor's id for the call (reused by the accounting start and stop).
+    pub call_ref: &'a str,
+}
+
+/// The wire form of digest credentials claiming `aor`.
+fn digest_request(
+    aor: &str,
+    method: &str,
+    creds: &Credentials,
+    algorithm: Algorithm,
+) -> VerifyDigestRequest {
+    VerifyDigestRequest {
+        aor: aor.to_owned(),
+        username: creds.username.clone(),
+        realm: creds.realm.clone(),
+        nonce: creds.nonce.clone(),
+        uri: creds.uri.clone(),
+        response: creds.response.clone(),
+        qop: creds.qop.clone().unwrap_or_default(),
+        nc: creds.nc.clone().unwrap_or_default(),
+        cnonce: creds.cnonce.clone().unwrap_or_default(),
+        method: method.to_owned(),
+        algorithm: match algorithm {
+            Algorithm::Md5 => DigestAlgorithm::Md5,
+            Algorithm::Sha256 => DigestAlgorithm::Sha256,
+        } as i32,
+    }
+}
+
 impl Billing {
     /// A lazily connecting client: the processor starts even while billing is down.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, Error> {
@@ -71,22 +111,7 @@ impl Billing {
         creds: &Credentials,
         algorithm: Algorithm,
     ) -> Result<DigestVerdict, Error> {
-        let req = VerifyDigestRequest {
-            aor: aor.to_owned(),
-            username: creds.username.clone(),
-            realm: creds.realm.clone(),
-            nonce: creds.nonce.clone(),
-            uri: creds.uri.clone(),
-            response: creds.response.clone(),
-            qop: creds.qop.clone().unwrap_or_default(),
-            nc: creds.nc.clone().unwrap_or_default(),
-            cnonce: creds.cnonce.clone().unwrap_or_default(),
-            method: method.to_owned(),
-            algorithm: match algorithm {
-                Algorithm::Md5 => DigestAlgorithm::Md5,
-                Algorithm::Sha256 => DigestAlgorithm::Sha256,
-            } as i32,
-        };
+        let req = digest_request(aor, method, creds, algorithm);
         let r = self.call("VerifyDigest", self.client.clone().verify_digest(req)).await?;
         Ok(DigestVerdict {
             valid: r.valid,
@@ -95,21 +120,22 @@ impl Billing {
         })
     }
 
-    /// May `caller` call `callee`?
+    /// May `call.caller` call `call.callee`? With `credentials` (the caller's digest, for
+    /// `method`), billing checks them first, in the same round trip: a mismatch is denied
+    /// with `DenyReason::BadCredentials`.
     pub async fn authorize(
         &self,
-        caller: &str,
-        callee: &str,
-        call_id: &str,
-        ingress_ip: &str,
-        call_ref: &str,
+        call: &CallRequest<'_>,
+        credentials: Option<(&str, &Credentials, Algorithm)>,
     ) -> Result<AuthorizeResponse, Error> {
         let req = AuthorizeRequest {
-            caller: caller.to_owned(),
-            callee: callee.to_owned(),
-            call_id: call_id.to_owned(),
-            ingress_ip: ingress_ip.to_owned(),
-            call_ref: call_ref.to_owned(),
+            caller: call.caller.to_owned(),
+            callee: call.callee.to_owned(),
+            call_id: call.call_id.to_owned(),
+            ingress_ip: call.ingress_ip.to_owned(),
+            call_ref: call.call_ref.to_owned(),
+            credentials: credentials
+                .map(|(method, creds, alg)| digest_request(call.caller, method, creds, alg)),
         };
         self.call("Authorize", self.client.clone().authorize(req)).await
     }

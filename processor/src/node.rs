@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sipmsg::SipMessage;
+use sipmsg::digest::{Algorithm, Credentials};
 use tokio::sync::Notify;
 
 use sipalias_proto::billing::{AccountingStopRequest, DenyReason};
@@ -13,7 +14,7 @@ use sipalias_proto::billing::{AccountingStopRequest, DenyReason};
 use crate::accounting::{Accounting, Event};
 use crate::auth::{ChallengeKind, NonceCheck, NonceKey, challenge, credentials_for};
 use crate::b2bua::{CallPlan, Target, Work};
-use crate::billing::Billing;
+use crate::billing::{Billing, CallRequest};
 use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, KeepaliveMethod};
 use crate::core::Core;
@@ -51,6 +52,14 @@ pub struct Node {
     /// REGISTER and call-setup tasks running (Redis/billing round trips in flight).
     in_flight: std::sync::atomic::AtomicUsize,
     nonces: NonceKey,
+}
+
+/// What a request presents, before billing checks the digest response.
+enum Presented {
+    /// Credentials for the realm, with a fresh nonce of ours.
+    Credentials(Credentials, Algorithm),
+    /// Nothing usable: send this challenge.
+    Challenge(SipMessage),
 }
 
 /// Outcome of checking a request's credentials.
@@ -359,6 +368,34 @@ impl Node {
         SipMessage::response_to(req, status, reason, Some(&self.lock().tag()))
     }
 
+    /// A fresh challenge for `req` in `realm` (`stale`: RFC 3261 §22.4, the nonce expired).
+    fn challenge(&self, req: &SipMessage, realm: &str, stale: bool) -> SipMessage {
+        let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
+        let nonce = self.nonces.mint(realm, wall_ms());
+        challenge(req, kind, realm, &nonce, stale, &self.config.algorithms(), &self.lock().tag())
+    }
+
+    /// The local half of a digest check: credentials for `realm`, with an algorithm we offer
+    /// and a nonce we minted that is still fresh. Anything else is answered with a challenge;
+    /// only the response itself needs the account's HA1 (billing).
+    fn presented(&self, req: &SipMessage, realm: &str) -> Presented {
+        let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
+        let Some(creds) = credentials_for(req, kind, realm) else {
+            return Presented::Challenge(self.challenge(req, realm, false));
+        };
+        if creds.realm != realm {
+            return Presented::Challenge(self.challenge(req, realm, false));
+        }
+        let Some(alg) = creds.algorithm() else {
+            return Presented::Challenge(self.challenge(req, realm, false));
+        };
+        match self.nonces.check(&creds.nonce, realm, wall_ms()) {
+            NonceCheck::Invalid => Presented::Challenge(self.challenge(req, realm, false)),
+            NonceCheck::Stale => Presented::Challenge(self.challenge(req, realm, true)),
+            NonceCheck::Fresh => Presented::Credentials(creds, alg),
+        }
+    }
+
     /// Checks digest credentials (RFC 3261 §22) for a request arriving on a socket of `realm`.
     async fn authenticate(
         &self,
@@ -367,56 +404,65 @@ impl Node {
         domain: &str,
         realm: &str,
     ) -> Result<Auth, Error> {
+        match self.presented(req, realm) {
+            Presented::Challenge(c) => Ok(Auth::Challenge(c)),
+            Presented::Credentials(creds, alg) => {
+                self.verify_presented(req, ingress, domain, realm, creds, alg).await
+            }
+        }
+    }
+
+    /// The billing half of [`authenticate`](Self::authenticate).
+    async fn verify_presented(
+        &self,
+        req: &SipMessage,
+        ingress: &Ingress,
+        domain: &str,
+        realm: &str,
+        creds: Credentials,
+        alg: Algorithm,
+    ) -> Result<Auth, Error> {
         let method = req.method().unwrap_or_default();
-        let kind = ChallengeKind::for_method(method);
-        let now = wall_ms();
-        let new_challenge = |stale: bool| {
-            let nonce = self.nonces.mint(realm, now);
-            let algs = self.config.algorithms();
-            Auth::Challenge(challenge(req, kind, realm, &nonce, stale, &algs, &self.lock().tag()))
-        };
-        let Some(creds) = credentials_for(req, kind, realm) else {
-            return Ok(new_challenge(false));
-        };
-        if creds.realm != realm {
-            return Ok(new_challenge(false));
-        }
-        let Some(alg) = creds.algorithm() else { return Ok(new_challenge(false)) };
-        match self.nonces.check(&creds.nonce, realm, now) {
-            NonceCheck::Invalid => return Ok(new_challenge(false)),
-            NonceCheck::Stale => return Ok(new_challenge(true)),
-            NonceCheck::Fresh => {}
-        }
         let aor = format!("{}@{domain}", creds.username);
         let verdict = match self.billing.verify(&aor, method, &creds, alg).await {
             Ok(v) => v,
             Err(e) if method == "INVITE" && self.config.billing_outage == BillingOutage::Allow => {
-                // Billing is down: a caller calling from the very address and socket of a live
-                // registration of this account is taken as that account (it authenticated to
-                // register there); anyone else gets the 503.
-                let bindings = self.location.lookup(&aor, now).await?;
-                let known = bindings.iter().any(|b| {
-                    b.received == ingress.remote.to_string()
-                        && b.ingress.ip == ingress.local.addr.ip().to_string()
-                        && b.ingress.port == ingress.local.addr.port()
-                });
-                if !known {
-                    return Err(e);
-                }
-                tracing::warn!(%aor, error = %e, "billing down: caller recognised from its registration");
+                self.recognise_caller(&aor, ingress, e).await?;
                 return Ok(Auth::Ok(creds.username));
             }
             Err(e) => return Err(e),
         };
         if !verdict.valid {
             tracing::warn!(%aor, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
-            return Ok(new_challenge(false));
+            return Ok(Auth::Challenge(self.challenge(req, realm, false)));
         }
         if verdict.blocked {
             tracing::info!(%aor, "blocked account refused");
             return Ok(Auth::Refuse(403, "Forbidden"));
         }
         Ok(Auth::Ok(creds.username))
+    }
+
+    /// Billing is down (`error`) under the `allow` outage policy: a caller calling from the
+    /// very address and socket of a live registration of `aor` is taken as that account (it
+    /// authenticated to register there); anyone else gets `error` (503).
+    async fn recognise_caller(
+        &self,
+        aor: &str,
+        ingress: &Ingress,
+        error: Error,
+    ) -> Result<(), Error> {
+        let bindings = self.location.lookup(aor, wall_ms()).await?;
+        let known = bindings.iter().any(|b| {
+            b.received == ingress.remote.to_string()
+                && b.ingress.ip == ingress.local.addr.ip().to_string()
+                && b.ingress.port == ingress.local.addr.port()
+        });
+        if !known {
+            return Err(error);
+        }
+        tracing::warn!(%aor, error = %error, "billing down: caller recognised from its registration");
+        Ok(())
     }
 
     /// Handles a REGISTER (RFC 3261 §10.3).
@@ -478,6 +524,11 @@ impl Node {
     }
 
     /// Authenticates, authorizes and locates a new call. `Ok(Err(resp))` is a final answer.
+    ///
+    /// The common case costs one billing round trip: the callee is located first (Redis), then
+    /// billing checks the caller's digest and authorizes the call together. A call that cannot
+    /// ring (unknown domain or user, no binding) is refused only after the caller's credentials
+    /// were verified on their own, so a stranger learns nothing about who exists.
     async fn setup_call(
         &self,
         req: &SipMessage,
@@ -486,51 +537,27 @@ impl Node {
         let Some(info) = self.sockets.get(ingress.local.addr.ip()) else {
             return Ok(Err(self.reply(req, 500, "Unknown Local Socket")));
         };
-        let caller = match self.authenticate(req, ingress, &info.domain, &info.realm).await? {
-            Auth::Ok(u) => u,
-            Auth::Challenge(c) => return Ok(Err(c)),
-            Auth::Refuse(s, r) => return Ok(Err(self.reply(req, s, r))),
+        let (creds, alg) = match self.presented(req, &info.realm) {
+            Presented::Credentials(c, a) => (c, a),
+            Presented::Challenge(c) => return Ok(Err(c)),
         };
-        let caller_aor = format!("{caller}@{}", info.domain);
-        let Some(ruri) = req.request_uri().and_then(|u| sipmsg::Uri::parse(u).ok()) else {
-            return Ok(Err(self.reply(req, 416, "Unsupported URI Scheme")));
+        let caller_aor = format!("{}@{}", creds.username, info.domain);
+        // Refusals before billing saw the credentials: verify them first.
+        let refuse = async |creds: Credentials, status: u16, reason: &'static str| match self
+            .verify_presented(req, ingress, &info.domain, &info.realm, creds, alg)
+            .await?
+        {
+            Auth::Ok(_) => Ok(Err(self.reply(req, status, reason))),
+            Auth::Challenge(c) => Ok(Err(c)),
+            Auth::Refuse(s, r) => Ok(Err(self.reply(req, s, r))),
         };
-        let (user, domain) = if ruri.is_sip() {
-            let Some(user) = ruri.user_name() else {
-                return Ok(Err(self.reply(req, 404, "Not Found")));
-            };
-            let Some(domain) = self.sockets.domain_of_host(&ruri.host) else {
-                return Ok(Err(self.reply(req, 404, "Not Found")));
-            };
-            (user.to_owned(), domain)
-        } else if ruri.scheme == "tel" {
-            // A tel: number is a user of the domain the call came in on.
-            let number: String = ruri
-                .host
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .filter(|c| !"-.() ".contains(*c))
-                .collect();
-            (number, info.domain.clone())
-        } else {
-            return Ok(Err(self.reply(req, 416, "Unsupported URI Scheme")));
+        let Some((user, domain)) = self.callee_of(req, &info.domain) else {
+            return refuse(creds, 404, "Not Found").await;
+        };
+        let Some(user) = user else {
+            return refuse(creds, 416, "Unsupported URI Scheme").await;
         };
         let callee_aor = format!("{user}@{domain}");
-        let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
-        match self.billing.account(&callee_aor).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                tracing::info!(%caller_aor, %callee_aor, "call to unknown user");
-                return Ok(Err(self.reply(req, 404, "Not Found")));
-            }
-            // Billing down: an unknown callee then simply has no binding (480 below).
-            Err(e) if outage_allowed => {
-                tracing::warn!(error = %e, "billing down: callee not checked")
-            }
-            Err(e) => return Err(e),
-        }
         // Locate before authorizing, so a call that cannot ring reserves nothing.
         let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
         let targets: Vec<Target> = bindings
@@ -546,20 +573,46 @@ impl Node {
                 Some(Target { contact: b.contact.clone(), egress, host })
             })
             .collect();
+        let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
         if targets.is_empty() {
-            tracing::info!(%caller_aor, %callee_aor, "callee has no binding");
-            return Ok(Err(self.reply(req, 480, "Temporarily Unavailable")));
+            // 404 for a user billing does not know, 480 for one that is not registered.
+            let status = match self.billing.account(&callee_aor).await {
+                Ok(Some(_)) => 480,
+                Ok(None) => 404,
+                // Billing down: an unknown callee then simply has no binding.
+                Err(e) if outage_allowed => {
+                    tracing::warn!(error = %e, "billing down: callee not checked");
+                    480
+                }
+                Err(e) => return Err(e),
+            };
+            tracing::info!(%caller_aor, %callee_aor, status, "callee has no binding");
+            return match status {
+                404 => refuse(creds, 404, "Not Found").await,
+                _ => refuse(creds, 480, "Temporarily Unavailable").await,
+            };
         }
         let call_id = req.call_id()?;
         let from_tag = req.from()?.tag().unwrap_or_default().to_owned();
         let call_ref = format!("{call_id};{from_tag}");
         let ingress_ip = ingress.local.addr.ip().to_string();
+        let call = CallRequest {
+            caller: &caller_aor,
+            callee: &callee_aor,
+            call_id,
+            ingress_ip: &ingress_ip,
+            call_ref: &call_ref,
+        };
         let max_duration_secs = match self
             .billing
-            .authorize(&caller_aor, &callee_aor, call_id, &ingress_ip, &call_ref)
+            .authorize(&call, Some(("INVITE", &creds, alg)))
             .await
         {
             Ok(auth) if auth.allowed => auth.max_duration_secs,
+            Ok(auth) if auth.deny == DenyReason::BadCredentials as i32 => {
+                tracing::warn!(aor = %caller_aor, reason = %auth.reason, alg = alg.as_str(), "digest authentication failed");
+                return Ok(Err(self.challenge(req, &info.realm, false)));
+            }
             Ok(auth) => {
                 let (status, reason) = deny_status(auth.deny);
                 tracing::info!(%caller_aor, %callee_aor, reason = %auth.reason, status, "billing denied the call");
@@ -569,13 +622,44 @@ impl Node {
                 return Ok(Err(resp));
             }
             Err(e) if outage_allowed => {
-                tracing::warn!(%caller_aor, error = %e, "billing down: call allowed with the outage limit");
+                self.recognise_caller(&caller_aor, ingress, e).await?;
+                tracing::warn!(%caller_aor, "billing down: call allowed with the outage limit");
                 self.config.billing_outage_max_duration_secs
             }
             Err(e) => return Err(e),
         };
         tracing::info!(%caller_aor, %callee_aor, call_id, branches = targets.len(), max_duration_secs, "call authorized");
         Ok(Ok(CallPlan { caller_aor, callee_aor, targets, max_duration_secs, call_ref }))
+    }
+
+    /// The callee of an INVITE: `(user, domain)` from its Request-URI, `user` `None` for a URI
+    /// scheme we do not serve; `None` for a domain (or user part) we do not serve. A tel:
+    /// number is a user of `ingress_domain`, the domain the call came in on.
+    fn callee_of(
+        &self,
+        req: &SipMessage,
+        ingress_domain: &str,
+    ) -> Option<(Option<String>, String)> {
+        let Some(ruri) = req.request_uri().and_then(|u| sipmsg::Uri::parse(u).ok()) else {
+            return Some((None, String::new()));
+        };
+        if ruri.is_sip() {
+            let user = ruri.user_name()?;
+            let domain = self.sockets.domain_of_host(&ruri.host)?;
+            Some((Some(user.to_owned()), domain))
+        } else if ruri.scheme == "tel" {
+            let number: String = ruri
+                .host
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !"-.() ".contains(*c))
+                .collect();
+            Some((Some(number), ingress_domain.to_owned()))
+        } else {
+            Some((None, String::new()))
+        }
     }
 
     /// Whether server transaction `key` is still waiting for an answer.

@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 use tracing::warn;
 
 use super::{Store, validate_call_ref};
-use crate::account::{Aor, Status};
+use crate::account::{Account, Aor, Status};
 use crate::error::Error;
 use crate::rating::{CUTOFF_GRACE_MS, FUNDED_CEILING_SECS};
 use crate::store::Tariff;
@@ -273,12 +273,27 @@ impl Store {
         let Ok(aor) = Aor::parse(caller) else {
             return Ok(Authorization::Denied(Denial::UnknownAccount));
         };
+        let account = self.get(&aor).await?;
+        self.authorize_account(&aor, account.as_ref(), callee, call_ref, now_ms).await
+    }
+
+    /// [`authorize`](Self::authorize) for a caller whose account the caller of this function
+    /// has just read (Authorize with credentials reads it once for the digest and the call).
+    pub async fn authorize_account(
+        &self,
+        aor: &Aor,
+        account: Option<&Account>,
+        callee: &str,
+        call_ref: &str,
+        now_ms: u64,
+    ) -> Result<Authorization, Error> {
+        validate_call_ref(call_ref)?;
         // Read outside the script: only the rate lookup needs it, and the script checks the
         // account again.
-        let (verdict, tariff) = match self.get(&aor).await? {
+        let (verdict, tariff) = match account {
             None => (Some(Denial::UnknownAccount), Tariff::Unrated),
             Some(a) if a.status == Status::Blocked => (Some(Denial::Blocked), Tariff::Unrated),
-            Some(a) => match self.tariff(&a, callee).await? {
+            Some(a) => match self.tariff(a, callee).await? {
                 Tariff::NoRate { .. } => (Some(Denial::NoRate), Tariff::Unrated),
                 t => (None, t),
             },

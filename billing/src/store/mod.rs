@@ -46,6 +46,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reconnection attempts (exponential backoff from 100 ms, about a second in all). Few, so the
 /// CLI and a starting service fail fast with a clear error; a supervisor restarts the service.
 const CONNECT_RETRIES: usize = 4;
+/// Longest pause between reconnection attempts. Requests wait for a reconnection in
+/// progress, so a long pause would outlast the processors' billing timeout after Redis is
+/// back (the first REGISTER would get a 503 for nothing).
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
 
 /// Handle on billing's Redis data. Cheap to clone: the underlying [`ConnectionManager`]
 /// multiplexes one connection and reconnects by itself.
@@ -80,7 +84,8 @@ impl Store {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(CONNECT_RETRIES);
+            .set_number_of_retries(CONNECT_RETRIES)
+            .set_max_delay(MAX_RECONNECT_DELAY);
         let conn = ConnectionManager::new_with_config(client, manager_config)
             .await
             .map_err(|source| Error::RedisConnect { addr, source })?;

@@ -293,6 +293,7 @@ async fn store_and_service_against_real_redis() {
         call_id: "cid".to_owned(),
         ingress_ip: "192.0.2.1".to_owned(),
         call_ref: format!("cid;{caller}"),
+        credentials: None,
     };
     // An account created without billing options may call (unrated, capped by the config).
     let a = rpc.authorize(authorize("alice@example.com")).await.expect("authorize").into_inner();
@@ -310,6 +311,32 @@ async fn store_and_service_against_real_redis() {
     let no_ref = AuthorizeRequest { call_ref: String::new(), ..authorize("alice@example.com") };
     let err = rpc.authorize(no_ref).await.expect_err("empty call_ref");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Authorize with the caller's credentials: checked first, in the same round trip.
+    let with = |caller: &str, creds: VerifyDigestRequest| AuthorizeRequest {
+        call_ref: format!("cid-creds;{caller}"),
+        credentials: Some(creds),
+        ..authorize(caller)
+    };
+    let good = digest_request("alice@example.com", "alt.example", "pw-a2", Algorithm::Md5, None);
+    let a = rpc.authorize(with("alice@example.com", good.clone())).await.expect("authorize");
+    assert!(a.get_ref().allowed, "{}", a.get_ref().reason);
+    let bad = digest_request("alice@example.com", "example.com", "pw-a", Algorithm::Md5, None);
+    let a = rpc.authorize(with("alice@example.com", bad)).await.expect("authorize").into_inner();
+    assert_eq!(
+        (a.allowed, a.deny(), a.reason.as_str()),
+        (false, DenyReason::BadCredentials, "mismatch")
+    );
+    // Credentials of another account do not authorize this caller.
+    let a = rpc.authorize(with("carol@example.com", good)).await.expect("authorize").into_inner();
+    assert_eq!(a.deny(), DenyReason::BadCredentials);
+    // Blocked with the right password: the call is refused for the status, not challenged.
+    let carol = digest_request("carol@example.com", "example.com", "pw-c", Algorithm::Md5, None);
+    let a = rpc.authorize(with("carol@example.com", carol)).await.expect("authorize").into_inner();
+    assert_eq!((a.allowed, a.deny()), (false, DenyReason::Blocked));
+    let ghost = digest_request("ghost@example.com", "example.com", "pw", Algorithm::Md5, None);
+    let a = rpc.authorize(with("ghost@example.com", ghost)).await.expect("authorize").into_inner();
+    assert_eq!((a.deny(), a.reason.as_str()), (DenyReason::BadCredentials, "unknown account"));
 
     let r = rpc
         .accounting_start(AccountingStartRequest {

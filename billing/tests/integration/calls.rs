@@ -33,6 +33,7 @@ async fn one_unit_at_ten_cents_a_minute_buys_600_seconds_and_is_debited_once() {
         call_id: "cid-1".to_owned(),
         ingress_ip: "192.0.2.1".to_owned(),
         call_ref: "cid-1;tag".to_owned(),
+        credentials: None,
     };
     let a = rpc.authorize(request.clone()).await.expect("authorize").into_inner();
     assert!(a.allowed, "{}", a.reason);
@@ -144,6 +145,7 @@ async fn five_call_limit_with_ten_at_once_allows_five() {
                     call_id: format!("c{i}"),
                     ingress_ip: "192.0.2.1".to_owned(),
                     call_ref: format!("c{i};t"),
+                    credentials: None,
                 };
                 rpc.authorize(req).await.expect("authorize").into_inner()
             }
