@@ -28,6 +28,7 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sipmsg::SipMessage;
@@ -166,8 +167,11 @@ pub enum TxEvent {
     Request {
         /// The new server transaction; answer with [`TransactionLayer::respond`].
         key: ServerKey,
-        /// The request as received.
-        request: SipMessage,
+        /// The request as received. The server transaction shares it (for
+        /// [`TransactionLayer::server_request`]) until it sends a final response, which is why it
+        /// is not copied for the TU: a TU that keeps it beyond the event shares it too, or takes
+        /// its own copy with [`Arc::unwrap_or_clone`].
+        request: Arc<SipMessage>,
         /// Where it came from.
         ingress: Ingress,
     },
@@ -309,10 +313,13 @@ impl TransactionLayer {
         } else if let Some(tx) = self.servers.get(&key) {
             tx.on_retransmission(&mut self.out);
         } else {
-            let tx = ServerTx::new(request.clone(), &ingress, &mut self.out);
+            // Shared, not deep-copied: the transaction needs the request until its final
+            // response, and the TU needs it now.
+            let request = Arc::new(request);
+            let tx = ServerTx::new(Arc::clone(&request), &ingress, &mut self.out);
             let deadline = tx.next_deadline();
             self.servers.insert(key.clone(), tx);
-            self.schedule(None, deadline, TxRef::Server(key.clone()));
+            self.schedule(None, deadline, || TxRef::Server(key.clone()));
             self.out.events.push_back(TxEvent::Request { key, request, ingress });
         }
         self.prune();
@@ -325,6 +332,7 @@ impl TransactionLayer {
                 AckOutcome::Absorbed => {}
                 AckOutcome::Terminated => self.remove_server(&key),
                 AckOutcome::PassUp => {
+                    self.forget_ack_key(&key);
                     self.out.events.push_back(TxEvent::Ack { request: ack, ingress })
                 }
             }
@@ -338,6 +346,7 @@ impl TransactionLayer {
         {
             let before = tx.next_deadline();
             tx.on_2xx_ack();
+            self.forget_ack_key(&invite);
             self.reschedule_server(&invite, before);
         }
         self.out.events.push_back(TxEvent::Ack { request: ack, ingress });
@@ -395,7 +404,7 @@ impl TransactionLayer {
         let tx = ClientTx::new(now, &self.timers, request, egress, &mut self.out);
         let deadline = tx.next_deadline();
         self.clients.insert(key.clone(), tx);
-        self.schedule(None, deadline, TxRef::Client(key.clone()));
+        self.schedule(None, deadline, || TxRef::Client(key.clone()));
         self.prune();
         key
     }
@@ -421,9 +430,11 @@ impl TransactionLayer {
         self.servers.contains_key(&key).then_some(key)
     }
 
-    /// The original request of a server transaction.
+    /// The original request of a server transaction, until it sends a final response. (A final
+    /// transaction only lingers to absorb retransmissions, and does not keep the request for
+    /// that: a TU that needs it later keeps its own.)
     pub fn server_request(&self, key: &ServerKey) -> Option<&SipMessage> {
-        self.servers.get(key).map(ServerTx::request)
+        self.servers.get(key).and_then(ServerTx::request)
     }
 
     /// Whether a server transaction has sent a final response (false once it is gone).
@@ -431,9 +442,10 @@ impl TransactionLayer {
         self.servers.get(key).is_some_and(ServerTx::is_final)
     }
 
-    /// The request of a client transaction, as sent.
+    /// The request of a client transaction, as sent, until a final response arrives (a final
+    /// transaction only lingers to absorb retransmitted responses, and does not keep it).
     pub fn client_request(&self, key: &ClientKey) -> Option<&SipMessage> {
-        self.clients.get(key).map(ClientTx::request)
+        self.clients.get(key).and_then(ClientTx::request)
     }
 
     /// Fires every timer due at `now`, in deadline order.
@@ -488,6 +500,17 @@ impl TransactionLayer {
         self.clients.is_empty() && self.servers.is_empty()
     }
 
+    /// Once the ACK for transaction `key`'s 2xx came, drops its entry in `accepted`: the entry
+    /// only served to find the transaction for that ACK, and would otherwise stay for the rest of
+    /// Timer L.
+    fn forget_ack_key(&mut self, key: &ServerKey) {
+        if let Some(ack_key) = self.servers.get_mut(key).and_then(ServerTx::take_ack_key_if_acked)
+            && self.accepted.get(&*ack_key) == Some(key)
+        {
+            self.accepted.remove(&*ack_key);
+        }
+    }
+
     fn remove_server(&mut self, key: &ServerKey) {
         if let Some(tx) = self.servers.remove(key)
             && let Some(ack_key) = tx.ack_key()
@@ -497,23 +520,29 @@ impl TransactionLayer {
         }
     }
 
-    /// Queues the transaction's new earliest deadline if it changed.
-    fn schedule(&mut self, before: Option<Instant>, after: Option<Instant>, owner: TxRef) {
+    /// Queues the transaction's new earliest deadline if it changed. `owner` is only called
+    /// then: most messages leave the deadline alone, and a queue entry costs a copy of the key.
+    fn schedule(
+        &mut self,
+        before: Option<Instant>,
+        after: Option<Instant>,
+        owner: impl FnOnce() -> TxRef,
+    ) {
         if after != before
             && let Some(deadline) = after
         {
-            self.queue.push(Reverse((deadline, owner)));
+            self.queue.push(Reverse((deadline, owner())));
         }
     }
 
     fn reschedule_client(&mut self, key: &ClientKey, before: Option<Instant>) {
         let after = self.clients.get(key).and_then(ClientTx::next_deadline);
-        self.schedule(before, after, TxRef::Client(key.clone()));
+        self.schedule(before, after, || TxRef::Client(key.clone()));
     }
 
     fn reschedule_server(&mut self, key: &ServerKey, before: Option<Instant>) {
         let after = self.servers.get(key).and_then(ServerTx::next_deadline);
-        self.schedule(before, after, TxRef::Server(key.clone()));
+        self.schedule(before, after, || TxRef::Server(key.clone()));
     }
 
     /// Whether a queue entry is still its transaction's earliest deadline.
@@ -534,6 +563,19 @@ impl TransactionLayer {
             self.queue.pop();
         }
     }
+}
+
+/// What a transaction holds beyond its state, keys and timers, for the tests that check it lets
+/// go of everything a lingering transaction no longer needs.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// The parsed request.
+    request: bool,
+    /// Bytes to re-send: a server's last response, a client's ACK for a non-2xx final.
+    resend: bool,
+    /// A server's ACK key (Accepted, until the ACK).
+    ack_key: bool,
 }
 
 /// The earliest of a transaction's timers.
