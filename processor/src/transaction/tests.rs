@@ -937,6 +937,52 @@ mod retained_state {
     }
 
     #[test]
+    fn timer_entries_share_the_key_of_the_transaction_map() {
+        use std::cmp::Reverse;
+        use std::sync::Arc;
+
+        use super::super::TxRef;
+
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr9", 1);
+        let key = h.client(invite.clone(), Transport::Udp);
+        // The 200 is matched by a key made from it; Timer M's entry must not keep that copy.
+        h.layer.handle_response(
+            h.at(ms(100)),
+            response(&invite, 200, "OK"),
+            ingress(Transport::Udp),
+        );
+        let (stored, _) = h.layer.clients.get_key_value(&key).expect("client transaction");
+        assert!(!h.layer.queue.is_empty());
+        assert!(h.layer.queue.iter().all(|Reverse((_, owner))| match owner {
+            TxRef::Client(k) => Arc::ptr_eq(&k.text, &stored.text),
+            TxRef::Server(_) => false,
+        }));
+        assert_eq!(format!("{key:?}"), r#"ClientKey { branch: "z9hG4bKr9", method: "INVITE" }"#);
+    }
+
+    #[test]
+    fn keys_compare_by_their_parts_not_by_their_joined_text() {
+        let a = ServerKey::new("z9hG4bKab", "c:5060", "INVITE");
+        let b = ServerKey::new("z9hG4bKa", "bc:5060", "INVITE");
+        assert_ne!(a, b);
+        assert_eq!(a.cmp(&b), std::cmp::Ordering::Greater, "by branch first, as a triple");
+        assert_eq!((a.branch(), a.sent_by(), a.method()), ("z9hG4bKab", "c:5060", "INVITE"));
+        assert_eq!(
+            format!("{a:?}"),
+            r#"ServerKey { branch: "z9hG4bKab", sent_by: "c:5060", method: "INVITE" }"#
+        );
+        let cancel = a.with_method("CANCEL");
+        assert_eq!((cancel.branch(), cancel.method()), ("z9hG4bKab", "CANCEL"));
+
+        let x = ClientKey::new("z9hG4bKxI", "NVITE");
+        let y = ClientKey::new("z9hG4bKx", "INVITE");
+        assert_ne!(x, y);
+        assert_eq!(x.cmp(&y), std::cmp::Ordering::Greater);
+        assert_eq!((y.branch(), y.method()), ("z9hG4bKx", "INVITE"));
+    }
+
+    #[test]
     fn an_accepted_invite_client_and_a_completed_non_invite_client_keep_nothing() {
         let mut h = Harness::new();
         let invite = request("INVITE", "z9hG4bKr7", 1);
