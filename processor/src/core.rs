@@ -157,7 +157,7 @@ impl Core {
         self.process_events(now, wall_ms);
     }
 
-    /// The original request of a server transaction still held.
+    /// The original request of a server transaction still held, until it sends a final response.
     pub fn server_request(&self, key: &ServerKey) -> Option<&SipMessage> {
         self.tx.server_request(key)
     }
@@ -321,7 +321,7 @@ fn route_request(
     cx: &mut Ctx<'_>,
     ids: &Ids,
     key: ServerKey,
-    req: SipMessage,
+    req: Arc<SipMessage>,
     ingress: Ingress,
 ) {
     let method = req.method().unwrap_or_default().to_owned();
@@ -379,13 +379,17 @@ fn route_request(
             // Not ours: perhaps a call whose processor died; look for it in Redis.
             let unknown = req.call_id().is_ok_and(|id| !b2bua.holds(id));
             if unknown && method != "ACK" {
-                cx.work.push(Work::LoadDialog { key, request: req });
+                cx.work.push(Work::LoadDialog { key, request: Arc::unwrap_or_clone(req) });
             } else {
                 reply(cx, 481, "Call/Transaction Does Not Exist", None);
             }
         }
-        "REGISTER" => cx.work.push(Work::Register { key, request: req, ingress }),
-        "INVITE" => cx.work.push(Work::Invite { key, request: req, ingress }),
+        // Async work owns its request while the server transaction still shares this one: these
+        // (and LoadDialog above) copy it, as the transaction layer used to for every request.
+        "REGISTER" => {
+            cx.work.push(Work::Register { key, request: Arc::unwrap_or_clone(req), ingress })
+        }
+        "INVITE" => cx.work.push(Work::Invite { key, request: Arc::unwrap_or_clone(req), ingress }),
         "OPTIONS" => reply(cx, 200, "OK", Some(("Allow", ALLOW))),
         m if KNOWN_METHODS.contains(&m) => {
             reply(cx, 405, "Method Not Allowed", Some(("Allow", ALLOW)))

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use sipmsg::SipMessage;
 
+#[cfg(test)]
+use super::Held;
 use super::{ClientKey, Fate, Outbox, TIMER_D, Timers, TxEvent, earliest};
 use crate::transport::Egress;
 
@@ -24,11 +26,17 @@ enum State {
 }
 
 /// One client transaction.
+///
+/// Most client transactions alive at any time are final ones lingering to absorb retransmitted
+/// responses (Timer M lasts 64*T1, D 32 s), so the request is dropped at the final response:
+/// from then on only the ACK for a non-2xx final is kept, to re-send.
 #[derive(Debug)]
 pub(super) struct ClientTx {
-    request: SipMessage,
-    /// The request as sent, for retransmissions.
-    bytes: Vec<u8>,
+    /// The request as sent, until a final response: a CANCEL and the ACK for a non-2xx final are
+    /// built from it, and Timers A and E serialize it again rather than keeping its bytes too
+    /// (they only run on unreliable transports, and only until the first response for an
+    /// INVITE). Boxed so that the transactions that no longer hold it stay small.
+    request: Option<Box<SipMessage>>,
     egress: Egress,
     invite: bool,
     unreliable: bool,
@@ -41,8 +49,9 @@ pub(super) struct ClientTx {
     timeout_at: Option<Instant>,
     /// Timer D, K or M: end of the wait that absorbs retransmitted responses.
     linger_until: Option<Instant>,
-    /// The ACK we sent for a non-2xx final, re-sent on each retransmission of that final.
-    ack: Option<Vec<u8>>,
+    /// INVITE Completed: the ACK we sent for the non-2xx final, re-sent on each retransmission
+    /// of that final. Stored at its exact length.
+    ack: Option<Box<[u8]>>,
 }
 
 impl ClientTx {
@@ -56,11 +65,9 @@ impl ClientTx {
     ) -> Self {
         let invite = request.method() == Some("INVITE");
         let unreliable = egress.local.transport.is_unreliable();
-        let bytes = request.to_bytes();
-        out.send(&egress, bytes.clone());
+        out.send(&egress, request.to_bytes());
         ClientTx {
-            request,
-            bytes,
+            request: Some(Box::new(request)),
             egress,
             invite,
             unreliable,
@@ -73,8 +80,14 @@ impl ClientTx {
         }
     }
 
-    pub(super) fn request(&self) -> &SipMessage {
-        &self.request
+    /// The request, until a final response arrived.
+    pub(super) fn request(&self) -> Option<&SipMessage> {
+        self.request.as_deref()
+    }
+
+    #[cfg(test)]
+    pub(super) fn held(&self) -> Held {
+        Held { request: self.request.is_some(), resend: self.ack.is_some(), ack_key: false }
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
@@ -117,6 +130,8 @@ impl ClientTx {
                 pass_up(key, response, out);
             }
             200..=299 if waiting => {
+                // Timer M only passes up further 2xx responses, which the TU ACKs itself.
+                self.request = None;
                 self.state = State::Accepted;
                 self.retransmit_at = None;
                 self.timeout_at = None;
@@ -127,9 +142,15 @@ impl ClientTx {
             // other forks' answers.
             200..=299 if self.state == State::Accepted => pass_up(key, response, out),
             300..=699 if waiting => {
-                let ack = build_ack(&self.request, &response).to_bytes();
-                out.send(&self.egress, ack.clone());
-                self.ack = Some(ack);
+                let ack =
+                    self.request.take().map(|invite| build_ack(&invite, &response).to_bytes());
+                if let Some(ack) = ack {
+                    // Timer D re-sends it; on a reliable transport there is no Timer D.
+                    if self.unreliable {
+                        self.ack = Some(ack.as_slice().into());
+                    }
+                    out.send(&self.egress, ack);
+                }
                 self.state = State::Completed;
                 self.retransmit_at = None;
                 self.timeout_at = None;
@@ -142,7 +163,7 @@ impl ClientTx {
             300..=699 if self.state == State::Completed => {
                 // A retransmitted final: our ACK was lost.
                 if let Some(ack) = &self.ack {
-                    out.send(&self.egress, ack.clone());
+                    out.send(&self.egress, ack.to_vec());
                 }
             }
             _ => {}
@@ -167,6 +188,8 @@ impl ClientTx {
             pass_up(key, response, out);
             return Fate::Live;
         }
+        // Timer K only absorbs retransmitted finals: nothing is sent again.
+        self.request = None;
         self.state = State::Completed;
         self.retransmit_at = None;
         self.timeout_at = None;
@@ -202,7 +225,10 @@ impl ClientTx {
             }
             // Timer A doubles without a cap; Timer E doubles up to T2, and is T2 once a
             // provisional arrived (RFC 3261 §17.1.2.2).
-            out.send(&self.egress, self.bytes.clone());
+            // Timers A and E only run before a final response, so the request is still here.
+            if let Some(request) = &self.request {
+                out.send(&self.egress, request.to_bytes());
+            }
             self.interval = match self.state {
                 State::Calling => self.interval.saturating_mul(2),
                 State::Proceeding => timers.t2,
@@ -218,7 +244,7 @@ impl ClientTx {
         if !self.invite || self.state != State::Proceeding {
             return None;
         }
-        let req = &self.request;
+        let req = self.request.as_deref()?;
         let mut cancel = SipMessage::request("CANCEL", req.request_uri()?);
         cancel.push_header("Via", top_via(req)?);
         for route in req.headers_named("route") {

@@ -26,8 +26,11 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-use std::cmp::Reverse;
+use std::borrow::Cow;
+use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sipmsg::SipMessage;
@@ -77,11 +80,17 @@ impl Timers {
 /// For a request whose branch lacks the magic cookie (RFC 2543), the branch part is built from
 /// the Request-URI, Call-ID, From tag, CSeq number and the top Via's branch value, which is what
 /// RFC 3261 §17.2.3 falls back to (the To tag is left out so that an ACK still matches).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// A key is held by the transaction map, its timer-queue entries, events and the TU's own maps
+/// for as long as the transaction lingers, so its parts are one shared text: a clone is a count
+/// increment, and a lookup compares against one allocation. Equality, hashing and ordering are
+/// those of the (branch, sent-by, method) triple.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ServerKey {
-    branch: String,
-    sent_by: String,
-    method: String,
+    /// Branch, sent-by and method, joined.
+    text: Arc<str>,
+    branch_len: usize,
+    sent_by_len: usize,
 }
 
 impl ServerKey {
@@ -90,45 +99,88 @@ impl ServerKey {
         let method = request.method()?;
         let method = if method == "ACK" { "INVITE" } else { method };
         let via = request.top_via().ok()?;
-        let sent_by = match via.port {
-            Some(port) => format!("{}:{port}", via.host.to_ascii_lowercase()),
-            None => via.host.to_ascii_lowercase(),
-        };
         let branch = match via.branch() {
-            Some(b) if b.starts_with(MAGIC_COOKIE) => b.to_owned(),
-            other => format!(
+            Some(b) if b.starts_with(MAGIC_COOKIE) => Cow::Borrowed(b),
+            other => Cow::Owned(format!(
                 "rfc2543|{}|{}|{}|{}|{}",
                 request.request_uri().unwrap_or_default(),
                 request.call_id().unwrap_or_default(),
                 request.from().ok().and_then(|f| f.tag().map(str::to_owned)).unwrap_or_default(),
                 request.cseq().map(|c| c.seq).unwrap_or_default(),
                 other.unwrap_or_default(),
-            ),
+            )),
         };
-        Some(ServerKey { branch, sent_by, method: method.to_owned() })
+        let sent_by = match via.port {
+            Some(port) => format!("{}:{port}", via.host.to_ascii_lowercase()),
+            None => via.host.to_ascii_lowercase(),
+        };
+        Some(ServerKey::new(&branch, &sent_by, method))
+    }
+
+    fn new(branch: &str, sent_by: &str, method: &str) -> Self {
+        ServerKey {
+            text: [branch, sent_by, method].concat().into(),
+            branch_len: branch.len(),
+            sent_by_len: sent_by.len(),
+        }
     }
 
     /// The branch (for an RFC 2543 request, the synthetic equivalent).
     pub fn branch(&self) -> &str {
-        &self.branch
+        &self.text[..self.branch_len]
+    }
+
+    fn sent_by(&self) -> &str {
+        let start = self.branch_len;
+        &self.text[start..start + self.sent_by_len]
     }
 
     /// The transaction's method (`INVITE` for an ACK).
     pub fn method(&self) -> &str {
-        &self.method
+        &self.text[self.branch_len + self.sent_by_len..]
+    }
+
+    fn parts(&self) -> (&str, &str, &str) {
+        (self.branch(), self.sent_by(), self.method())
     }
 
     /// The same transaction identity under another method (CANCEL → its INVITE, RFC 3261 §9.2).
     fn with_method(&self, method: &str) -> Self {
-        ServerKey { method: method.to_owned(), ..self.clone() }
+        ServerKey::new(self.branch(), self.sent_by(), method)
+    }
+}
+
+impl Ord for ServerKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
+impl PartialOrd for ServerKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for ServerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerKey")
+            .field("branch", &self.branch())
+            .field("sent_by", &self.sent_by())
+            .field("method", &self.method())
+            .finish()
     }
 }
 
 /// Identifies a client transaction (RFC 3261 §17.1.3): the top Via branch and the CSeq method.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Like [`ServerKey`], one shared text; equality, hashing and ordering are those of the
+/// (branch, method) pair.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ClientKey {
-    branch: String,
-    method: String,
+    /// Branch and method, joined.
+    text: Arc<str>,
+    branch_len: usize,
 }
 
 impl ClientKey {
@@ -136,26 +188,51 @@ impl ClientKey {
     /// or a CSeq.
     pub fn from_response(response: &SipMessage) -> Option<Self> {
         let via = response.top_via().ok()?;
-        let branch = via.branch()?.to_owned();
-        let method = response.cseq().ok()?.method;
-        Some(ClientKey { branch, method })
+        let branch = via.branch()?;
+        let cseq = response.cseq().ok()?;
+        Some(ClientKey::new(branch, &cseq.method))
     }
 
     /// The key a request we send will be matched by. A missing branch is read as empty.
     fn from_request(request: &SipMessage) -> Self {
-        let branch =
-            request.top_via().ok().and_then(|v| v.branch().map(str::to_owned)).unwrap_or_default();
-        ClientKey { branch, method: request.method().unwrap_or_default().to_owned() }
+        let via = request.top_via().ok();
+        let branch = via.as_ref().and_then(|v| v.branch()).unwrap_or_default();
+        ClientKey::new(branch, request.method().unwrap_or_default())
+    }
+
+    fn new(branch: &str, method: &str) -> Self {
+        ClientKey { text: [branch, method].concat().into(), branch_len: branch.len() }
     }
 
     /// The branch of our top Via.
     pub fn branch(&self) -> &str {
-        &self.branch
+        &self.text[..self.branch_len]
     }
 
     /// The request method.
     pub fn method(&self) -> &str {
-        &self.method
+        &self.text[self.branch_len..]
+    }
+}
+
+impl Ord for ClientKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.branch(), self.method()).cmp(&(other.branch(), other.method()))
+    }
+}
+
+impl PartialOrd for ClientKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("branch", &self.branch())
+            .field("method", &self.method())
+            .finish()
     }
 }
 
@@ -166,8 +243,11 @@ pub enum TxEvent {
     Request {
         /// The new server transaction; answer with [`TransactionLayer::respond`].
         key: ServerKey,
-        /// The request as received.
-        request: SipMessage,
+        /// The request as received. The server transaction shares it (for
+        /// [`TransactionLayer::server_request`]) until it sends a final response, which is why it
+        /// is not copied for the TU: a TU that keeps it beyond the event shares it too, or takes
+        /// its own copy with [`Arc::unwrap_or_clone`].
+        request: Arc<SipMessage>,
         /// Where it came from.
         ingress: Ingress,
     },
@@ -309,10 +389,13 @@ impl TransactionLayer {
         } else if let Some(tx) = self.servers.get(&key) {
             tx.on_retransmission(&mut self.out);
         } else {
-            let tx = ServerTx::new(request.clone(), &ingress, &mut self.out);
+            // Shared, not deep-copied: the transaction needs the request until its final
+            // response, and the TU needs it now.
+            let request = Arc::new(request);
+            let tx = ServerTx::new(Arc::clone(&request), &ingress, &mut self.out);
             let deadline = tx.next_deadline();
             self.servers.insert(key.clone(), tx);
-            self.schedule(None, deadline, TxRef::Server(key.clone()));
+            schedule(&mut self.queue, None, deadline, || TxRef::Server(key.clone()));
             self.out.events.push_back(TxEvent::Request { key, request, ingress });
         }
         self.prune();
@@ -325,6 +408,7 @@ impl TransactionLayer {
                 AckOutcome::Absorbed => {}
                 AckOutcome::Terminated => self.remove_server(&key),
                 AckOutcome::PassUp => {
+                    self.forget_ack_key(&key);
                     self.out.events.push_back(TxEvent::Ack { request: ack, ingress })
                 }
             }
@@ -338,6 +422,7 @@ impl TransactionLayer {
         {
             let before = tx.next_deadline();
             tx.on_2xx_ack();
+            self.forget_ack_key(&invite);
             self.reschedule_server(&invite, before);
         }
         self.out.events.push_back(TxEvent::Ack { request: ack, ingress });
@@ -395,7 +480,7 @@ impl TransactionLayer {
         let tx = ClientTx::new(now, &self.timers, request, egress, &mut self.out);
         let deadline = tx.next_deadline();
         self.clients.insert(key.clone(), tx);
-        self.schedule(None, deadline, TxRef::Client(key.clone()));
+        schedule(&mut self.queue, None, deadline, || TxRef::Client(key.clone()));
         self.prune();
         key
     }
@@ -421,9 +506,11 @@ impl TransactionLayer {
         self.servers.contains_key(&key).then_some(key)
     }
 
-    /// The original request of a server transaction.
+    /// The original request of a server transaction, until it sends a final response. (A final
+    /// transaction only lingers to absorb retransmissions, and does not keep the request for
+    /// that: a TU that needs it later keeps its own.)
     pub fn server_request(&self, key: &ServerKey) -> Option<&SipMessage> {
-        self.servers.get(key).map(ServerTx::request)
+        self.servers.get(key).and_then(ServerTx::request)
     }
 
     /// Whether a server transaction has sent a final response (false once it is gone).
@@ -431,9 +518,10 @@ impl TransactionLayer {
         self.servers.get(key).is_some_and(ServerTx::is_final)
     }
 
-    /// The request of a client transaction, as sent.
+    /// The request of a client transaction, as sent, until a final response arrives (a final
+    /// transaction only lingers to absorb retransmitted responses, and does not keep it).
     pub fn client_request(&self, key: &ClientKey) -> Option<&SipMessage> {
-        self.clients.get(key).map(ClientTx::request)
+        self.clients.get(key).and_then(ClientTx::request)
     }
 
     /// Fires every timer due at `now`, in deadline order.
@@ -488,6 +576,17 @@ impl TransactionLayer {
         self.clients.is_empty() && self.servers.is_empty()
     }
 
+    /// Once the ACK for transaction `key`'s 2xx came, drops its entry in `accepted`: the entry
+    /// only served to find the transaction for that ACK, and would otherwise stay for the rest of
+    /// Timer L.
+    fn forget_ack_key(&mut self, key: &ServerKey) {
+        if let Some(ack_key) = self.servers.get_mut(key).and_then(ServerTx::take_ack_key_if_acked)
+            && self.accepted.get(&*ack_key) == Some(key)
+        {
+            self.accepted.remove(&*ack_key);
+        }
+    }
+
     fn remove_server(&mut self, key: &ServerKey) {
         if let Some(tx) = self.servers.remove(key)
             && let Some(ack_key) = tx.ack_key()
@@ -497,23 +596,25 @@ impl TransactionLayer {
         }
     }
 
-    /// Queues the transaction's new earliest deadline if it changed.
-    fn schedule(&mut self, before: Option<Instant>, after: Option<Instant>, owner: TxRef) {
-        if after != before
-            && let Some(deadline) = after
-        {
-            self.queue.push(Reverse((deadline, owner)));
-        }
-    }
-
+    /// Queues the transaction's new earliest deadline if it changed. The entry holds the map's
+    /// own key, not `key` (which may be a lookup key made from a message): a queue entry can
+    /// outlive its deadline's relevance until it reaches the top, and should not keep a second
+    /// copy of the key alive.
     fn reschedule_client(&mut self, key: &ClientKey, before: Option<Instant>) {
-        let after = self.clients.get(key).and_then(ClientTx::next_deadline);
-        self.schedule(before, after, TxRef::Client(key.clone()));
+        let (stored, after) = match self.clients.get_key_value(key) {
+            Some((stored, tx)) => (stored, tx.next_deadline()),
+            None => (key, None),
+        };
+        schedule(&mut self.queue, before, after, || TxRef::Client(stored.clone()));
     }
 
+    /// As [`reschedule_client`](Self::reschedule_client), for a server transaction.
     fn reschedule_server(&mut self, key: &ServerKey, before: Option<Instant>) {
-        let after = self.servers.get(key).and_then(ServerTx::next_deadline);
-        self.schedule(before, after, TxRef::Server(key.clone()));
+        let (stored, after) = match self.servers.get_key_value(key) {
+            Some((stored, tx)) => (stored, tx.next_deadline()),
+            None => (key, None),
+        };
+        schedule(&mut self.queue, before, after, || TxRef::Server(stored.clone()));
     }
 
     /// Whether a queue entry is still its transaction's earliest deadline.
@@ -534,6 +635,34 @@ impl TransactionLayer {
             self.queue.pop();
         }
     }
+}
+
+/// Queues a transaction's new earliest deadline if it changed. `owner` is only called then:
+/// most messages leave the deadline alone.
+fn schedule(
+    queue: &mut BinaryHeap<Reverse<(Instant, TxRef)>>,
+    before: Option<Instant>,
+    after: Option<Instant>,
+    owner: impl FnOnce() -> TxRef,
+) {
+    if after != before
+        && let Some(deadline) = after
+    {
+        queue.push(Reverse((deadline, owner())));
+    }
+}
+
+/// What a transaction holds beyond its state, keys and timers, for the tests that check it lets
+/// go of everything a lingering transaction no longer needs.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// The parsed request.
+    request: bool,
+    /// Bytes to re-send: a server's last response, a client's ACK for a non-2xx final.
+    resend: bool,
+    /// A server's ACK key (Accepted, until the ACK).
+    ack_key: bool,
 }
 
 /// The earliest of a transaction's timers.

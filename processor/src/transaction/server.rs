@@ -1,10 +1,13 @@
 //! Server transactions: INVITE (RFC 3261 §17.2.1 with the RFC 6026 Accepted state) and
 //! non-INVITE (§17.2.2).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sipmsg::SipMessage;
 
+#[cfg(test)]
+use super::Held;
 use super::{AckKey, Fate, Outbox, ServerKey, Timers, TxError, TxEvent, earliest};
 use crate::transport::{Egress, Ingress};
 
@@ -35,15 +38,23 @@ pub(super) enum AckOutcome {
 }
 
 /// One server transaction.
+///
+/// Most server transactions alive at any time are final ones lingering to absorb
+/// retransmissions (Timers J and L last 64*T1), so what a transaction holds shrinks as it
+/// progresses: the request only until the final response, the last response only while it may
+/// still be re-sent, the ACK key only until the ACK.
 #[derive(Debug)]
 pub(super) struct ServerTx {
-    request: SipMessage,
+    /// The request, shared with the TU's [`TxEvent::Request`] rather than copied; dropped once a
+    /// final response is sent: the TU reads it (`server_request`) only until it has answered.
+    request: Option<Arc<SipMessage>>,
     reply: Egress,
     invite: bool,
     unreliable: bool,
     state: State,
-    /// The last response sent, re-sent on a retransmitted request and by Timer G.
-    last: Option<Vec<u8>>,
+    /// The last response sent, while it may be re-sent: on a retransmitted request (Proceeding,
+    /// Completed) and by Timer G or the 2xx retransmission. Stored at its exact length.
+    last: Option<Box<[u8]>>,
     /// Current retransmission interval (Timer G, or the 2xx retransmission).
     interval: Duration,
     /// Timer G, or the next 2xx retransmission.
@@ -52,8 +63,9 @@ pub(super) struct ServerTx {
     timeout_at: Option<Instant>,
     /// Timer I or J.
     linger_until: Option<Instant>,
-    /// Accepted only: what the ACK for our 2xx will carry.
-    ack_key: Option<AckKey>,
+    /// Accepted only, until the ACK for our 2xx comes: what that ACK will carry. Boxed so that
+    /// the transactions without one (all but the unacknowledged Accepted ones) stay small.
+    ack_key: Option<Box<AckKey>>,
     /// Accepted only: whether that ACK came.
     acked: bool,
 }
@@ -62,7 +74,7 @@ impl ServerTx {
     /// A new transaction; an INVITE is answered with `100 Trying` at once (RFC 3261 §17.2.1),
     /// so that the client stops retransmitting while the TU works.
     /// No timer runs until the TU responds.
-    pub(super) fn new(request: SipMessage, ingress: &Ingress, out: &mut Outbox) -> Self {
+    pub(super) fn new(request: Arc<SipMessage>, ingress: &Ingress, out: &mut Outbox) -> Self {
         let invite = request.method() == Some("INVITE");
         let reply = ingress.reply_egress();
         let mut tx = ServerTx {
@@ -76,20 +88,21 @@ impl ServerTx {
             linger_until: None,
             ack_key: None,
             acked: false,
-            request,
+            request: None,
             reply,
         };
         if invite {
-            let trying = SipMessage::response_to(&tx.request, 100, "Trying", None).to_bytes();
-            out.send(&tx.reply, trying.clone());
-            tx.last = Some(trying);
+            let trying = SipMessage::response_to(&request, 100, "Trying", None).to_bytes();
+            tx.send_keeping(trying, out);
             tx.state = State::Proceeding;
         }
+        tx.request = Some(request);
         tx
     }
 
-    pub(super) fn request(&self) -> &SipMessage {
-        &self.request
+    /// The request, until a final response was sent.
+    pub(super) fn request(&self) -> Option<&SipMessage> {
+        self.request.as_deref()
     }
 
     pub(super) fn is_final(&self) -> bool {
@@ -97,7 +110,30 @@ impl ServerTx {
     }
 
     pub(super) fn ack_key(&self) -> Option<&AckKey> {
-        self.ack_key.as_ref()
+        self.ack_key.as_deref()
+    }
+
+    /// The ACK key, handed back once the ACK for our 2xx came: nothing needs to find the
+    /// transaction by its dialog identifiers after that (a retransmitted ACK goes to the TU
+    /// either way), so the layer forgets it for the rest of Timer L.
+    pub(super) fn take_ack_key_if_acked(&mut self) -> Option<Box<AckKey>> {
+        if self.acked { self.ack_key.take() } else { None }
+    }
+
+    /// Sends `bytes` and keeps an exact-length copy as the response to re-send. (The sent buffer
+    /// comes from `to_bytes`, whose capacity is an estimate; keeping it would retain the slack.)
+    fn send_keeping(&mut self, bytes: Vec<u8>, out: &mut Outbox) {
+        self.last = Some(bytes.as_slice().into());
+        out.send(&self.reply, bytes);
+    }
+
+    #[cfg(test)]
+    pub(super) fn held(&self) -> Held {
+        Held {
+            request: self.request.is_some(),
+            resend: self.last.is_some(),
+            ack_key: self.ack_key.is_some(),
+        }
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
@@ -111,7 +147,7 @@ impl ServerTx {
         if matches!(self.state, State::Proceeding | State::Completed)
             && let Some(last) = &self.last
         {
-            out.send(&self.reply, last.clone());
+            out.send(&self.reply, last.to_vec());
         }
     }
 
@@ -128,20 +164,34 @@ impl ServerTx {
             return Err(TxError::AlreadyFinal);
         }
         let bytes = response.to_bytes();
-        out.send(&self.reply, bytes.clone());
-        self.last = Some(bytes);
+        if status >= 200 {
+            // The TU has answered: it reads the request no more (see `request`).
+            self.request = None;
+        }
         match status {
-            ..=199 => self.state = State::Proceeding,
+            ..=199 => {
+                self.send_keeping(bytes, out);
+                self.state = State::Proceeding;
+            }
             200..=299 if self.invite => {
                 // RFC 6026: the 2xx is retransmitted here rather than by the TU, until the ACK
-                // or Timer L; Timer L runs on every transport so a lost ACK is noticed.
+                // or Timer L; Timer L runs on every transport so a lost ACK is noticed. Only
+                // that retransmission re-sends it (a retransmitted INVITE gets nothing in
+                // Accepted), so on a reliable transport there is nothing to keep.
+                if self.unreliable {
+                    self.send_keeping(bytes, out);
+                } else {
+                    self.last = None;
+                    out.send(&self.reply, bytes);
+                }
                 self.state = State::Accepted;
-                self.ack_key = AckKey::of(&response);
+                self.ack_key = AckKey::of(&response).map(Box::new);
                 self.interval = timers.t1;
                 self.retransmit_at = self.unreliable.then(|| now + timers.t1);
                 self.timeout_at = Some(now + timers.t1x64());
             }
             _ if self.invite => {
+                self.send_keeping(bytes, out);
                 self.state = State::Completed;
                 self.interval = timers.t1;
                 self.retransmit_at = self.unreliable.then(|| now + timers.t1);
@@ -150,8 +200,11 @@ impl ServerTx {
             _ => {
                 self.state = State::Completed;
                 if !self.unreliable {
+                    out.send(&self.reply, bytes);
                     return Ok(Fate::Terminated);
                 }
+                // Timer J: each retransmitted request gets this final again.
+                self.send_keeping(bytes, out);
                 self.linger_until = Some(now + timers.t1x64());
             }
         }
@@ -162,10 +215,12 @@ impl ServerTx {
     pub(super) fn on_ack(&mut self, now: Instant, timers: &Timers) -> AckOutcome {
         match self.state {
             State::Completed => {
-                // Stop Timers G and H; Timer I absorbs ACK retransmissions.
+                // Stop Timers G and H; Timer I absorbs ACK retransmissions. Nothing re-sends
+                // the final from here on.
                 self.state = State::Confirmed;
                 self.retransmit_at = None;
                 self.timeout_at = None;
+                self.last = None;
                 if !self.unreliable {
                     return AckOutcome::Terminated;
                 }
@@ -180,12 +235,13 @@ impl ServerTx {
         }
     }
 
-    /// The ACK for our 2xx arrived: stop retransmitting it. The transaction stays until Timer L
-    /// to absorb INVITE retransmissions.
+    /// The ACK for our 2xx arrived: stop retransmitting it, and drop it, since nothing else
+    /// re-sends it. The transaction stays until Timer L to absorb INVITE retransmissions.
     pub(super) fn on_2xx_ack(&mut self) {
         if self.state == State::Accepted {
             self.acked = true;
             self.retransmit_at = None;
+            self.last = None;
         }
     }
 
@@ -215,7 +271,7 @@ impl ServerTx {
             }
             // Timer G, or the 2xx retransmission: T1 doubling, capped at T2.
             if let Some(last) = &self.last {
-                out.send(&self.reply, last.clone());
+                out.send(&self.reply, last.to_vec());
             }
             self.interval = self.interval.saturating_mul(2).min(timers.t2);
             self.retransmit_at = Some(now + self.interval);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use sipmsg::SipMessage;
 
-use super::{ClientKey, ServerKey, Timers, TransactionLayer, TxError, TxEvent};
+use super::{ClientKey, Held, ServerKey, Timers, TransactionLayer, TxError, TxEvent};
 use crate::transport::{Egress, Ingress, LocalAddr, Transmit, Transport};
 
 const CALL_ID: &str = "a84b4c76e66710@pc33.atlanta.example.com";
@@ -342,7 +342,7 @@ mod invite_server {
         h.layer.handle_request(h.start, invite.clone(), ingress(Transport::Udp));
         let key = match h.events().as_slice() {
             [TxEvent::Request { key, request, ingress: from }] => {
-                assert_eq!(request, &invite);
+                assert_eq!(**request, invite);
                 assert_eq!(from, &ingress(Transport::Udp));
                 key.clone()
             }
@@ -787,6 +787,217 @@ mod reliable_transport {
         h.transmits();
         assert!(h.run_until(secs(40.0)).is_empty());
         assert_eq!(h.events(), vec![TxEvent::AckTimeout { key }]);
+    }
+}
+
+/// What a transaction keeps as it progresses: a final transaction lingers (up to 64*T1) only to
+/// absorb retransmissions, so it lets go of the request and of anything it will not send again,
+/// and every retransmission it must still answer is answered the same.
+mod retained_state {
+    use super::*;
+
+    const NOTHING: Held = Held { request: false, resend: false, ack_key: false };
+
+    impl Harness {
+        fn server_held(&self, key: &ServerKey) -> Held {
+            self.layer.servers.get(key).expect("server transaction").held()
+        }
+
+        fn client_held(&self, key: &ClientKey) -> Held {
+            self.layer.clients.get(key).expect("client transaction").held()
+        }
+    }
+
+    #[test]
+    fn an_accepted_invite_server_keeps_only_its_2xx_until_the_ack_then_nothing() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr1", 1);
+        let key = h.server(invite.clone(), Transport::Udp);
+        assert_eq!(h.server_held(&key), Held { request: true, resend: true, ack_key: false });
+        assert_eq!(h.layer.server_request(&key), Some(&invite));
+
+        let ok = response(&invite, 200, "OK");
+        h.layer.respond(h.start, &key, ok.clone()).expect("respond");
+        h.transmits();
+        assert_eq!(h.server_held(&key), Held { request: false, resend: true, ack_key: true });
+        assert_eq!(h.layer.server_request(&key), None, "the TU has answered");
+        assert_eq!(h.layer.accepted.len(), 1);
+        let sent = h.run_until(secs(1.0));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1.bytes, ok.to_bytes(), "the kept 2xx is the one sent");
+
+        let ack = ack_for_2xx("z9hG4bKackr1", 1, "8321234356");
+        h.layer.handle_request(h.at(secs(1.2)), ack.clone(), ingress(Transport::Udp));
+        assert_eq!(h.events().len(), 1, "the ACK is passed up");
+        assert_eq!(h.server_held(&key), NOTHING);
+        assert!(h.layer.accepted.is_empty(), "the ACK key served its purpose");
+
+        // What the ACK's arrival leaves to absorb still is absorbed or passed up as before.
+        h.layer.handle_request(h.at(secs(2.0)), ack.clone(), ingress(Transport::Udp));
+        assert_eq!(
+            h.events(),
+            vec![TxEvent::Ack { request: ack, ingress: ingress(Transport::Udp) }],
+            "a retransmitted ACK still goes to the TU"
+        );
+        h.layer.handle_request(h.at(secs(3.0)), invite, ingress(Transport::Udp));
+        assert!(h.transmits().is_empty() && h.events().is_empty(), "the INVITE is absorbed");
+        assert!(h.run_until(secs(32.5)).is_empty());
+        assert!(h.layer.is_empty() && h.events().is_empty(), "Timer L, and no AckTimeout");
+    }
+
+    #[test]
+    fn an_ack_for_the_2xx_reusing_the_invite_branch_also_releases_the_ack_key() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr2", 1);
+        let key = h.server(invite.clone(), Transport::Udp);
+        h.layer.respond(h.start, &key, response(&invite, 200, "OK")).expect("respond");
+        h.transmits();
+        let ack = ack_for_2xx("z9hG4bKr2", 1, "8321234356");
+        h.layer.handle_request(h.at(ms(100)), ack, ingress(Transport::Udp));
+        assert_eq!(h.events().len(), 1, "the ACK is passed up");
+        assert_eq!(h.server_held(&key), NOTHING);
+        assert!(h.layer.accepted.is_empty());
+        assert!(h.run_until(secs(10.0)).is_empty(), "no more 2xx retransmissions");
+    }
+
+    #[test]
+    fn a_2xx_over_a_reliable_transport_is_not_kept() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr3", 1);
+        let key = h.server(invite.clone(), Transport::Tcp);
+        h.layer.respond(h.start, &key, response(&invite, 200, "OK")).expect("respond");
+        assert_eq!(h.transmits().len(), 1);
+        assert_eq!(h.server_held(&key), Held { request: false, resend: false, ack_key: true });
+    }
+
+    #[test]
+    fn a_completed_invite_server_keeps_its_final_until_the_ack_then_nothing() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr4", 1);
+        let key = h.server(invite.clone(), Transport::Udp);
+        let busy = response(&invite, 486, "Busy Here");
+        h.layer.respond(h.start, &key, busy.clone()).expect("respond");
+        h.transmits();
+        assert_eq!(h.server_held(&key), Held { request: false, resend: true, ack_key: false });
+        assert_eq!(h.layer.server_request(&key), None);
+        h.layer.handle_request(h.at(ms(100)), invite.clone(), ingress(Transport::Udp));
+        assert_eq!(h.transmits()[0].bytes, busy.to_bytes(), "a retransmitted INVITE gets it");
+
+        let mut ack = request("ACK", "z9hG4bKr4", 1);
+        ack.set_header("To", format!("{TO};tag=8321234356"));
+        h.layer.handle_request(h.at(ms(200)), ack, ingress(Transport::Udp));
+        assert_eq!(h.server_held(&key), NOTHING, "Confirmed sends nothing again");
+        h.layer.handle_request(h.at(ms(300)), invite, ingress(Transport::Udp));
+        assert!(h.transmits().is_empty() && h.events().is_empty());
+    }
+
+    #[test]
+    fn a_completed_non_invite_server_keeps_only_its_final_for_retransmissions() {
+        let mut h = Harness::new();
+        let bye = request("BYE", "z9hG4bKr5", 2);
+        let key = h.server(bye.clone(), Transport::Udp);
+        assert_eq!(h.server_held(&key), Held { request: true, resend: false, ack_key: false });
+        let ok = response(&bye, 200, "OK");
+        h.layer.respond(h.start, &key, ok.clone()).expect("respond");
+        h.transmits();
+        assert_eq!(h.server_held(&key), Held { request: false, resend: true, ack_key: false });
+        h.layer.handle_request(h.at(secs(20.0)), bye, ingress(Transport::Udp));
+        let sent = h.transmits();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].bytes, ok.to_bytes(), "a retransmitted request gets the last response");
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn an_invite_client_keeps_its_request_until_the_final_then_only_the_ack() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr6", 1);
+        let key = h.client(invite.clone(), Transport::Udp);
+        assert_eq!(h.client_held(&key), Held { request: true, resend: false, ack_key: false });
+        let sent = h.run_until(secs(0.5));
+        assert_eq!(sent[0].1.bytes, invite.to_bytes(), "Timer A re-sends the same bytes");
+
+        h.layer.handle_response(
+            h.at(secs(1.0)),
+            response(&invite, 183, "Session Progress"),
+            ingress(Transport::Udp),
+        );
+        assert_eq!(h.layer.client_request(&key), Some(&invite));
+        assert!(h.layer.cancel_request(&key).is_some(), "CANCEL is built from the request");
+
+        let busy = response(&invite, 486, "Busy Here");
+        h.layer.handle_response(h.at(secs(2.0)), busy.clone(), ingress(Transport::Udp));
+        let ack = h.transmits();
+        assert_eq!(ack.len(), 1);
+        assert_eq!(h.client_held(&key), Held { request: false, resend: true, ack_key: false });
+        assert_eq!(h.layer.client_request(&key), None, "final");
+        assert_eq!(h.layer.cancel_request(&key), None);
+        h.layer.handle_response(h.at(secs(3.0)), busy, ingress(Transport::Udp));
+        assert_eq!(h.transmits(), ack, "a retransmitted final gets the same ACK");
+    }
+
+    #[test]
+    fn timer_entries_share_the_key_of_the_transaction_map() {
+        use std::cmp::Reverse;
+        use std::sync::Arc;
+
+        use super::super::TxRef;
+
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr9", 1);
+        let key = h.client(invite.clone(), Transport::Udp);
+        // The 200 is matched by a key made from it; Timer M's entry must not keep that copy.
+        h.layer.handle_response(
+            h.at(ms(100)),
+            response(&invite, 200, "OK"),
+            ingress(Transport::Udp),
+        );
+        let (stored, _) = h.layer.clients.get_key_value(&key).expect("client transaction");
+        assert!(!h.layer.queue.is_empty());
+        assert!(h.layer.queue.iter().all(|Reverse((_, owner))| match owner {
+            TxRef::Client(k) => Arc::ptr_eq(&k.text, &stored.text),
+            TxRef::Server(_) => false,
+        }));
+        assert_eq!(format!("{key:?}"), r#"ClientKey { branch: "z9hG4bKr9", method: "INVITE" }"#);
+    }
+
+    #[test]
+    fn keys_compare_by_their_parts_not_by_their_joined_text() {
+        let a = ServerKey::new("z9hG4bKab", "c:5060", "INVITE");
+        let b = ServerKey::new("z9hG4bKa", "bc:5060", "INVITE");
+        assert_ne!(a, b);
+        assert_eq!(a.cmp(&b), std::cmp::Ordering::Greater, "by branch first, as a triple");
+        assert_eq!((a.branch(), a.sent_by(), a.method()), ("z9hG4bKab", "c:5060", "INVITE"));
+        assert_eq!(
+            format!("{a:?}"),
+            r#"ServerKey { branch: "z9hG4bKab", sent_by: "c:5060", method: "INVITE" }"#
+        );
+        let cancel = a.with_method("CANCEL");
+        assert_eq!((cancel.branch(), cancel.method()), ("z9hG4bKab", "CANCEL"));
+
+        let x = ClientKey::new("z9hG4bKxI", "NVITE");
+        let y = ClientKey::new("z9hG4bKx", "INVITE");
+        assert_ne!(x, y);
+        assert_eq!(x.cmp(&y), std::cmp::Ordering::Greater);
+        assert_eq!((y.branch(), y.method()), ("z9hG4bKx", "INVITE"));
+    }
+
+    #[test]
+    fn an_accepted_invite_client_and_a_completed_non_invite_client_keep_nothing() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKr7", 1);
+        let key = h.client(invite.clone(), Transport::Udp);
+        let ok = response(&invite, 200, "OK");
+        h.layer.handle_response(h.at(ms(100)), ok.clone(), ingress(Transport::Udp));
+        assert_eq!(h.client_held(&key), NOTHING);
+        h.layer.handle_response(h.at(ms(900)), ok, ingress(Transport::Udp));
+        assert_eq!(h.events().len(), 2, "Accepted still passes a retransmitted 2xx up");
+
+        let bye = request("BYE", "z9hG4bKr8", 2);
+        let key = h.client(bye.clone(), Transport::Udp);
+        h.layer.handle_response(h.at(ms(100)), response(&bye, 200, "OK"), ingress(Transport::Udp));
+        assert_eq!(h.client_held(&key), NOTHING);
+        assert_eq!(h.layer.len(), (2, 0), "both linger");
     }
 }
 
