@@ -343,8 +343,11 @@ if [[ " $PHASES " == *" prime "* ]]; then
   MEM_LINE="sipalias redis_memory used_before=$m0 used_after_prime=$m1 bytes_per_binding=$(awk -v a="$m0" -v b="$m1" -v n="$USERS" 'BEGIN { printf "%.0f", (b - a) / n }') keys_added=$((k1 - k0)) location_keys=$nloc sample_loc_key_memory_usage=${sample:-n/a}"
 fi
 if [ -n "${rest// /}" ]; then
+  # Redis commands issued by the load phases (round trips per operation): redis-commandstats.txt.
+  rcli config resetstat >/dev/null
   run_load "$OUT_DIR/load" "${rest# }"
   SUMMARIES+=("$OUT_DIR/load/summary.txt")
+  rcli info commandstats | tr -d '\r' > "$OUT_DIR/redis-commandstats.txt"
 fi
 
 # ---- call-setup latency from sipp's response-time buckets (INVITE sent -> 200 received) ---------

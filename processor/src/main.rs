@@ -9,8 +9,7 @@ use std::path::PathBuf;
 
 use sipalias_processor::ProcessorConfig;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -27,7 +26,18 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    sipalias_processor::run(config, shutdown_signal()).await?;
+    let mut runtime = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let runtime = runtime.enable_all().build()?;
+    runtime.block_on(sipalias_processor::run(config, shutdown_signal()))?;
     Ok(())
 }
 
