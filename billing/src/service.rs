@@ -268,6 +268,25 @@ impl Billing for BillingService {
         request: Request<AccountingStopRequest>,
     ) -> Result<Response<AccountingResponse>, RpcStatus> {
         let req = request.into_inner();
+        if let Some(start) = req.start {
+            // The processor's usual form: the answer travels with the stop. Applied first, as
+            // its own AccountingStart would be (a repeated one changes nothing).
+            let start = CallStart {
+                call_ref: start.call_ref,
+                caller: start.caller,
+                callee: start.callee,
+                caller_ingress_ip: start.caller_ingress_ip,
+                callee_ingress_ip: start.callee_ingress_ip,
+                answered_ms: start.answered_at_ms,
+            };
+            if start.call_ref != req.call_ref {
+                return Err(RpcStatus::invalid_argument("start.call_ref differs from call_ref"));
+            }
+            self.store
+                .accounting_start(&start, now_ms())
+                .await
+                .map_err(|e| store_error("AccountingStop", e))?;
+        }
         let stop = CallStop {
             call_ref: req.call_ref,
             ended_ms: req.ended_at_ms,

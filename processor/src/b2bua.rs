@@ -124,9 +124,7 @@ pub enum Work {
         /// The request.
         request: SipMessage,
     },
-    /// Tell billing a call was answered.
-    AccountingStart(AccountingStartRequest),
-    /// Tell billing a call ended.
+    /// Tell billing a call ended (an answered one carries its start).
     AccountingStop(AccountingStopRequest),
 }
 
@@ -472,16 +470,6 @@ impl B2bua {
         self.by_call_id.insert(record.a.call_id.clone(), (id, Side::A));
         self.by_call_id.insert(record.b.call_id.clone(), (id, Side::B(0)));
         tracing::info!(call_ref = %record.call_ref, "call taken over from redis");
-        // The processor that answered may have died before billing heard of the answer; the
-        // start is idempotent, so sending it again makes sure the call is charged.
-        cx.work.push(Work::AccountingStart(AccountingStartRequest {
-            call_ref: record.call_ref.clone(),
-            caller: record.caller_aor.clone(),
-            callee: record.callee_aor.clone(),
-            answered_at_ms: record.answered_at_ms,
-            callee_ingress_ip: record.b.egress.local.addr.ip().to_string(),
-            caller_ingress_ip: record.a_ingress_ip.clone(),
-        }));
         self.calls.insert(
             id,
             Call {
@@ -724,14 +712,6 @@ impl B2bua {
                 }
                 let (tag, contact, a_key) =
                     (c.a.local_tag.clone(), c.a.contact.clone(), c.a_key.clone());
-                cx.work.push(Work::AccountingStart(AccountingStartRequest {
-                    call_ref: c.call_ref.clone(),
-                    caller: c.caller_aor.clone(),
-                    callee: c.callee_aor.clone(),
-                    answered_at_ms: cx.wall_ms,
-                    callee_ingress_ip: c.branches[idx].dialog.egress.local.addr.ip().to_string(),
-                    caller_ingress_ip: c.a_ingress_ip.clone(),
-                }));
                 let others: Vec<usize> = (0..c.branches.len()).filter(|i| *i != idx).collect();
                 self.save(cx, call);
                 if let Some(key) = a_key {
@@ -972,12 +952,25 @@ impl B2bua {
             cx.work.push(Work::DeleteDialog(Box::new(r)));
         }
         if let Some(c) = self.calls.get(&call) {
+            let answered = c.state == CallState::Answered;
+            // Billing hears of the answer with the stop: one round trip per call instead of
+            // two. Whoever ends the call (the answering processor or one that took it over
+            // from Redis) knows the answer from the call's record.
+            let start = c.winner.filter(|_| answered).map(|w| AccountingStartRequest {
+                call_ref: c.call_ref.clone(),
+                caller: c.caller_aor.clone(),
+                callee: c.callee_aor.clone(),
+                answered_at_ms: c.answered_at_ms,
+                callee_ingress_ip: c.branches[w].dialog.egress.local.addr.ip().to_string(),
+                caller_ingress_ip: c.a_ingress_ip.clone(),
+            });
             cx.work.push(Work::AccountingStop(AccountingStopRequest {
                 call_ref: c.call_ref.clone(),
                 ended_at_ms: cx.wall_ms,
                 cause: cause.to_owned(),
                 idempotency_key: format!("{};stop", c.call_ref),
-                answered: c.state == CallState::Answered,
+                answered,
+                start,
             }));
         }
         self.remove_call(call);

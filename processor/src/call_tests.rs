@@ -213,11 +213,8 @@ fn answered_call_relays_sdp_ack_bye_and_accounts() {
     assert_eq!(ok.call_id().expect("cid"), "c1@caller");
     let a_tag = ok.to().expect("to").tag().expect("to-tag").to_owned();
     let a_contact = ok.contacts().expect("contact")[0].uri.to_string();
-    assert!(
-        h.work()
-            .iter()
-            .any(|w| matches!(w, Work::AccountingStart(s) if s.callee_ingress_ip == "127.0.0.2"))
-    );
+    // Billing hears of the answer only with the stop.
+    assert!(!h.work().iter().any(|w| matches!(w, Work::AccountingStop(_))));
 
     let ack = format!(
         "ACK {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKack1\r\nMax-Forwards: 70\r\n\
@@ -250,8 +247,15 @@ From: <sip:alice@127.0.0.2>;tag=at1\r\nTo: <sip:bob@127.0.0.2>;tag={}\r\nCall-ID
     assert_eq!(to_caller.1.method(), Some("BYE"));
     assert_eq!(to_caller.1.request_uri(), Some("sip:bob@127.0.0.20:5000"));
     assert_eq!(to_caller.0.egress.local, local(MAIN));
-    assert!(
-        h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if s.cause == "callee-bye"))
+    let stop = h.work().into_iter().find_map(|w| match w {
+        Work::AccountingStop(s) if s.cause == "callee-bye" => Some(s),
+        _ => None,
+    });
+    let start = stop.and_then(|s| s.start).expect("the stop carries the start");
+    assert_eq!(start.callee_ingress_ip, "127.0.0.2");
+    assert_eq!(
+        (start.caller.as_str(), start.callee.as_str()),
+        ("bob@sip.example.net", "alice@sip.example.net")
     );
     assert_eq!(h.core.load().2, 0, "call removed");
 }

@@ -289,6 +289,7 @@ impl Node {
                                 ended_at_ms: wall_ms(),
                                 cause: "cancelled".into(),
                                 answered: false,
+                                start: None,
                             };
                             self.accounting.deliver(Event::Stop(stop)).await;
                         }
@@ -349,7 +350,6 @@ impl Node {
                     Err(e) => tracing::warn!(%aor, error = %e, "keepalive outcome not recorded"),
                 }
             }
-            Work::AccountingStart(req) => self.accounting.deliver(Event::Start(req)).await,
             Work::AccountingStop(req) => self.accounting.deliver(Event::Stop(req)).await,
         }
     }

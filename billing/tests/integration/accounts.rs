@@ -359,6 +359,7 @@ async fn store_and_service_against_real_redis() {
                 cause: "caller-bye".to_owned(),
                 idempotency_key: "k3".to_owned(),
                 answered: true,
+                start: None,
             })
             .await
             .expect("accounting stop")

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use sipalias_billing::account::{AccountSettings, Kind};
 use sipalias_billing::store::{AccountingOutcome, Authorization, CdrQuery, Denial};
-use sipalias_proto::billing::{AccountingStopRequest, AuthorizeRequest, DenyReason};
+use sipalias_proto::billing::{
+    AccountingStartRequest, AccountingStopRequest, AuthorizeRequest, DenyReason,
+};
 
 use crate::{ONE, TEN_CENTS, all, env, now, rate, start, stop, unanswered};
 
@@ -83,21 +85,27 @@ async fn one_unit_at_ten_cents_a_minute_buys_600_seconds_and_is_debited_once() {
         assert_eq!(call.get(field).map(String::as_str), Some(value), "{field}: {call:?}");
     }
 
-    // Answered, 2 min 5 s: three minutes at 0.10. A stop delivered twice charges once.
+    // Answered, 2 min 5 s: three minutes at 0.10. The start travels with the stop, as
+    // processors send it; the pair delivered twice charges once.
     let t0 = 1_700_000_000_000;
-    let r = env
-        .store
-        .accounting_start(&start("cid-1;tag", &alice, UK, t0), now())
-        .await
-        .expect("start");
-    assert_eq!(r.outcome, AccountingOutcome::Recorded);
     let stop_request = AccountingStopRequest {
         call_ref: "cid-1;tag".to_owned(),
         ended_at_ms: t0 + 125_000,
         cause: "max-duration".to_owned(),
         idempotency_key: "cid-1;tag;stop".to_owned(),
         answered: true,
+        start: Some(AccountingStartRequest {
+            call_ref: "cid-1;tag".to_owned(),
+            caller: alice.to_string(),
+            callee: UK.to_owned(),
+            answered_at_ms: t0,
+            caller_ingress_ip: "192.0.2.1".to_owned(),
+            callee_ingress_ip: "192.0.2.2".to_owned(),
+        }),
     };
+    let mismatched = AccountingStopRequest { call_ref: "other".to_owned(), ..stop_request.clone() };
+    let err = rpc.accounting_stop(mismatched).await.expect_err("start of another call");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
     for _ in 0..2 {
         let r = rpc.accounting_stop(stop_request.clone()).await.expect("stop").into_inner();
         assert!(r.recorded);
