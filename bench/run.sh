@@ -170,6 +170,9 @@ cat > "$CFG" <<EOF
 [dispatcher]
 id = "d1"
 grpc_listen = "127.0.0.1:$GRPC_PORT"
+# One runtime thread each (the processor's default): on a 2-core host shared by five services
+# and sipp, a second thread per service only adds context switches (docs/benchmarks.md).
+worker_threads = 1
 
 [dispatcher.main]
 ip = "$MAIN_IP"
@@ -200,6 +203,7 @@ drain_timeout_secs = 2
 listen = "127.0.0.1:$BILLING_PORT"
 redis_url = "$REDIS_URL"
 key_prefix = "$KEY_PREFIX"
+worker_threads = 1
 EOF
 
 # ---- redis -------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ pub struct BillingConfig {
     /// Rate plan of accounts that name none (`billing.default_rate_plan`, default empty = none:
     /// such accounts' calls are not rated).
     pub default_rate_plan: String,
+    /// Runtime threads of `serve` (`billing.worker_threads`, default 0 = one per core). 1 runs
+    /// on one thread, the cheapest per request where billing shares a small host (measured in
+    /// docs/benchmarks.md).
+    pub worker_threads: usize,
 }
 
 impl Default for BillingConfig {
@@ -50,6 +54,7 @@ impl Default for BillingConfig {
             key_prefix: "sipalias:".to_owned(),
             default_max_duration_secs: 0,
             default_rate_plan: String::new(),
+            worker_threads: 0,
         }
     }
 }

@@ -87,6 +87,10 @@ pub struct DispatcherConfig {
     pub main: IpConfig,
     /// IP aliases: old providers' server addresses routed to us (`dispatcher.aliases`).
     pub aliases: Vec<IpConfig>,
+    /// Runtime threads (`dispatcher.worker_threads`, default 0 = one per core). 1 runs on one
+    /// thread, which costs the least CPU per message where the dispatcher shares a small host
+    /// with processors (measured in docs/benchmarks.md).
+    pub worker_threads: usize,
 }
 
 /// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
@@ -475,6 +479,8 @@ struct RawConfig {
     retry_after_secs: u32,
     #[serde(default = "default_queue_depth")]
     queue_depth: usize,
+    #[serde(default)]
+    worker_threads: usize,
     #[serde(default = "default_heartbeat_timeout_secs")]
     heartbeat_timeout_secs: u64,
     #[serde(default = "default_max_message_size")]
@@ -592,6 +598,7 @@ impl RawConfig {
             grpc_listen,
             retry_after_secs: self.retry_after_secs,
             queue_depth: self.queue_depth,
+            worker_threads: self.worker_threads,
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             streams: StreamLimits {
                 max_message_size: self.max_message_size,
@@ -742,7 +749,8 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
     }
-
+        assert_eq!(c.queue_depth, DEFAULT_QUEUE_DEPTH);
+        assert_eq!(c.worker_threads, 0, "one thread per core unless configured");
     #[test]
     fn parses_the_shipped_local_config() -> Result<(), Error> {
         let c = DispatcherConfig::from_toml_str(LOCAL)?;

@@ -100,10 +100,17 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let mut builder = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    let runtime = builder.enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         info!(id = %config.id, "sipalias-dispatcher starting");
         match sipalias_dispatcher::run(config, shutdown_signal()).await {

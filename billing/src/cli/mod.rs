@@ -263,10 +263,19 @@ fn reason(e: Error) -> String {
     }
 }
 
-/// Runs a parsed command line. Output goes to stdout; the caller prints the error, if any,
-/// and exits non-zero.
-pub async fn run(cli: Cli) -> Result<(), Error> {
-    let config = BillingConfig::load(cli.config.as_deref())?;
+/// Loads the configuration a command line names (`--config`, environment).
+pub fn config(cli: &Cli) -> Result<BillingConfig, Error> {
+    BillingConfig::load(cli.config.as_deref())
+}
+
+/// Whether the command line runs the service (the other commands are one-shot).
+pub fn is_serve(cli: &Cli) -> bool {
+    matches!(cli.command, Command::Serve)
+}
+
+/// Runs a parsed command line with its configuration. Output goes to stdout; the caller
+/// prints the error, if any, and exits non-zero.
+pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Account(cmd) => account(&config, cmd).await,
