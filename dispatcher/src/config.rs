@@ -757,7 +757,7 @@ mod tests {
         assert_eq!(c.grpc_listen, "127.0.0.1:7070".parse().map_err(|_| Error::Config("x".into()))?);
         assert_eq!(c.retry_after_secs, 5);
         assert_eq!(c.queue_depth, DEFAULT_QUEUE_DEPTH);
-        assert_eq!(c.worker_threads, 0, "one thread per core unless configured");
+        assert_eq!(c.worker_threads, 1, "the local cluster runs the dispatcher on one thread");
         assert_eq!(c.main.ip, ip("127.0.0.1"));
         assert_eq!(c.main.realm, "sip.example.net", "realm defaults to the domain");
         assert_eq!(c.aliases.len(), 2);
