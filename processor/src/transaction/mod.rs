@@ -379,20 +379,22 @@ impl TransactionLayer {
 
     /// A parsed inbound request (the caller has validated the mandatory headers).
     ///
-    /// A new request creates a server transaction and emits [`TxEvent::Request`] (and for an
-    /// INVITE sends `100 Trying`); a retransmission is answered from the transaction's state; an
+    /// A new request creates a server transaction and emits [`TxEvent::Request`] (an INVITE
+    /// gets `100 Trying` unless the TU responds within 200 ms); a retransmission is answered from the transaction's state; an
     /// ACK goes to its INVITE transaction or surfaces as [`TxEvent::Ack`].
     pub fn handle_request(&mut self, now: Instant, request: SipMessage, ingress: Ingress) {
         let Some(key) = ServerKey::from_request(&request) else { return };
         if request.method() == Some("ACK") {
             self.handle_ack(now, key, request, ingress);
-        } else if let Some(tx) = self.servers.get(&key) {
+        } else if let Some(tx) = self.servers.get_mut(&key) {
+            let before = tx.next_deadline();
             tx.on_retransmission(&mut self.out);
+            self.reschedule_server(&key, before);
         } else {
             // Shared, not deep-copied: the transaction needs the request until its final
             // response, and the TU needs it now.
             let request = Arc::new(request);
-            let tx = ServerTx::new(Arc::clone(&request), &ingress, &mut self.out);
+            let tx = ServerTx::new(now, Arc::clone(&request), &ingress);
             let deadline = tx.next_deadline();
             self.servers.insert(key.clone(), tx);
             schedule(&mut self.queue, None, deadline, || TxRef::Server(key.clone()));

@@ -68,13 +68,22 @@ pub(super) struct ServerTx {
     ack_key: Option<Box<AckKey>>,
     /// Accepted only: whether that ACK came.
     acked: bool,
+    /// INVITE only: when our own `100 Trying` goes out, unless the TU responds first.
+    trying_at: Option<Instant>,
 }
 
+/// How long an INVITE waits for the TU's first response before the transaction sends its own
+/// `100 Trying`. RFC 3261 §17.2.1 lets a server skip the 100 when it knows the TU answers within
+/// 200 ms: a challenge or a relayed `180` usually comes in a few ms, and each 100 skipped is a
+/// message less through the dispatcher and the phone. Under T1 (500 ms), so the client's first
+/// retransmission still finds a provisional response.
+pub(super) const TRYING_DELAY: Duration = Duration::from_millis(200);
+
 impl ServerTx {
-    /// A new transaction; an INVITE is answered with `100 Trying` at once (RFC 3261 §17.2.1),
-    /// so that the client stops retransmitting while the TU works.
-    /// No timer runs until the TU responds.
-    pub(super) fn new(request: Arc<SipMessage>, ingress: &Ingress, out: &mut Outbox) -> Self {
+    /// A new transaction. An INVITE gets `100 Trying` after [`TRYING_DELAY`] unless the TU
+    /// responds first (RFC 3261 §17.2.1), or at once when the client retransmits; otherwise no
+    /// timer runs until the TU responds.
+    pub(super) fn new(now: Instant, request: Arc<SipMessage>, ingress: &Ingress) -> Self {
         let invite = request.method() == Some("INVITE");
         let reply = ingress.reply_egress();
         let mut tx = ServerTx {
@@ -88,16 +97,25 @@ impl ServerTx {
             linger_until: None,
             ack_key: None,
             acked: false,
-            request: None,
+            trying_at: None,
+            request: Some(request),
             reply,
         };
         if invite {
-            let trying = SipMessage::response_to(&request, 100, "Trying", None).to_bytes();
-            tx.send_keeping(trying, out);
             tx.state = State::Proceeding;
+            tx.trying_at = Some(now + TRYING_DELAY);
         }
-        tx.request = Some(request);
         tx
+    }
+
+    /// Sends our own `100 Trying`, if it is still due.
+    fn send_trying(&mut self, out: &mut Outbox) {
+        if self.trying_at.take().is_some()
+            && let Some(request) = &self.request
+        {
+            let trying = SipMessage::response_to(request, 100, "Trying", None).to_bytes();
+            self.send_keeping(trying, out);
+        }
     }
 
     /// The request, until a final response was sent.
@@ -137,11 +155,16 @@ impl ServerTx {
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        earliest(&[self.retransmit_at, self.timeout_at, self.linger_until])
+        earliest(&[self.trying_at, self.retransmit_at, self.timeout_at, self.linger_until])
     }
 
-    /// A retransmission of the request: answered with the last response, never passed up.
-    pub(super) fn on_retransmission(&self, out: &mut Outbox) {
+    /// A retransmission of the request: answered with the last response (a `100 Trying` that
+    /// was still waiting goes out now: the client is retransmitting), never passed up.
+    pub(super) fn on_retransmission(&mut self, out: &mut Outbox) {
+        if self.trying_at.is_some() {
+            self.send_trying(out);
+            return;
+        }
         // In Accepted the layer retransmits the 2xx on its own schedule (RFC 6026 §7.1), and in
         // Confirmed the client already has our final.
         if matches!(self.state, State::Proceeding | State::Completed)
@@ -163,6 +186,8 @@ impl ServerTx {
         if self.is_final() {
             return Err(TxError::AlreadyFinal);
         }
+        // The TU responded: our own 100 is not needed any more.
+        self.trying_at = None;
         let bytes = response.to_bytes();
         if status >= 200 {
             // The TU has answered: it reads the request no more (see `request`).
@@ -255,9 +280,17 @@ impl ServerTx {
     ) -> Fate {
         loop {
             let due = |t: Option<Instant>| t.filter(|t| *t <= now);
-            let next =
-                earliest(&[due(self.retransmit_at), due(self.timeout_at), due(self.linger_until)]);
+            let next = earliest(&[
+                due(self.trying_at),
+                due(self.retransmit_at),
+                due(self.timeout_at),
+                due(self.linger_until),
+            ]);
             let Some(deadline) = next else { return Fate::Live };
+            if self.trying_at == Some(deadline) {
+                self.send_trying(out);
+                continue;
+            }
             if self.timeout_at == Some(deadline) {
                 // Timer H (the ACK never came; nothing to tell the TU) or Timer L.
                 if self.state == State::Accepted && !self.acked {

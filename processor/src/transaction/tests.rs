@@ -351,6 +351,10 @@ mod invite_server {
         assert_eq!(key.method(), "INVITE");
         assert_eq!(key.branch(), "z9hG4bKs1");
 
+        // The 100 waits for the TU for 200 ms (RFC 3261 §17.2.1), then goes out on its own.
+        assert!(h.transmits().is_empty(), "no 100 before the TU had 200 ms");
+        assert_eq!(h.layer.poll_timeout(), Some(h.start + ms(200)));
+        h.layer.handle_timeout(h.start + ms(200));
         let sent = h.transmits();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].egress, ingress(Transport::Udp).reply_egress());
@@ -361,6 +365,38 @@ mod invite_server {
         assert_eq!(trying.to().expect("to").tag(), None, "100 Trying carries no To tag");
         assert_eq!(h.layer.server_request(&key), Some(&invite));
         assert!(!h.layer.server_is_final(&key));
+    }
+
+    #[test]
+    fn invite_answered_within_200_ms_gets_no_100_trying() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKs2", 1);
+        h.layer.handle_request(h.start, invite.clone(), ingress(Transport::Udp));
+        let key = match h.events().as_slice() {
+            [TxEvent::Request { key, .. }] => key.clone(),
+            other => panic!("expected one Request, got {other:?}"),
+        };
+        let challenge = response(&invite, 407, "Proxy Authentication Required");
+        h.layer.respond(h.start + ms(150), &key, challenge).expect("respond");
+        let sent: Vec<_> = h.transmits().iter().map(|t| parse(t).status()).collect();
+        assert_eq!(sent, [Some(407)]);
+        // The 100's deadline is gone with it: the next timer is Timer G.
+        assert_eq!(h.layer.poll_timeout(), Some(h.start + ms(150) + ms(500)));
+    }
+
+    #[test]
+    fn retransmitted_invite_gets_the_100_at_once() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKs3", 1);
+        h.layer.handle_request(h.start, invite.clone(), ingress(Transport::Udp));
+        assert!(h.transmits().is_empty());
+        h.layer.handle_request(h.start + ms(100), invite.clone(), ingress(Transport::Udp));
+        let sent: Vec<_> = h.transmits().iter().map(|t| parse(t).status()).collect();
+        assert_eq!(sent, [Some(100)], "the client retransmits: it needs a provisional now");
+        assert_eq!(h.layer.poll_timeout(), None, "no second 100 due");
+        h.layer.handle_request(h.start + ms(600), invite, ingress(Transport::Udp));
+        let sent: Vec<_> = h.transmits().iter().map(|t| parse(t).status()).collect();
+        assert_eq!(sent, [Some(100)], "later retransmissions get the same 100 again");
     }
 
     #[test]
@@ -813,7 +849,8 @@ mod retained_state {
         let mut h = Harness::new();
         let invite = request("INVITE", "z9hG4bKr1", 1);
         let key = h.server(invite.clone(), Transport::Udp);
-        assert_eq!(h.server_held(&key), Held { request: true, resend: true, ack_key: false });
+        // No 100 yet (it waits 200 ms for the TU), so nothing to re-send.
+        assert_eq!(h.server_held(&key), Held { request: true, resend: false, ack_key: false });
         assert_eq!(h.layer.server_request(&key), Some(&invite));
 
         let ok = response(&invite, 200, "OK");
@@ -1021,7 +1058,8 @@ mod simulated_pair {
         // Lose the first INVITE, and the first 486.
         let mut link = Link {
             drop_to_server: vec![0],
-            drop_to_client: vec![1],
+            // The TU answers at once, so the UAS sends no 100: the first message is the 486.
+            drop_to_client: vec![0],
             sent_to_server: 0,
             sent_to_client: 0,
         };
@@ -1077,7 +1115,7 @@ mod simulated_pair {
         }
 
         assert_eq!(uas_requests, 1, "the retransmitted INVITE reached the TU once");
-        assert_eq!(uac_responses, vec![Some(100), Some(486)]);
+        assert_eq!(uac_responses, vec![Some(486)]);
         assert!(uac.is_empty() && uas.is_empty(), "both sides terminated");
         assert!(uac.cancel_request(&key).is_none());
         // Timer D (32 s after the 486) is the last to end.
