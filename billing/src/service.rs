@@ -268,25 +268,6 @@ impl Billing for BillingService {
         request: Request<AccountingStopRequest>,
     ) -> Result<Response<AccountingResponse>, RpcStatus> {
         let req = request.into_inner();
-        if let Some(start) = req.start {
-            // The processor's usual form: the answer travels with the stop. Applied first, as
-            // its own AccountingStart would be (a repeated one changes nothing).
-            let start = CallStart {
-                call_ref: start.call_ref,
-                caller: start.caller,
-                callee: start.callee,
-                caller_ingress_ip: start.caller_ingress_ip,
-                callee_ingress_ip: start.callee_ingress_ip,
-                answered_ms: start.answered_at_ms,
-            };
-            if start.call_ref != req.call_ref {
-                return Err(RpcStatus::invalid_argument("start.call_ref differs from call_ref"));
-            }
-            self.store
-                .accounting_start(&start, now_ms())
-                .await
-                .map_err(|e| store_error("AccountingStop", e))?;
-        }
         let stop = CallStop {
             call_ref: req.call_ref,
             ended_ms: req.ended_at_ms,
@@ -294,11 +275,27 @@ impl Billing for BillingService {
             idempotency_key: req.idempotency_key,
             answered: req.answered,
         };
-        let result = self
-            .store
-            .accounting_stop(&stop, now_ms())
-            .await
-            .map_err(|e| store_error("AccountingStop", e))?;
+        let result = match req.start {
+            // The processor's usual form: the answer travels with the stop.
+            Some(start) => {
+                let start = CallStart {
+                    call_ref: start.call_ref,
+                    caller: start.caller,
+                    callee: start.callee,
+                    caller_ingress_ip: start.caller_ingress_ip,
+                    callee_ingress_ip: start.callee_ingress_ip,
+                    answered_ms: start.answered_at_ms,
+                };
+                if start.call_ref != stop.call_ref {
+                    return Err(RpcStatus::invalid_argument(
+                        "start.call_ref differs from call_ref",
+                    ));
+                }
+                self.store.accounting_start_stop(&start, &stop, now_ms()).await
+            }
+            None => self.store.accounting_stop(&stop, now_ms()).await,
+        }
+        .map_err(|e| store_error("AccountingStop", e))?;
         debug!(call_ref = %stop.call_ref, outcome = ?result.outcome, charge_micros = result.charge_micros, "stop");
         // Per the contract a retried stop is still "recorded": it was, the first time, and
         // it carries the charge applied then.

@@ -48,6 +48,12 @@ static START: LazyLock<redis::Script> = LazyLock::new(|| {
         include_str!("lua/start.lua")
     ))
 });
+static START_STOP: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{TARIFF_LUA}\n{ACCOUNTING_LUA}\n{}",
+        include_str!("lua/start_stop.lua")
+    ))
+});
 static STOP: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!("{TARIFF_LUA}\n{ACCOUNTING_LUA}\n{}", include_str!("lua/stop.lua")))
 });
@@ -427,6 +433,70 @@ impl Store {
                     let callee = callee.unwrap_or_default();
                     tariff = Some(self.fallback_tariff(&stop.call_ref, &caller, &callee).await?);
                     continue;
+                }
+                _ => return AccountingResult::parse(&stop.call_ref, reply),
+            }
+        }
+        Err(Error::Contended { call_ref: stop.call_ref.clone() })
+    }
+
+    /// An answered call's start and stop at once, as processors send them: the same outcome
+    /// as [`accounting_start`](Self::accounting_start) then
+    /// [`accounting_stop`](Self::accounting_stop), in one script when billing has heard
+    /// nothing of the call yet (the usual case), else by those two.
+    pub async fn accounting_start_stop(
+        &self,
+        start: &CallStart,
+        stop: &CallStop,
+        now_ms: u64,
+    ) -> Result<AccountingResult, Error> {
+        validate_call_ref(&stop.call_ref)?;
+        if start.call_ref != stop.call_ref {
+            return Err(Error::InvalidInput {
+                what: "start",
+                reason: "the start and the stop name different calls".to_owned(),
+            });
+        }
+        let mut tariff: Option<Tariff> = None;
+        for _ in 0..ATTEMPTS {
+            let owner: Option<String> = redis::cmd("HGET")
+                .arg(self.call_key(&stop.call_ref))
+                .arg("aor")
+                .query_async(&mut self.conn.clone())
+                .await?;
+            let owner = owner.map_or_else(|| Owner::Other(start.caller.clone()), Owner::CallRecord);
+            let mut invocation = START_STOP.prepare_invoke();
+            self.accounting_keys(&mut invocation, &stop.call_ref, owner.aor());
+            invocation
+                .arg(&stop.call_ref)
+                .arg(&start.caller)
+                .arg(&start.callee)
+                .arg(&start.caller_ingress_ip)
+                .arg(&start.callee_ingress_ip)
+                .arg(start.answered_ms)
+                .arg(stop.ended_ms)
+                .arg(&stop.cause)
+                .arg(&stop.idempotency_key)
+                .arg(owner.aor())
+                .arg(owner.source())
+                .arg(now_ms)
+                .arg(TOMBSTONE_MS)
+                .arg(CUTOFF_GRACE_MS);
+            for a in tariff_args(tariff.as_ref()) {
+                invocation.arg(a);
+            }
+            let reply: (String, i64) = invocation.invoke_async(&mut self.conn.clone()).await?;
+            match reply.0.as_str() {
+                "retry" => continue,
+                "need_tariff" => {
+                    tariff = Some(
+                        self.fallback_tariff(&stop.call_ref, &start.caller, &start.callee).await?,
+                    );
+                    continue;
+                }
+                "separate" => {
+                    self.accounting_start(start, now_ms).await?;
+                    return self.accounting_stop(stop, now_ms).await;
                 }
                 _ => return AccountingResult::parse(&stop.call_ref, reply),
             }

@@ -540,3 +540,63 @@ async fn a_call_cut_off_at_its_limit_costs_what_was_reserved() {
     // The CDR keeps the true length; only the billing forgives the cut-off latency.
     assert_eq!((cut.duration_ms, cut.billed_secs), (Some(600_350), Some(600)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_and_stop_together_end_as_start_then_stop() {
+    let env = env("default_max_duration_secs = 3600").await;
+    env.store.set_rate("retail", "44", &rate(TEN_CENTS, 20_000, 30, 6)).await.expect("rate");
+    let alice = env.prepaid("alice", ONE, "retail").await;
+    let bob = env.prepaid("bob", ONE, "retail").await;
+    let t0 = now();
+    // Identical calls: alice's accounted in two steps, bob's in one; then bob's is repeated.
+    for (aor, call_ref) in [(&alice, "sep;1"), (&bob, "tog;1")] {
+        let granted = env.store.authorize(&aor.to_string(), UK, call_ref, t0).await.expect("auth");
+        assert!(matches!(granted, Authorization::Allowed { .. }), "{granted:?}");
+    }
+    env.store.accounting_start(&start("sep;1", &alice, UK, t0), t0).await.expect("start");
+    let separate = env.store.accounting_stop(&stop("sep;1", t0 + 95_500), t0).await.expect("stop");
+    let together = env
+        .store
+        .accounting_start_stop(&start("tog;1", &bob, UK, t0), &stop("tog;1", t0 + 95_500), t0)
+        .await
+        .expect("start_stop");
+    assert_eq!(together.outcome, AccountingOutcome::Charged);
+    assert_eq!(together.charge_micros, separate.charge_micros);
+    assert_eq!(env.balance(&alice).await, env.balance(&bob).await);
+    assert_eq!((env.held(&alice).await, env.held(&bob).await), ((0, 0), (0, 0)));
+    let again = env
+        .store
+        .accounting_start_stop(&start("tog;1", &bob, UK, t0), &stop("tog;1", t0 + 95_500), t0)
+        .await
+        .expect("repeat");
+    assert_eq!(
+        (again.outcome, again.charge_micros),
+        (AccountingOutcome::Duplicate, together.charge_micros)
+    );
+    assert_eq!(env.balance(&alice).await, env.balance(&bob).await, "charged once");
+
+    let cdrs = env.store.list_cdrs(&CdrQuery::default()).await.expect("cdrs");
+    let sep = cdrs.iter().find(|c| c.call_ref == "sep;1").expect("sep cdr").clone();
+    let tog = cdrs.iter().find(|c| c.call_ref == "tog;1").expect("tog cdr").clone();
+    let same = |mut c: sipalias_billing::store::Cdr| {
+        c.call_ref.clear();
+        c.caller.clear();
+        c.stop_key = None;
+        c
+    };
+    assert_eq!(same(sep), same(tog), "the same CDR but for the call and the caller");
+
+    // A stop that came first (its start was queued): the pair settles it, once.
+    let carol = env.prepaid("carol", ONE, "retail").await;
+    env.store.authorize(&carol.to_string(), UK, "late;1", t0).await.expect("auth");
+    let first = env.store.accounting_stop(&stop("late;1", t0 + 95_500), t0).await.expect("stop");
+    assert_eq!(first.outcome, AccountingOutcome::AwaitingStart);
+    let pair = env
+        .store
+        .accounting_start_stop(&start("late;1", &carol, UK, t0), &stop("late;1", t0 + 95_500), t0)
+        .await
+        .expect("pair");
+    assert_eq!(pair.charge_micros, together.charge_micros);
+    assert_eq!(env.balance(&carol).await, env.balance(&bob).await);
+    assert_eq!(env.held(&carol).await, (0, 0));
+}
