@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Memory over a long call run: runs bench/run.sh with one calls step of LEAK_SECS at LEAK_RATE
-# calls/s and samples every process's RSS every SAMPLE_SECS. Prints the samples and, per
-# processor, RSS at minute 1 and at the end, and their ratio (the target: within 10 %).
+# Memory over a long call run: runs bench/run.sh with LEAK_SECS of calls at LEAK_RATE calls/s
+# (as 30-second steps back to back: the shared harness caps a step at 30 s) and samples every
+# process's RSS every SAMPLE_SECS. Prints, per processor, RSS at minute 1 and at the end, and
+# their ratio (the target: within 10 %).
 #
 #   LEAK_RATE=950 bash bench/leak.sh              # 5 minutes at 950 calls/s
 #   LEAK_RATE=500 LEAK_SECS=120 bash bench/leak.sh
@@ -16,17 +17,21 @@ export OUT_DIR=${OUT_DIR:-/tmp/sipalias-leak-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT_DIR"
 BIN=${CARGO_TARGET_DIR:-$REPO/target}/release
 
-PHASES="prime calls" CALL_RATES=$LEAK_RATE REFINE=0 HALF_RATE_STEP=0 STEP_SECS=$LEAK_SECS \
+steps=$(( (LEAK_SECS + 29) / 30 ))
+rates=$(for _ in $(seq "$steps"); do printf '%s ' "$LEAK_RATE"; done)
+PHASES="prime calls" CALL_RATES="${rates% }" REFINE=0 HALF_RATE_STEP=0 STEP_SECS=30 \
   bash "$REPO/bench/run.sh" > "$OUT_DIR/run.log" 2>&1 &
 RUN=$!
 trap 'kill "$RUN" 2>/dev/null || true' INT TERM
 
-# Sample only while the calls step runs (its sipp is up).
+# Sample from the first calls step until the run ends (its last sipp is gone).
 samples="$OUT_DIR/rss.tsv"
 echo -e "t_s\tprocess\trss_kb" > "$samples"
 while kill -0 "$RUN" 2>/dev/null && ! pgrep -f "uac_call.xml" >/dev/null; do sleep 1; done
 t0=$(date +%s)
-while kill -0 "$RUN" 2>/dev/null && pgrep -f "uac_call.xml" >/dev/null; do
+last_load=$t0
+while kill -0 "$RUN" 2>/dev/null && [ $(($(date +%s) - last_load)) -lt 20 ]; do
+  pgrep -f "uac_call.xml" >/dev/null && last_load=$(date +%s)
   t=$(($(date +%s) - t0))
   for name in processor dispatcher billing; do
     for pid in $(pgrep -f "$BIN/sipalias-$name" || true); do
