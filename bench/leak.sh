@@ -24,14 +24,13 @@ PHASES="prime calls" CALL_RATES="${rates% }" REFINE=0 HALF_RATE_STEP=0 STEP_SECS
 RUN=$!
 trap 'kill "$RUN" 2>/dev/null || true' INT TERM
 
-# Sample from the first calls step until the run ends (its last sipp is gone).
+# Sample from the first calls step until the run ends (the steps have short pauses between
+# them, so the cluster's own end is the only reliable one).
 samples="$OUT_DIR/rss.tsv"
 echo -e "t_s\tprocess\trss_kb" > "$samples"
 while kill -0 "$RUN" 2>/dev/null && ! pgrep -f "uac_call.xml" >/dev/null; do sleep 1; done
 t0=$(date +%s)
-last_load=$t0
-while kill -0 "$RUN" 2>/dev/null && [ $(($(date +%s) - last_load)) -lt 20 ]; do
-  pgrep -f "uac_call.xml" >/dev/null && last_load=$(date +%s)
+while kill -0 "$RUN" 2>/dev/null; do
   t=$(($(date +%s) - t0))
   for name in processor dispatcher billing; do
     for pid in $(pgrep -f "$BIN/sipalias-$name" || true); do
