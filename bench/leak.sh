@@ -32,6 +32,10 @@ while kill -0 "$RUN" 2>/dev/null && ! pgrep -f "uac_call.xml" >/dev/null; do sle
 t0=$(date +%s)
 while kill -0 "$RUN" 2>/dev/null; do
   t=$(($(date +%s) - t0))
+  # Transactions and dialogs per processor, from the cluster view, next to the RSS.
+  "$BIN/sipalias-dispatcher" status --grpc "http://127.0.0.1:${GRPC_PORT:-17070}" 2>/dev/null \
+    | awk -v t="$t" 'NR > 2 && NF >= 8 { print t "\tview:" $1 "\ttx=" $(NF-3) " dialogs=" $(NF-2) }' \
+    >> "$OUT_DIR/view.tsv" || true
   for name in processor dispatcher billing; do
     for pid in $(pgrep -f "$BIN/sipalias-$name" || true); do
       rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
@@ -46,4 +50,4 @@ grep -E "^step sipalias calls" "$OUT_DIR/run.log" | sed -e 's/cpu_sipp.*//' || t
 awk -F'\t' 'NR > 1 { if (!($2 in first) && $1 >= 60) first[$2] = $3; last[$2] = $3; lt[$2] = $1 }
   END { for (p in last) if (p ~ /^processor/ && (p in first))
     printf "sipalias leak process=%s rss_kb_minute1=%d rss_kb_end=%d end_s=%d ratio=%.3f\n", p, first[p], last[p], lt[p], last[p] / first[p] }' "$samples"
-echo "samples: $samples"
+echo "samples: $samples (transactions and dialogs: $OUT_DIR/view.tsv)"

@@ -315,6 +315,19 @@ impl B2bua {
         self.calls.values().filter(|c| c.state != CallState::Answered).count()
     }
 
+    /// Entries of each index (calls, Call-IDs, server and client transactions, deadlines), for
+    /// the tests that check a finished call leaves nothing behind.
+    #[cfg(test)]
+    pub(crate) fn index_sizes(&self) -> [usize; 5] {
+        [
+            self.calls.len(),
+            self.by_call_id.len(),
+            self.by_server.len(),
+            self.by_client.len(),
+            self.deadlines.len(),
+        ]
+    }
+
     /// Whether no call is held.
     pub fn is_empty(&self) -> bool {
         self.calls.is_empty()

@@ -567,3 +567,72 @@ fn in_dialog_request_for_a_call_nowhere_gets_481_after_the_lookup() {
     h.core.adopt_and_handle(now, wall, None, key);
     assert_eq!(h.out()[0].1.status(), Some(481));
 }
+
+/// The benchmark's call, many times over (INVITE, 180, 200, ACK, BYE from the caller, 200 from
+/// the callee): once every transaction has lingered out, nothing of any call is left.
+#[test]
+fn many_finished_calls_leave_nothing_behind() {
+    let mut h = Harness::new();
+    let callee = ingress(ALIAS, "127.0.0.30:6000");
+    for n in 0..500 {
+        let call_id = format!("c{n}@caller");
+        // The challenge round: INVITE, 407, ACK on the INVITE's branch.
+        let first = invite(&call_id, &format!("z9hG4bKc{n}"));
+        h.send(&first, ingress(MAIN, CALLER));
+        let Some(Work::Invite { key, request, .. }) = h.work().pop() else {
+            panic!("INVITE must become setup work")
+        };
+        let challenge =
+            SipMessage::response_to(&request, 407, "Proxy Authentication Required", Some("ch1"));
+        let (now, wall) = (h.now, h.wall());
+        h.core.respond(now, wall, &key, challenge);
+        assert_eq!(h.out().len(), 1, "the 407");
+        let ack = format!(
+            "ACK sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKc{n};rport\r\n\
+Max-Forwards: 70\r\nFrom: \"Bob\" <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag=ch1\r\n\
+Call-ID: {call_id}\r\nCSeq: 2 ACK\r\n\r\n"
+        );
+        h.send(&ack, ingress(MAIN, CALLER));
+        assert!(h.out().is_empty() && h.work().is_empty(), "the ACK is absorbed");
+        h.send(&invite(&call_id, &format!("z9hG4bKm{n}")), ingress(MAIN, CALLER));
+        let Some(Work::Invite { key, ingress: i, .. }) = h.work().pop() else {
+            panic!("INVITE must become setup work")
+        };
+        let plan = CallPlan {
+            caller_aor: "bob@sip.example.net".into(),
+            callee_aor: "alice@sip.example.net".into(),
+            targets: vec![target("127.0.0.30:6000")],
+            max_duration_secs: 0,
+            call_ref: format!("{call_id};bt1"),
+        };
+        let (now, wall) = (h.now, h.wall());
+        h.core.start_call(now, wall, key, plan, &i);
+        let (_, b_invite) = h.out().remove(0);
+        h.send(&answer(&b_invite, 180, "Ringing", "at1", ""), callee.clone());
+        h.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\n"), callee.clone());
+        let ok = h.out().into_iter().find(|(_, m)| m.status() == Some(200)).expect("200").1;
+        let a_tag = ok.to().expect("to").tag().expect("to-tag").to_owned();
+        let a_contact = ok.contacts().expect("contact")[0].uri.to_string();
+        let in_dialog = |method: &str, branch: &str, cseq: u32| {
+            format!(
+                "{method} {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch={branch}\r\n\
+Max-Forwards: 70\r\nFrom: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\n\
+Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
+            )
+        };
+        h.send(&in_dialog("ACK", &format!("z9hG4bKk{n}"), 2), ingress(MAIN, CALLER));
+        h.send(&in_dialog("BYE", &format!("z9hG4bKb{n}"), 3), ingress(MAIN, CALLER));
+        let out = h.out();
+        let (_, bye) = out.iter().find(|(_, m)| m.method() == Some("BYE")).expect("BYE to callee");
+        h.send(&answer(bye, 200, "OK", "at1", ""), callee.clone());
+        h.out();
+        h.work();
+        let at = h.now + std::time::Duration::from_millis(10);
+        h.advance_to(at);
+    }
+    let at = h.now + std::time::Duration::from_secs(40);
+    h.advance_to(at);
+    h.out();
+    assert_eq!(h.core.load(), (0, 0, 0), "transactions and calls all gone");
+    assert_eq!(h.core.b2bua_index_sizes(), [0; 5], "calls, call-ids, server, client, deadlines");
+}

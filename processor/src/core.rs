@@ -62,6 +62,12 @@ impl Core {
         }
     }
 
+    /// The B2BUA's index sizes (see `B2bua::index_sizes`).
+    #[cfg(test)]
+    pub(crate) fn b2bua_index_sizes(&self) -> [usize; 5] {
+        self.b2bua.index_sizes()
+    }
+
     /// (client transactions, server transactions, calls) held.
     pub fn load(&self) -> (usize, usize, usize) {
         let (c, s) = self.tx.len();
