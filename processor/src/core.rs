@@ -62,6 +62,12 @@ impl Core {
         }
     }
 
+    /// Entries in the transaction layer's timer queue.
+    #[cfg(test)]
+    pub(crate) fn timer_queue_len(&self) -> usize {
+        self.tx.queue_len()
+    }
+
     /// The B2BUA's index sizes (see `B2bua::index_sizes`).
     #[cfg(test)]
     pub(crate) fn b2bua_index_sizes(&self) -> [usize; 5] {

@@ -553,6 +553,12 @@ impl TransactionLayer {
         self.prune();
     }
 
+    /// Entries in the timer queue, live or stale (for tests that bound it).
+    #[cfg(test)]
+    pub(crate) fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.queue.peek().map(|Reverse((deadline, _))| *deadline)
