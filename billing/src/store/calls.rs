@@ -349,44 +349,23 @@ impl Store {
         now_ms: u64,
     ) -> Result<AccountingResult, Error> {
         validate_call_ref(&start.call_ref)?;
-        let mut tariff: Option<Tariff> = None;
-        for _ in 0..ATTEMPTS {
-            let owner: Option<String> = redis::cmd("HGET")
-                .arg(self.call_key(&start.call_ref))
-                .arg("aor")
-                .query_async(&mut self.conn.clone())
-                .await?;
-            let owner = owner.map_or_else(|| Owner::Other(start.caller.clone()), Owner::CallRecord);
-            let mut invocation = START.prepare_invoke();
-            self.accounting_keys(&mut invocation, &start.call_ref, owner.aor());
-            invocation
-                .arg(&start.call_ref)
-                .arg(&start.caller)
-                .arg(&start.callee)
-                .arg(&start.caller_ingress_ip)
-                .arg(&start.callee_ingress_ip)
-                .arg(start.answered_ms)
-                .arg(owner.aor())
-                .arg(owner.source())
-                .arg(now_ms)
-                .arg(TOMBSTONE_MS)
-                .arg(CUTOFF_GRACE_MS);
-            for a in tariff_args(tariff.as_ref()) {
-                invocation.arg(a);
-            }
-            let reply: (String, i64) = invocation.invoke_async(&mut self.conn.clone()).await?;
-            match reply.0.as_str() {
-                "retry" => continue,
-                "need_tariff" => {
-                    tariff = Some(
-                        self.fallback_tariff(&start.call_ref, &start.caller, &start.callee).await?,
-                    );
-                    continue;
-                }
-                _ => return AccountingResult::parse(&start.call_ref, reply),
-            }
-        }
-        Err(Error::Contended { call_ref: start.call_ref.clone() })
+        let reply = self
+            .run_accounting(
+                &START,
+                &start.call_ref,
+                Some((&start.caller, &start.callee)),
+                now_ms,
+                |inv| {
+                    inv.arg(&start.call_ref)
+                        .arg(&start.caller)
+                        .arg(&start.callee)
+                        .arg(&start.caller_ingress_ip)
+                        .arg(&start.callee_ingress_ip)
+                        .arg(start.answered_ms);
+                },
+            )
+            .await?;
+        AccountingResult::parse(&start.call_ref, reply)
     }
 
     /// Records the end of a call and charges it, once: see [`AccountingOutcome`].
@@ -396,48 +375,16 @@ impl Store {
         now_ms: u64,
     ) -> Result<AccountingResult, Error> {
         validate_call_ref(&stop.call_ref)?;
-        let mut tariff: Option<Tariff> = None;
-        for _ in 0..ATTEMPTS {
-            let (owner, caller, callee): (Option<String>, Option<String>, Option<String>) =
-                redis::pipe()
-                    .hget(self.call_key(&stop.call_ref), "aor")
-                    .hget(self.cdr_key(&stop.call_ref), "caller")
-                    .hget(self.cdr_key(&stop.call_ref), "callee")
-                    .query_async(&mut self.conn.clone())
-                    .await?;
-            let owner = owner.map_or_else(
-                || Owner::Other(caller.clone().unwrap_or_default()),
-                Owner::CallRecord,
-            );
-            let mut invocation = STOP.prepare_invoke();
-            self.accounting_keys(&mut invocation, &stop.call_ref, owner.aor());
-            invocation
-                .arg(&stop.call_ref)
-                .arg(stop.ended_ms)
-                .arg(&stop.cause)
-                .arg(&stop.idempotency_key)
-                .arg(if stop.answered { "1" } else { "0" })
-                .arg(owner.aor())
-                .arg(owner.source())
-                .arg(now_ms)
-                .arg(TOMBSTONE_MS)
-                .arg(CUTOFF_GRACE_MS);
-            for a in tariff_args(tariff.as_ref()) {
-                invocation.arg(a);
-            }
-            let reply: (String, i64) = invocation.invoke_async(&mut self.conn.clone()).await?;
-            match reply.0.as_str() {
-                "retry" => continue,
-                "need_tariff" => {
-                    let caller = caller.unwrap_or_default();
-                    let callee = callee.unwrap_or_default();
-                    tariff = Some(self.fallback_tariff(&stop.call_ref, &caller, &callee).await?);
-                    continue;
-                }
-                _ => return AccountingResult::parse(&stop.call_ref, reply),
-            }
-        }
-        Err(Error::Contended { call_ref: stop.call_ref.clone() })
+        let reply = self
+            .run_accounting(&STOP, &stop.call_ref, None, now_ms, |inv| {
+                inv.arg(&stop.call_ref)
+                    .arg(stop.ended_ms)
+                    .arg(&stop.cause)
+                    .arg(&stop.idempotency_key)
+                    .arg(if stop.answered { "1" } else { "0" });
+            })
+            .await?;
+        AccountingResult::parse(&stop.call_ref, reply)
     }
 
     /// An answered call's start and stop at once, as processors send them: the same outcome
@@ -457,26 +404,71 @@ impl Store {
                 reason: "the start and the stop name different calls".to_owned(),
             });
         }
+        let known = Some((start.caller.as_str(), start.callee.as_str()));
+        let reply = self
+            .run_accounting(&START_STOP, &stop.call_ref, known, now_ms, |inv| {
+                inv.arg(&stop.call_ref)
+                    .arg(&start.caller)
+                    .arg(&start.callee)
+                    .arg(&start.caller_ingress_ip)
+                    .arg(&start.callee_ingress_ip)
+                    .arg(start.answered_ms)
+                    .arg(stop.ended_ms)
+                    .arg(&stop.cause)
+                    .arg(&stop.idempotency_key);
+            })
+            .await?;
+        if reply.0 == "separate" {
+            self.accounting_start(start, now_ms).await?;
+            return self.accounting_stop(stop, now_ms).await;
+        }
+        AccountingResult::parse(&stop.call_ref, reply)
+    }
+
+    /// Runs one of the accounting scripts (`start`, `stop`, `start_stop`) until it applies:
+    /// they all take the call's own arguments (`args`), then the account the keys were chosen
+    /// for and where that came from, the time, the tombstone and the cut-off grace, and a
+    /// tariff when they asked for one. `known` is the caller and callee the request names; a
+    /// stop names none, and they are read from the CDR. Returns the script's final reply
+    /// (anything but `retry` and `need_tariff`).
+    async fn run_accounting(
+        &self,
+        script: &redis::Script,
+        call_ref: &str,
+        known: Option<(&str, &str)>,
+        now_ms: u64,
+        args: impl Fn(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<(String, i64), Error> {
         let mut tariff: Option<Tariff> = None;
         for _ in 0..ATTEMPTS {
-            let owner: Option<String> = redis::cmd("HGET")
-                .arg(self.call_key(&stop.call_ref))
-                .arg("aor")
-                .query_async(&mut self.conn.clone())
-                .await?;
-            let owner = owner.map_or_else(|| Owner::Other(start.caller.clone()), Owner::CallRecord);
-            let mut invocation = START_STOP.prepare_invoke();
-            self.accounting_keys(&mut invocation, &stop.call_ref, owner.aor());
+            let (owner, cdr_caller, cdr_callee): (Option<String>, Option<String>, Option<String>) =
+                match known {
+                    Some(_) => {
+                        let owner = redis::cmd("HGET")
+                            .arg(self.call_key(call_ref))
+                            .arg("aor")
+                            .query_async(&mut self.conn.clone())
+                            .await?;
+                        (owner, None, None)
+                    }
+                    None => {
+                        redis::pipe()
+                            .hget(self.call_key(call_ref), "aor")
+                            .hget(self.cdr_key(call_ref), "caller")
+                            .hget(self.cdr_key(call_ref), "callee")
+                            .query_async(&mut self.conn.clone())
+                            .await?
+                    }
+                };
+            let (caller, callee) = match known {
+                Some((caller, callee)) => (caller.to_owned(), callee.to_owned()),
+                None => (cdr_caller.unwrap_or_default(), cdr_callee.unwrap_or_default()),
+            };
+            let owner = owner.map_or_else(|| Owner::Other(caller.clone()), Owner::CallRecord);
+            let mut invocation = script.prepare_invoke();
+            self.accounting_keys(&mut invocation, call_ref, owner.aor());
+            args(&mut invocation);
             invocation
-                .arg(&stop.call_ref)
-                .arg(&start.caller)
-                .arg(&start.callee)
-                .arg(&start.caller_ingress_ip)
-                .arg(&start.callee_ingress_ip)
-                .arg(start.answered_ms)
-                .arg(stop.ended_ms)
-                .arg(&stop.cause)
-                .arg(&stop.idempotency_key)
                 .arg(owner.aor())
                 .arg(owner.source())
                 .arg(now_ms)
@@ -489,19 +481,13 @@ impl Store {
             match reply.0.as_str() {
                 "retry" => continue,
                 "need_tariff" => {
-                    tariff = Some(
-                        self.fallback_tariff(&stop.call_ref, &start.caller, &start.callee).await?,
-                    );
+                    tariff = Some(self.fallback_tariff(call_ref, &caller, &callee).await?);
                     continue;
                 }
-                "separate" => {
-                    self.accounting_start(start, now_ms).await?;
-                    return self.accounting_stop(stop, now_ms).await;
-                }
-                _ => return AccountingResult::parse(&stop.call_ref, reply),
+                _ => return Ok(reply),
             }
         }
-        Err(Error::Contended { call_ref: stop.call_ref.clone() })
+        Err(Error::Contended { call_ref: call_ref.to_owned() })
     }
 
     fn accounting_keys(
