@@ -133,6 +133,10 @@ pub struct IpConfig {
     pub domain: String,
     /// Digest realm the phones behind this IP expect (`realm`, defaults to `domain`).
     pub realm: String,
+    /// Digest algorithms challenged and accepted on this IP, most preferred first
+    /// (`digest_algorithms`: `MD5`, `SHA-256`; default empty = the processors'
+    /// `digest_algorithms`). Phones behind an old provider's IP expect what that provider sent.
+    pub digest_algorithms: Vec<String>,
     /// The transports this IP listens on (`transports`, default UDP and TCP, plus TLS when
     /// `tls_cert` is set), in the order UDP, TCP, TLS.
     pub transports: Vec<Transport>,
@@ -171,6 +175,7 @@ pub(crate) struct SocketEntry {
     pub(crate) alias: bool,
     pub(crate) domain: String,
     pub(crate) realm: String,
+    pub(crate) digest_algorithms: Vec<String>,
     pub(crate) key: String,
 }
 
@@ -244,6 +249,7 @@ impl DispatcherConfig {
             }
             check_name(&format!("{key}.domain"), &site.domain)?;
             check_name(&format!("{key}.realm"), &site.realm)?;
+            check_algorithms(&format!("{key}.digest_algorithms"), &site.digest_algorithms)?;
             site.validate_transports(&key)?;
         }
         // UDP has its own port space; TCP and TLS share one (both are TCP listeners).
@@ -281,6 +287,7 @@ impl DispatcherConfig {
                 alias: e.alias,
                 domain: e.domain,
                 realm: e.realm,
+                digest_algorithms: e.digest_algorithms,
             })
             .collect()
     }
@@ -334,6 +341,7 @@ impl DispatcherConfig {
                         alias,
                         domain: site.domain.clone(),
                         realm: site.realm.clone(),
+                        digest_algorithms: site.digest_algorithms.clone(),
                         key,
                     });
                 }
@@ -449,6 +457,24 @@ pub(crate) fn transport_name(transport: Transport) -> &'static str {
     }
 }
 
+/// Digest algorithm names of one IP: each `MD5` or `SHA-256` (any case), none twice.
+fn check_algorithms(key: &str, names: &[String]) -> Result<(), Error> {
+    let mut seen = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let Some(alg) = sipmsg::digest::Algorithm::parse(name) else {
+            return Err(key_error(
+                &format!("{key}[{i}]"),
+                format!("{name:?} is not MD5 or SHA-256"),
+            ));
+        };
+        if seen.contains(&alg) {
+            return Err(key_error(&format!("{key}[{i}]"), format!("{name:?} is listed twice")));
+        }
+        seen.push(alg);
+    }
+    Ok(())
+}
+
 /// A domain or realm: not empty, no whitespace or control characters (it ends up in headers).
 fn check_name(key: &str, value: &str) -> Result<(), Error> {
     if value.is_empty() {
@@ -509,6 +535,8 @@ struct RawIp {
     ip: String,
     domain: String,
     realm: Option<String>,
+    #[serde(default)]
+    digest_algorithms: Vec<String>,
     transports: Option<Vec<String>>,
     #[serde(default = "default_udp_port")]
     udp_port: u16,
@@ -657,6 +685,7 @@ impl RawIp {
             ip,
             realm: self.realm.unwrap_or_else(|| self.domain.clone()),
             domain: self.domain,
+            digest_algorithms: self.digest_algorithms,
             transports,
             udp_port: self.udp_port,
             extra_udp_ports: self.extra_udp_ports,
@@ -944,6 +973,22 @@ mod tests {
             (
                 alias("ip = \"127.0.0.2\"\ndomain = \"d\"\nrealm = \"\""),
                 "dispatcher.aliases[0].realm: must not be empty",
+            ),
+            (
+                alias(
+                    "ip = \"127.0.0.2\"\ndomain = \"d\"\ndigest_algorithms = [\"MD5\", \"SHA-512\"]",
+                ),
+                "dispatcher.aliases[0].digest_algorithms[1]: \"SHA-512\" is not MD5 or SHA-256",
+            ),
+            (
+                alias("ip = \"127.0.0.2\"\ndomain = \"d\"\ndigest_algorithms = [\"md5\", \"MD5\"]"),
+                "dispatcher.aliases[0].digest_algorithms[1]: \"MD5\" is listed twice",
+            ),
+            (
+                alias(
+                    "ip = \"127.0.0.2\"\ndomain = \"d\"\ndigest_algorithms = [\"MD5\\r\\nX: y\"]",
+                ),
+                "dispatcher.aliases[0].digest_algorithms[0]: \"MD5\\r\\nX: y\" is not MD5 or SHA-256",
             ),
             (
                 alias("ip = \"127.0.0.2\"\ndomain = \"a b\""),

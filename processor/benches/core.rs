@@ -188,7 +188,7 @@ fn core_datagram(c: &mut Criterion) {
     for live in LIVE {
         let now = Instant::now();
         let wall = 1_767_225_600_000;
-        let mut core = Core::new(Timers::default(), Arc::new(Ids::with_salt("p1", 7)));
+        let mut core = Core::new(Timers::default(), Arc::new(Ids::new("p1")));
         let mut pings = Vec::with_capacity(live);
         for i in 0..live {
             let ka = Keepalive {

@@ -73,8 +73,11 @@ pub struct CallPlan {
     pub targets: Vec<Target>,
     /// Longest call allowed by billing, 0 = unlimited.
     pub max_duration_secs: u32,
-    /// The call's id towards billing (reservation, start and stop).
+    /// The call's id towards billing (reservation, start and stop), minted by the processor.
     pub call_ref: String,
+    /// The caller may make the callee's phone answer by itself (`trusted_auto_answer`): its
+    /// auto-answer headers are passed on instead of removed.
+    pub auto_answer: bool,
 }
 
 /// Work for the async shell.
@@ -232,6 +235,13 @@ struct Call {
     max_duration: Option<std::time::Duration>,
     /// When an answered call is cut off.
     cutoff_at: Option<Instant>,
+    /// While ringing: when the call is given up (Timer C, or the no-answer limit if sooner);
+    /// its entry in `B2bua::deadlines`.
+    ring_deadline: Option<Instant>,
+    /// The absolute no-answer limit, if configured.
+    no_answer_at: Option<Instant>,
+    /// Why the call ended unanswered, when not the callee's own answer.
+    unanswered_cause: Option<&'static str>,
 }
 
 impl Call {
@@ -247,6 +257,32 @@ impl Call {
             Side::A => self.winner.map(Side::B),
             Side::B(_) => Some(Side::A),
         }
+    }
+
+    fn dialog(&self, side: Side) -> &Dialog {
+        match side {
+            Side::A => &self.a,
+            Side::B(i) => &self.branches[i].dialog,
+        }
+    }
+}
+
+impl Dialog {
+    /// Whether an in-dialog request (or ACK) received on this leg carries its dialog id
+    /// (RFC 3261 §12.2.2): our tag in To and the peer's tag in From. The Call-ID alone is no
+    /// proof: whoever saw it (an INVITE's recipient, a capture) could otherwise end or
+    /// redirect someone else's call.
+    fn owns(&self, req: &SipMessage) -> bool {
+        let (Ok(from), Ok(to)) = (req.from(), req.to()) else { return false };
+        to.tag() == Some(self.local_tag.as_str()) && from.tag() == self.remote_tag.as_deref()
+    }
+}
+
+impl DialogRecord {
+    /// Whether `req` belongs to this stored call: its Call-ID and both tags of one leg.
+    pub fn owns(&self, req: &SipMessage) -> bool {
+        let call_id = req.call_id().unwrap_or_default();
+        [&self.a, &self.b].into_iter().any(|d| d.call_id == call_id && d.owns(req))
     }
 }
 
@@ -283,17 +319,24 @@ pub struct B2bua {
     by_call_id: HashMap<String, (u64, Side)>,
     by_server: HashMap<ServerKey, u64>,
     by_client: HashMap<ClientKey, Pending>,
-    /// Cut-off deadlines of answered calls with a maximum duration; stale entries are skipped.
+    /// Cut-off deadlines of answered calls with a maximum duration, and ring deadlines of
+    /// calls in setup; each call has at most one entry.
     deadlines: std::collections::BTreeSet<(Instant, u64)>,
+    /// Timer C.
+    timer_c: std::time::Duration,
+    /// `no_answer_timeout_secs`, if set.
+    no_answer: Option<std::time::Duration>,
 }
 
 /// Reason header of the BYEs sent when billing's maximum duration is reached.
 pub const CUTOFF_REASON: &str = "SIP;cause=200;text=\"Maximum call duration reached\"";
 
 impl B2bua {
-    /// An empty call table.
-    pub fn new(ids: std::sync::Arc<Ids>) -> Self {
+    /// An empty call table, ringing limited by `timers`' Timer C and no-answer limit.
+    pub fn new(ids: std::sync::Arc<Ids>, timers: &crate::transaction::Timers) -> Self {
         B2bua {
+            timer_c: timers.timer_c,
+            no_answer: timers.no_answer,
             ids,
             next_call: 1,
             calls: HashMap::new(),
@@ -352,6 +395,14 @@ impl B2bua {
         else {
             return false;
         };
+        if self.holds(call_id) {
+            // Another INVITE with this Call-ID was set up while this one was authorized: a
+            // merged request (RFC 3261 §8.2.2.2). It never shares the other call's legs.
+            let resp =
+                SipMessage::response_to(&invite, 482, "Loop Detected", Some(&self.ids.tag()));
+            let _ = cx.tx.respond(cx.now, &key, resp);
+            return false;
+        }
         let local_tag = self.ids.tag();
         let a_contact = self.contact_for(&ingress.reply_egress());
         let a = Dialog {
@@ -398,6 +449,15 @@ impl B2bua {
                 last_ack: None,
             };
             let mut req = self.build_request(&dialog, "INVITE", 1, &invite, REQUEST_HEADERS);
+            if plan.auto_answer {
+                for h in
+                    invite.headers.iter().filter(|h| AUTO_ANSWER_HEADERS.contains(&h.key.as_str()))
+                {
+                    req.headers.push(h.clone());
+                }
+            } else {
+                strip_auto_answer(&mut req);
+            }
             req.set_header("Max-Forwards", max_forwards.to_string());
             let key = cx.tx.start_client(cx.now, req, t.egress.clone());
             self.by_client.insert(key.clone(), Pending::Branch { call: id, idx });
@@ -412,6 +472,9 @@ impl B2bua {
         }
         self.by_call_id.insert(call_id.to_owned(), (id, Side::A));
         self.by_server.insert(key.clone(), id);
+        let no_answer_at = self.no_answer.map(|d| cx.now + d);
+        let ring_deadline = ring_deadline(cx.now + self.timer_c, no_answer_at);
+        self.deadlines.insert((ring_deadline, id));
         self.calls.insert(
             id,
             Call {
@@ -429,6 +492,9 @@ impl B2bua {
                 max_duration: (plan.max_duration_secs > 0)
                     .then(|| std::time::Duration::from_secs(u64::from(plan.max_duration_secs))),
                 cutoff_at: None,
+                ring_deadline: Some(ring_deadline),
+                no_answer_at,
+                unanswered_cause: None,
             },
         );
         true
@@ -505,6 +571,9 @@ impl B2bua {
                 answered_at_ms: record.answered_at_ms,
                 max_duration: None,
                 cutoff_at,
+                ring_deadline: None,
+                no_answer_at: None,
+                unanswered_cause: None,
             },
         );
     }
@@ -523,6 +592,10 @@ impl B2bua {
             }
             self.deadlines.remove(&(at, call));
             let Some(c) = self.calls.get(&call) else { continue };
+            if c.state == CallState::Setup && c.ring_deadline == Some(at) {
+                self.ring_timeout(cx, call);
+                continue;
+            }
             if c.state != CallState::Answered || c.cutoff_at != Some(at) {
                 continue;
             }
@@ -532,6 +605,40 @@ impl B2bua {
             self.send_bye(cx, call, Side::B(w), CUTOFF_REASON);
             self.end_call(cx, call, "cut-off");
         }
+    }
+
+    /// Moves a call's ring deadline (its one entry in `deadlines`) to `at`, or drops it.
+    fn set_ring_deadline(&mut self, call: u64, at: Option<Instant>) {
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        if let Some(old) = c.ring_deadline.take() {
+            self.deadlines.remove(&(old, call));
+        }
+        if let Some(at) = at {
+            c.ring_deadline = Some(at);
+            self.deadlines.insert((at, call));
+        }
+    }
+
+    /// Nobody answered in time (Timer C, RFC 3261 §16.6 step 11, or the no-answer limit): the
+    /// caller gets `408`, every branch is cancelled, and the call ends (releasing billing's
+    /// reservation) once each branch has its final response or gave up on it (64*T1 after its
+    /// CANCEL).
+    fn ring_timeout(&mut self, cx: &mut Ctx<'_>, call: u64) {
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        tracing::info!(call_ref = %c.call_ref, "no answer in time: cancelling the callee");
+        c.ring_deadline = None;
+        c.state = CallState::Cancelled;
+        c.unanswered_cause = Some("no-answer");
+        if let (Some(key), Some(invite)) = (&c.a_key, &c.a_invite) {
+            let mut resp =
+                SipMessage::response_to(invite, 408, "Request Timeout", Some(&c.a.local_tag));
+            resp.push_header("Reason", "SIP;cause=408;text=\"No answer\"");
+            let _ = cx.tx.respond(cx.now, key, resp);
+        }
+        for i in 0..c.branches.len() {
+            self.cancel_branch(cx, call, i);
+        }
+        self.finish_if_all_failed(cx, call);
     }
 
     fn contact_for(&self, egress: &Egress) -> String {
@@ -662,6 +769,17 @@ impl B2bua {
                 if b.state == BranchState::Calling {
                     b.state = BranchState::Early;
                 }
+                // The early dialog's tag: in-dialog requests from this callee must carry it.
+                if b.dialog.remote_tag.is_none() {
+                    b.dialog.remote_tag = remote_tag.clone();
+                }
+                if c.state == CallState::Setup {
+                    // Each provisional restarts Timer C; the no-answer limit stays put.
+                    let at = ring_deadline(cx.now + self.timer_c, c.no_answer_at);
+                    self.set_ring_deadline(call, Some(at));
+                }
+                let Some(c) = self.calls.get_mut(&call) else { return };
+                let b = &mut c.branches[idx];
                 if b.cancel_pending {
                     b.cancel_pending = false;
                     self.cancel_branch(cx, call, idx);
@@ -718,6 +836,9 @@ impl B2bua {
                 c.winner = Some(idx);
                 c.state = CallState::Answered;
                 c.answered_at_ms = cx.wall_ms;
+                if let Some(old) = c.ring_deadline.take() {
+                    self.deadlines.remove(&(old, call));
+                }
                 if let Some(max) = c.max_duration {
                     let at = cx.now + max;
                     c.cutoff_at = Some(at);
@@ -771,7 +892,11 @@ impl B2bua {
                 }
             }
         }
-        let cause = if c.state == CallState::Cancelled { "cancelled" } else { "not-answered" };
+        let cause = match c.unanswered_cause {
+            Some(cause) => cause,
+            None if c.state == CallState::Cancelled => "cancelled",
+            None => "not-answered",
+        };
         self.end_call(cx, call, cause);
     }
 
@@ -783,10 +908,12 @@ impl B2bua {
         match b.state {
             BranchState::Calling => b.cancel_pending = true,
             BranchState::Early => {
-                if let Some((cancel, egress)) = b.key.as_ref().and_then(|k| cx.tx.cancel_request(k))
+                if let Some(invite) = b.key.clone()
+                    && let Some((cancel, egress)) = cx.tx.cancel_request(&invite)
                 {
                     let k = cx.tx.start_client(cx.now, cancel, egress);
                     self.by_client.insert(k, Pending::Ignore);
+                    cx.tx.cancel_sent(cx.now, &invite);
                 }
             }
             _ => {}
@@ -823,6 +950,9 @@ impl B2bua {
             return true;
         }
         c.state = CallState::Cancelled;
+        if let Some(old) = c.ring_deadline.take() {
+            self.deadlines.remove(&(old, call));
+        }
         if let Some(invite) = &c.a_invite {
             let resp =
                 SipMessage::response_to(invite, 487, "Request Terminated", Some(&c.a.local_tag));
@@ -840,6 +970,10 @@ impl B2bua {
         let Ok(call_id) = req.call_id() else { return false };
         let Some(&(call, side)) = self.by_call_id.get(call_id) else { return false };
         let Some(c) = self.calls.get_mut(&call) else { return false };
+        if !c.dialog(side).owns(req) {
+            tracing::info!(call_ref = %c.call_ref, method = req.method().unwrap_or_default(), "in-dialog request with another dialog's tags: 481");
+            return false;
+        }
         let Some(other) = c.other(side) else { return false };
         let method = req.method().unwrap_or_default().to_owned();
         // Target refresh (RFC 3261 §12.2.2): a re-INVITE or UPDATE may move the peer.
@@ -912,6 +1046,10 @@ impl B2bua {
         let Some(&(call, side)) = self.by_call_id.get(call_id) else { return false };
         let ids = self.ids.clone();
         let Some(c) = self.calls.get_mut(&call) else { return true };
+        if !c.dialog(side).owns(req) {
+            tracing::info!(call_ref = %c.call_ref, "ACK with another dialog's tags dropped");
+            return true;
+        }
         let Some(other) = c.other(side) else { return true };
         let d = c.dialog_mut(other);
         let ack = build_ack(&ids, d, d.invite_cseq, req);
@@ -991,6 +1129,9 @@ impl B2bua {
 
     fn remove_call(&mut self, call: u64) {
         if let Some(c) = self.calls.remove(&call) {
+            for at in [c.ring_deadline, c.cutoff_at].into_iter().flatten() {
+                self.deadlines.remove(&(at, call));
+            }
             self.by_call_id.remove(&c.a.call_id);
             if let Some(k) = &c.a_key {
                 self.by_server.remove(k);
@@ -1009,6 +1150,44 @@ impl B2bua {
             });
         }
     }
+}
+
+/// When a ringing call is given up: Timer C from now, or the no-answer limit if sooner.
+fn ring_deadline(timer_c_at: Instant, no_answer_at: Option<Instant>) -> Instant {
+    no_answer_at.map_or(timer_c_at, |n| n.min(timer_c_at))
+}
+
+/// Headers that ask the callee's phone to answer by itself (RFC 5373), passed on only for
+/// trusted callers.
+const AUTO_ANSWER_HEADERS: &[&str] = &["answer-mode", "priv-answer-mode"];
+
+/// Removes from a request to a callee the `Call-Info` and `Alert-Info` entries that make
+/// phones answer by themselves (`answer-after=`, `info=alert-autoanswer` and the vendor
+/// spellings: auto-answer, intercom). A caller could otherwise open a microphone in someone's
+/// room. Other entries (ringtones, pictures) stay.
+pub fn strip_auto_answer(req: &mut SipMessage) {
+    req.headers.retain_mut(|h| {
+        if h.key != "call-info" && h.key != "alert-info" {
+            return !AUTO_ANSWER_HEADERS.contains(&h.key.as_str());
+        }
+        let kept: Vec<&str> =
+            sipmsg::headers::split_list(&h.value).filter(|e| !asks_auto_answer(e)).collect();
+        if kept.is_empty() {
+            return false;
+        }
+        h.value = kept.join(", ");
+        true
+    });
+}
+
+/// Whether one `Call-Info`/`Alert-Info` entry asks for auto-answer, however it is spelt.
+fn asks_auto_answer(entry: &str) -> bool {
+    let squashed: String = entry
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    ["answerafter", "autoanswer", "intercom"].iter().any(|k| squashed.contains(k))
 }
 
 /// ACK for a 2xx on dialog `d` (RFC 3261 §13.2.2.4): a new branch, the INVITE's CSeq number.

@@ -60,13 +60,18 @@ impl Harness {
     }
 
     fn for_node(node: &str) -> Self {
+        Harness::with_timers(node, Timers::default())
+    }
+
+    fn with_timers(node: &str, timers: Timers) -> Self {
         let timers = Timers {
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
+            ..timers
         };
         let now = Instant::now();
-        Harness { core: Core::new(timers, Arc::new(Ids::with_salt(node, 1))), now, start: now }
+        Harness { core: Core::new(timers, Arc::new(Ids::new(node))), now, start: now }
     }
 
     fn wall(&self) -> u64 {
@@ -109,7 +114,18 @@ impl Harness {
     }
 
     fn call_limited(&mut self, targets: Vec<Target>, max_duration_secs: u32) -> ServerKey {
-        self.send(&invite("c1@caller", "z9hG4bKa1"), ingress(MAIN, CALLER));
+        self.call_with(&invite("c1@caller", "z9hG4bKa1"), targets, max_duration_secs, false)
+    }
+
+    /// The caller sends `invite`; the setup task answers with a plan for `targets`.
+    fn call_with(
+        &mut self,
+        invite: &str,
+        targets: Vec<Target>,
+        max_duration_secs: u32,
+        auto_answer: bool,
+    ) -> ServerKey {
+        self.send(invite, ingress(MAIN, CALLER));
         assert!(self.out().is_empty(), "nothing sent before setup");
         let Some(Work::Invite { key, ingress: i, .. }) = self.work().pop() else {
             panic!("INVITE must become setup work")
@@ -120,6 +136,7 @@ impl Harness {
             targets,
             max_duration_secs,
             call_ref: "c1@caller;bt1".into(),
+            auto_answer,
         };
         let (now, wall) = (self.now, self.wall());
         self.core.start_call(now, wall, key.clone(), plan, &i);
@@ -604,6 +621,7 @@ Call-ID: {call_id}\r\nCSeq: 2 ACK\r\n\r\n"
             targets: vec![target("127.0.0.30:6000")],
             max_duration_secs: 0,
             call_ref: format!("{call_id};bt1"),
+            auto_answer: false,
         };
         let (now, wall) = (h.now, h.wall());
         h.core.start_call(now, wall, key, plan, &i);
@@ -640,4 +658,273 @@ Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\r\n"
     h.out();
     assert_eq!(h.core.load(), (0, 0, 0), "transactions and calls all gone");
     assert_eq!(h.core.b2bua_index_sizes(), [0; 5], "calls, call-ids, server, client, deadlines");
+}
+
+/// A request on the caller's leg of an answered call, with the given tags.
+fn caller_request(
+    method: &str,
+    a_contact: &str,
+    from_tag: &str,
+    to_tag: &str,
+    cseq: u32,
+) -> String {
+    format!(
+        "{method} {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.66:5000;branch=z9hG4bK{method}{cseq}{to_tag}\r\n\
+Max-Forwards: 70\r\nFrom: <sip:bob@127.0.0.1>;tag={from_tag}\r\nTo: <sip:alice@127.0.0.1>;tag={to_tag}\r\n\
+Call-ID: c1@caller\r\nCSeq: {cseq} {method}\r\nContact: <sip:evil@127.0.0.66:5000>\r\n\
+Content-Type: application/sdp\r\nContent-Length: 11\r\n\r\nv=0\r\nevil\r\n"
+    )
+}
+
+#[test]
+fn requests_with_a_known_call_id_but_not_the_dialog_tags_get_481_and_change_nothing() {
+    let mut h = Harness::new();
+    let (_b_invite, a_contact, a_tag) = answered_call(&mut h);
+    let stranger = ingress(MAIN, "127.0.0.66:5000");
+    let cases = [
+        ("BYE", "bt1", "guessed"),
+        ("BYE", "other", a_tag.as_str()),
+        ("INVITE", "bt1", "guessed"),
+        ("INVITE", "other", a_tag.as_str()),
+        ("UPDATE", "other", a_tag.as_str()),
+        ("INFO", "bt1", "x"),
+    ];
+    for (i, (method, from_tag, to_tag)) in cases.into_iter().enumerate() {
+        h.send(
+            &caller_request(method, &a_contact, from_tag, to_tag, 10 + i as u32),
+            stranger.clone(),
+        );
+        let out = h.out();
+        assert_eq!(out.len(), 1, "{method} {from_tag}/{to_tag}: only an answer, nothing relayed");
+        assert_eq!(out[0].1.status(), Some(481), "{method} {from_tag}/{to_tag}");
+        assert_eq!(out[0].0.egress.remote, addr("127.0.0.66:5000"));
+        assert!(h.work().is_empty(), "no accounting, no dialog update, no Redis lookup");
+    }
+    // A stranger's ACK is dropped.
+    let ack = caller_request("ACK", &a_contact, "bt1", "guessed", 2);
+    h.send(&ack, stranger);
+    assert!(h.out().is_empty(), "ACK with foreign tags relayed nowhere");
+    assert_eq!(h.core.load().2, 1, "the call is still up");
+
+    // The real caller can still hang up: BYE reaches the callee, and the call is accounted.
+    h.send(&caller_request("BYE", &a_contact, "bt1", &a_tag, 20), ingress(MAIN, CALLER));
+    let out = h.out();
+    assert!(
+        out.iter()
+            .any(|(t, m)| m.method() == Some("BYE") && t.egress.remote == addr("127.0.0.30:6000"))
+    );
+    assert!(
+        h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if s.cause == "caller-bye"))
+    );
+}
+
+#[test]
+fn stored_call_is_not_taken_over_for_a_request_with_foreign_tags() {
+    let mut h = Harness::new();
+    let (_b, a_contact, a_tag) = answered_call(&mut h);
+    // The record this processor would store, then a second processor that does not hold it.
+    h.advance_to(h.now + Duration::from_secs(1));
+    h.send(&caller_request("INFO", &a_contact, "bt1", &a_tag, 30), ingress(MAIN, CALLER));
+    let record = h.work().into_iter().find_map(|w| match w {
+        Work::SaveDialog(r) => Some(*r),
+        _ => None,
+    });
+    let record = record.expect("an in-dialog request re-saves the call");
+    let mut other = Harness::for_node("p2");
+    other.send(
+        &caller_request("BYE", &a_contact, "bt1", "guessed", 31),
+        ingress(MAIN, "127.0.0.66:5000"),
+    );
+    let Some(Work::LoadDialog { key, .. }) = other.work().pop() else {
+        panic!("looked up in Redis")
+    };
+    let (now, wall) = (other.now, other.wall());
+    other.core.adopt_and_handle(now, wall, Some(record.clone()), key);
+    let out = other.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.status(), Some(481));
+    assert_eq!(other.core.load().2, 0, "nothing adopted");
+    let ack = sipmsg::parse(caller_request("ACK", &a_contact, "bt1", "guessed", 2).as_bytes())
+        .expect("ack");
+    other.core.adopt_and_ack(now, wall, record, &ack);
+    assert!(other.out().is_empty());
+    assert_eq!(other.core.load().2, 0, "nothing adopted for a foreign ACK either");
+}
+
+#[test]
+fn second_invite_with_a_live_calls_call_id_is_a_merged_request() {
+    let mut h = Harness::new();
+    h.call(vec![target("127.0.0.30:6000")]);
+    h.out();
+    // Same Call-ID and From tag, new branch and CSeq, to someone else.
+    let second = invite("c1@caller", "z9hG4bKa2")
+        .replace("sip:alice@127.0.0.1 SIP", "sip:carol@127.0.0.1 SIP")
+        .replace("CSeq: 2 INVITE", "CSeq: 3 INVITE");
+    h.send(&second, ingress(MAIN, CALLER));
+    let out = h.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1.status(), Some(482));
+    assert!(h.work().is_empty(), "not even authorized");
+
+    // The same race with both INVITEs already past authorization: the later plan is refused.
+    let mut h = Harness::new();
+    h.send(&invite("c1@caller", "z9hG4bKa1"), ingress(MAIN, CALLER));
+    h.send(&second, ingress(MAIN, CALLER));
+    let works = h.work();
+    assert_eq!(works.len(), 2);
+    let plan = |call_ref: &str| CallPlan {
+        caller_aor: "bob@sip.example.net".into(),
+        callee_aor: "alice@sip.example.net".into(),
+        targets: vec![target("127.0.0.30:6000")],
+        max_duration_secs: 0,
+        call_ref: call_ref.into(),
+        auto_answer: false,
+    };
+    let mut started = Vec::new();
+    for (w, r) in works.into_iter().zip(["ref-1", "ref-2"]) {
+        let Work::Invite { key, ingress: i, .. } = w else { panic!("setup work") };
+        let (now, wall) = (h.now, h.wall());
+        started.push(h.core.start_call(now, wall, key, plan(r), &i));
+    }
+    assert_eq!(started, vec![true, false], "the second is refused, its reservation released");
+    let out = h.out();
+    assert!(out.iter().any(|(_, m)| m.status() == Some(482)));
+    assert_eq!(
+        out.iter().filter(|(_, m)| m.method() == Some("INVITE")).count(),
+        1,
+        "one callee rings"
+    );
+}
+
+/// Runs the virtual clock up to `until`, collecting what is sent.
+fn run_until(h: &mut Harness, until: Instant) -> Vec<(Instant, Transmit, SipMessage)> {
+    let mut sent = Vec::new();
+    while let Some(at) = h.core.poll_timeout() {
+        if at > until {
+            break;
+        }
+        h.advance_to(at);
+        sent.extend(h.out().into_iter().map(|(t, m)| (at, t, m)));
+    }
+    sent
+}
+
+/// A call whose callee sends 180 at once and 183 again `later`; returns when the call started
+/// and the B-leg INVITE.
+fn ring_twice(h: &mut Harness, later: Duration) -> (Instant, SipMessage) {
+    let start = h.now;
+    h.call(vec![target("127.0.0.30:6000")]);
+    let (_, b_invite) = h.out().remove(0);
+    let callee = ingress(ALIAS, "127.0.0.30:6000");
+    h.send(&answer(&b_invite, 180, "Ringing", "at1", ""), callee.clone());
+    h.out();
+    h.advance_to(start + later);
+    h.send(&answer(&b_invite, 183, "Session Progress", "at1", ""), callee);
+    h.out();
+    (start, b_invite)
+}
+
+#[test]
+fn callee_ringing_forever_is_cancelled_by_timer_c_and_the_reservation_released() {
+    let mut h = Harness::new();
+    // A provisional 100 s in restarts Timer C (185 s by default).
+    let (start, _) = ring_twice(&mut h, Duration::from_secs(100));
+    let sent = run_until(&mut h, start + Duration::from_secs(284));
+    assert!(sent.iter().all(|(_, _, m)| m.method() != Some("CANCEL")), "still ringing at 284 s");
+    let sent = run_until(&mut h, start + Duration::from_secs(286));
+    let cancel = sent.iter().find(|(_, _, m)| m.method() == Some("CANCEL")).expect("CANCEL");
+    assert_eq!(cancel.0, start + Duration::from_secs(285), "185 s after the last provisional");
+    assert_eq!(cancel.1.egress.remote, addr("127.0.0.30:6000"));
+    let to_caller =
+        sent.iter().find(|(_, t, m)| t.egress.remote == addr(CALLER) && m.status().is_some());
+    assert_eq!(to_caller.map(|(_, _, m)| m.status()), Some(Some(408)));
+    // The callee ignores the CANCEL: 64*T1 later the branch is given up and billing told.
+    assert!(!h.work().iter().any(|w| matches!(w, Work::AccountingStop(_))));
+    run_until(&mut h, start + Duration::from_secs(285 + 33));
+    let stops: Vec<_> = h
+        .work()
+        .into_iter()
+        .filter_map(|w| match w {
+            Work::AccountingStop(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops.len(), 1);
+    assert!(!stops[0].answered && stops[0].cause == "no-answer", "{:?}", stops[0]);
+    assert_eq!(h.core.load().2, 0, "call removed");
+    assert_eq!(h.core.b2bua_index_sizes(), [0; 5], "nothing left behind");
+}
+
+#[test]
+fn no_answer_timeout_limits_ringing_from_the_start_and_is_not_restarted() {
+    let timers = Timers { no_answer: Some(Duration::from_secs(30)), ..Timers::default() };
+    let mut h = Harness::with_timers("p1", timers);
+    let (start, b_invite) = ring_twice(&mut h, Duration::from_secs(20));
+    let callee = ingress(ALIAS, "127.0.0.30:6000");
+    let sent = run_until(&mut h, start + Duration::from_secs(31));
+    let cancel = sent.iter().find(|(_, _, m)| m.method() == Some("CANCEL")).expect("CANCEL");
+    assert_eq!(cancel.0, start + Duration::from_secs(30));
+    assert!(
+        sent.iter().any(|(_, t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(408))
+    );
+    // This callee does answer the CANCEL: the call ends at once.
+    let c = cancel.2.clone();
+    let ok = SipMessage::response_to(&c, 200, "OK", Some("at1"));
+    h.send(&String::from_utf8(ok.to_bytes()).expect("utf8"), callee.clone());
+    h.send(&answer(&b_invite, 487, "Request Terminated", "at1", ""), callee);
+    let out = h.out();
+    assert!(out.iter().any(|(_, m)| m.method() == Some("ACK")), "487 ACKed");
+    assert!(
+        !out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(487)),
+        "the caller already has its 408"
+    );
+    assert!(
+        h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if s.cause == "no-answer"))
+    );
+    assert_eq!(h.core.b2bua_index_sizes(), [0; 5]);
+}
+
+#[test]
+fn answered_call_is_not_cut_by_the_ring_timers() {
+    let timers = Timers { no_answer: Some(Duration::from_secs(30)), ..Timers::default() };
+    let mut h = Harness::with_timers("p1", timers);
+    let start = h.now;
+    answered_call(&mut h);
+    let sent = run_until(&mut h, start + Duration::from_secs(400));
+    assert!(sent.iter().all(|(_, _, m)| m.method() != Some("CANCEL") && m.method() != Some("BYE")));
+    assert_eq!(h.core.load().2, 1);
+}
+
+const AUTO_ANSWER_INVITE_HEADERS: &str = "Call-Info: <sip:127.0.0.1>;answer-after=0\r\n\
+Call-Info: <http://example.com/bob.png>;purpose=icon, <sip:x>;Answer-After=1\r\n\
+Alert-Info: <http://127.0.0.1/ring.wav>\r\nAlert-Info: <http://x>;info=alert-autoanswer;delay=0\r\n\
+Alert-Info: Intercom\r\nAnswer-Mode: Auto\r\nPriv-Answer-Mode: Auto;require\r\n";
+
+fn auto_answer_invite() -> String {
+    invite("c1@caller", "z9hG4bKa1")
+        .replace("Contact:", &format!("{AUTO_ANSWER_INVITE_HEADERS}Contact:"))
+}
+
+#[test]
+fn auto_answer_headers_of_an_untrusted_caller_never_reach_the_callee() {
+    let mut h = Harness::new();
+    h.call_with(&auto_answer_invite(), vec![target("127.0.0.30:6000")], 0, false);
+    let (_, b) = h.out().remove(0);
+    let call_info: Vec<_> = b.headers_named("call-info").collect();
+    assert_eq!(call_info, vec!["<http://example.com/bob.png>;purpose=icon"]);
+    let alert: Vec<_> = b.headers_named("alert-info").collect();
+    assert_eq!(alert, vec!["<http://127.0.0.1/ring.wav>"], "the ringtone stays");
+    assert_eq!(b.header("answer-mode"), None);
+    assert_eq!(b.header("priv-answer-mode"), None);
+}
+
+#[test]
+fn auto_answer_headers_of_a_trusted_caller_are_passed_on() {
+    let mut h = Harness::new();
+    h.call_with(&auto_answer_invite(), vec![target("127.0.0.30:6000")], 0, true);
+    let (_, b) = h.out().remove(0);
+    assert_eq!(b.headers_named("call-info").count(), 2);
+    assert_eq!(b.headers_named("alert-info").count(), 3);
+    assert_eq!(b.header("answer-mode"), Some("Auto"));
+    assert_eq!(b.header("priv-answer-mode"), Some("Auto;require"));
 }

@@ -1,5 +1,6 @@
 //! Processor configuration: defaults ← TOML file (`[processor]` table) ← `SIPALIAS_PROCESSOR__*`.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -43,9 +44,10 @@ pub struct ProcessorConfig {
     pub t4_ms: u64,
     /// Seconds given in `Retry-After` when Redis or billing is down.
     pub retry_after_secs: u32,
-    /// Digest algorithms offered in challenges, most preferred first (`MD5`, `SHA-256`). MD5
-    /// comes first by default: many deployed phones (and sipp) give up on the first challenge
-    /// if they cannot compute it, instead of trying the next one as RFC 8760 asks.
+    /// Digest algorithms offered in challenges and accepted, most preferred first (`MD5`,
+    /// `SHA-256`), on every IP whose dispatcher entry names none of its own. MD5 alone by
+    /// default: many deployed phones (baresip/libre, sipp) give up when a 401/407 carries more
+    /// than one challenge, instead of taking the first they support as RFC 8760 asks.
     pub digest_algorithms: Vec<String>,
     /// How to reach registered phones: `detect` (source address when NAT is detected, else the
     /// Contact), `always` (always the source address) or `never` (always the Contact).
@@ -70,7 +72,22 @@ pub struct ProcessorConfig {
     /// per call (no cross-thread wake-ups; the core is behind one lock anyway). A host with more
     /// cores runs more processor replicas. 0 = one thread per core.
     pub worker_threads: usize,
+    /// RFC 3261 §16.6 step 11's Timer C: a callee that has answered only provisionally for this
+    /// long (each provisional restarts it) is cancelled and the caller gets `408`. Must exceed
+    /// 3 minutes.
+    pub timer_c_secs: u32,
+    /// Longest a call may ring in all, from the first INVITE sent to the callee, before it is
+    /// cancelled with `408` to the caller; 0 = only Timer C limits ringing.
+    pub no_answer_timeout_secs: u32,
+    /// Callers allowed to make the callee's phone answer by itself (intercom/paging): their
+    /// `Call-Info ...;answer-after=`, `Alert-Info ...;info=alert-autoanswer`, `Answer-Mode` and
+    /// `Priv-Answer-Mode` (RFC 5373) reach the callee; everyone else's are removed. Each entry
+    /// is an AOR (`user@domain`), a source IP or a CIDR (`192.0.2.0/24`). Default: nobody.
+    pub trusted_auto_answer: Vec<String>,
 }
+
+/// Shortest `timer_c_secs` accepted: RFC 3261 §16.6 asks for more than 3 minutes.
+pub const MIN_TIMER_C_SECS: u32 = 181;
 
 /// How UDP bindings are pinged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +128,7 @@ impl Default for ProcessorConfig {
             t2_ms: 4000,
             t4_ms: 5000,
             retry_after_secs: 5,
-            digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
+            digest_algorithms: vec!["MD5".into()],
             worker_threads: 1,
             nat_mode: crate::registrar::NatMode::Detect,
             billing_outage: BillingOutage::Reject,
@@ -120,6 +137,9 @@ impl Default for ProcessorConfig {
             keepalive_method: KeepaliveMethod::Options,
             keepalive_max_failures: 0,
             drain_timeout_secs: 30,
+            timer_c_secs: 185,
+            no_answer_timeout_secs: 0,
+            trusted_auto_answer: Vec::new(),
         }
     }
 }
@@ -213,7 +233,27 @@ impl ProcessorConfig {
         if self.billing_timeout_ms == 0 {
             return bad("billing_timeout_ms", "must be non-zero".into());
         }
+        if self.timer_c_secs < MIN_TIMER_C_SECS {
+            return bad(
+                "timer_c_secs",
+                format!("must be at least {MIN_TIMER_C_SECS} (RFC 3261: more than 3 minutes)"),
+            );
+        }
+        for (i, entry) in self.trusted_auto_answer.iter().enumerate() {
+            if let Err(why) = TrustEntry::parse(entry) {
+                return bad(&format!("trusted_auto_answer[{i}]"), format!("{entry:?}: {why}"));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `caller_aor` calling from `source` may send auto-answer headers to the callee
+    /// (`trusted_auto_answer`).
+    pub fn trusts_auto_answer(&self, caller_aor: &str, source: IpAddr) -> bool {
+        self.trusted_auto_answer
+            .iter()
+            .filter_map(|e| TrustEntry::parse(e).ok())
+            .any(|e| e.matches(caller_aor, source))
     }
 
     /// The digest algorithms to offer, in order (validated at load).
@@ -227,7 +267,72 @@ impl ProcessorConfig {
             t1: Duration::from_millis(self.t1_ms),
             t2: Duration::from_millis(self.t2_ms),
             t4: Duration::from_millis(self.t4_ms),
+            timer_c: Duration::from_secs(u64::from(self.timer_c_secs)),
+            no_answer: (self.no_answer_timeout_secs > 0)
+                .then(|| Duration::from_secs(u64::from(self.no_answer_timeout_secs))),
         }
+    }
+}
+
+/// One entry of `trusted_auto_answer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TrustEntry {
+    /// An authenticated caller, `user@domain` (domain compared without case).
+    Aor(String, String),
+    /// Sources in `network/prefix_len`.
+    Net(IpAddr, u8),
+}
+
+impl TrustEntry {
+    fn parse(s: &str) -> Result<Self, &'static str> {
+        if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("must be non-empty, without whitespace or control characters");
+        }
+        if let Some((user, domain)) = s.split_once('@') {
+            if user.is_empty() || domain.is_empty() || domain.contains('@') {
+                return Err("an AOR is user@domain");
+            }
+            return Ok(TrustEntry::Aor(user.to_owned(), domain.to_ascii_lowercase()));
+        }
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| "not an AOR, IP address or CIDR")?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or("bad prefix length")?,
+        };
+        Ok(TrustEntry::Net(ip, len))
+    }
+
+    fn matches(&self, caller_aor: &str, source: IpAddr) -> bool {
+        match self {
+            TrustEntry::Aor(user, domain) => caller_aor
+                .split_once('@')
+                .is_some_and(|(u, d)| u == user && d.eq_ignore_ascii_case(domain)),
+            TrustEntry::Net(net, len) => in_network(source, *net, *len),
+        }
+    }
+}
+
+/// Whether `ip` lies in `net/len` (an IPv4-mapped IPv6 source is compared as IPv4).
+fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
     }
 }
 
@@ -264,6 +369,14 @@ mod tests {
             ("t1_ms=0", "processor.t1_ms"),
             ("digest_algorithms=['MD5','SHA-512']", "processor.digest_algorithms[1]"),
             ("billing_outage='maybe'", "billing_outage"),
+            ("timer_c_secs=180", "processor.timer_c_secs"),
+            ("trusted_auto_answer=['10.0.0.0/33']", "processor.trusted_auto_answer[0]"),
+            ("trusted_auto_answer=['ok@d', '']", "processor.trusted_auto_answer[1]"),
+            ("trusted_auto_answer=['@d']", "processor.trusted_auto_answer[0]"),
+            ("trusted_auto_answer=['a@b@c']", "processor.trusted_auto_answer[0]"),
+            ("trusted_auto_answer=['x y@d']", "processor.trusted_auto_answer[0]"),
+            ("trusted_auto_answer=[\"a@d\\r\\nX: 1\"]", "processor.trusted_auto_answer[0]"),
+            ("trusted_auto_answer=['not-an-ip']", "processor.trusted_auto_answer[0]"),
             (
                 "billing_outage='allow'\nbilling_outage_max_duration_secs=0",
                 "processor.billing_outage_max_duration_secs",
@@ -278,6 +391,30 @@ mod tests {
             let err = ProcessorConfig::from_toml_str(&doc).expect_err(toml);
             assert!(err.to_string().contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn trusted_auto_answer_matches_aors_ips_and_networks() {
+        let cfg = ProcessorConfig {
+            trusted_auto_answer: vec![
+                "intercom@Sip.Example.net".into(),
+                "192.0.2.0/24".into(),
+                "2001:db8::1".into(),
+            ],
+            ..ProcessorConfig::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(cfg.trusts_auto_answer("intercom@sip.example.net", ip("203.0.113.9")));
+        assert!(!cfg.trusts_auto_answer("Intercom@sip.example.net", ip("203.0.113.9")));
+        assert!(!cfg.trusts_auto_answer("intercom@other.example", ip("203.0.113.9")));
+        assert!(cfg.trusts_auto_answer("anyone@d", ip("192.0.2.77")));
+        assert!(cfg.trusts_auto_answer("anyone@d", ip("::ffff:192.0.2.77")));
+        assert!(!cfg.trusts_auto_answer("anyone@d", ip("192.0.3.1")));
+        assert!(cfg.trusts_auto_answer("anyone@d", ip("2001:db8::1")));
+        assert!(!cfg.trusts_auto_answer("anyone@d", ip("2001:db8::2")));
+        assert!(!ProcessorConfig::default().trusts_auto_answer("a@d", ip("127.0.0.1")));
+        let all = ProcessorConfig { trusted_auto_answer: vec!["0.0.0.0/0".into()], ..cfg };
+        assert!(all.trusts_auto_answer("a@d", ip("198.51.100.1")));
     }
 
     #[test]

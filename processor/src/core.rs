@@ -54,7 +54,7 @@ impl Core {
     pub fn new(timers: Timers, ids: Arc<Ids>) -> Self {
         Core {
             tx: TransactionLayer::new(timers),
-            b2bua: B2bua::new(ids.clone()),
+            b2bua: B2bua::new(ids.clone(), &timers),
             ids,
             out: Vec::new(),
             work: Vec::new(),
@@ -241,7 +241,12 @@ impl Core {
     ) {
         let mut cx =
             Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
-        if let Some(r) = record {
+        // Only a request with one leg's full dialog id takes the call over: a stranger who
+        // knows a Call-ID gets 481 and moves nothing.
+        let owned = |r: &crate::b2bua::DialogRecord| {
+            cx.tx.server_request(&key).is_some_and(|req| r.owns(req))
+        };
+        if let Some(r) = record.filter(owned) {
             self.b2bua.adopt(&mut cx, r);
         }
         let handled = match cx.tx.server_request(&key).cloned() {
@@ -268,6 +273,10 @@ impl Core {
         record: crate::b2bua::DialogRecord,
         ack: &SipMessage,
     ) {
+        if !record.owns(ack) {
+            tracing::info!(call_ref = %record.call_ref, "ACK with another dialog's tags dropped");
+            return;
+        }
         let mut cx =
             Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
         self.b2bua.adopt(&mut cx, record);
@@ -400,6 +409,11 @@ fn route_request(
         // (and LoadDialog above) copy it, as the transaction layer used to for every request.
         "REGISTER" => {
             cx.work.push(Work::Register { key, request: Arc::unwrap_or_clone(req), ingress })
+        }
+        // A new INVITE whose Call-ID a live call already has (RFC 3261 §8.2.2.2, merged
+        // request): refused before any authorization; it never rides that call's legs.
+        "INVITE" if req.call_id().is_ok_and(|id| b2bua.holds(id)) => {
+            reply(cx, 482, "Loop Detected", None)
         }
         "INVITE" => cx.work.push(Work::Invite { key, request: Arc::unwrap_or_clone(req), ingress }),
         "OPTIONS" => reply(cx, 200, "OK", Some(("Allow", ALLOW))),

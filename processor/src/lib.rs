@@ -20,6 +20,7 @@ pub mod keepalive;
 pub mod location;
 pub mod node;
 pub mod registrar;
+pub mod replay;
 pub mod sockets;
 pub mod transaction;
 pub mod transport;

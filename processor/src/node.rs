@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use sipalias_proto::billing::{AccountingStopRequest, DenyReason};
 
 use crate::accounting::{Accounting, Event};
-use crate::auth::{ChallengeKind, NonceCheck, NonceKey, challenge, credentials_for};
+use crate::auth::{ChallengeKind, NonceKey, Refusal, challenge, check_presented, credentials_for};
 use crate::b2bua::{CallPlan, Target, Work};
 use crate::billing::{Billing, CallRequest};
 use crate::config::ProcessorConfig;
@@ -26,6 +26,7 @@ use crate::ids::Ids;
 use crate::keepalive::{Due, Schedule};
 use crate::location::{Location, RegisterMeta};
 use crate::registrar::{self, Limits};
+use crate::replay::NonceCounts;
 use crate::sockets::SocketTable;
 use crate::transaction::ServerKey;
 use crate::transport::Ingress;
@@ -52,14 +53,20 @@ pub struct Node {
     /// REGISTER and call-setup tasks running (Redis/billing round trips in flight).
     in_flight: std::sync::atomic::AtomicUsize,
     nonces: NonceKey,
+    nonce_counts: NonceCounts,
+    /// The identifiers the core mints too (call refs are minted outside it).
+    ids: Arc<Ids>,
+    /// `digest_algorithms` of the config, for IPs that name none of their own.
+    algorithms: Vec<Algorithm>,
 }
 
 /// What a request presents, before billing checks the digest response.
 enum Presented {
-    /// Credentials for the realm, with a fresh nonce of ours.
+    /// Credentials for the realm, bound to this request, with a fresh nonce-count of our nonce.
     Credentials(Credentials, Algorithm),
-    /// Nothing usable: send this challenge.
-    Challenge(SipMessage),
+    /// Nothing usable: send this answer (a challenge, or `400` for credentials that cannot be
+    /// for this request).
+    Answer(SipMessage),
 }
 
 /// Outcome of checking a request's credentials.
@@ -72,6 +79,16 @@ enum Auth {
     Refuse(u16, &'static str),
 }
 
+/// How requests arriving on one local IP are authenticated, and whose users they are.
+struct Site {
+    /// Canonical domain of its users.
+    domain: String,
+    /// Realm its phones expect.
+    realm: String,
+    /// Digest algorithms challenged and accepted there, most preferred first.
+    algorithms: Vec<Algorithm>,
+}
+
 impl Node {
     /// A processor using these stores.
     pub fn new(config: ProcessorConfig, location: Location, billing: Billing) -> Arc<Self> {
@@ -80,8 +97,12 @@ impl Node {
         tokio::spawn(dialogs.clone().run_writer(ops));
         let ids = Arc::new(Ids::new(&config.id));
         let nonces = NonceKey::new(config.auth_secret.as_bytes(), config.nonce_ttl_secs * 1000);
+        let nonce_counts = NonceCounts::new(location.redis(), &config.key_prefix);
         Arc::new(Node {
-            core: Mutex::new(Core::new(config.timers(), ids)),
+            nonce_counts,
+            algorithms: config.algorithms(),
+            core: Mutex::new(Core::new(config.timers(), ids.clone())),
+            ids,
             timer: Notify::new(),
             links: Links::default(),
             sockets: SocketTable::default(),
@@ -368,46 +389,74 @@ impl Node {
         SipMessage::response_to(req, status, reason, Some(&self.lock().tag()))
     }
 
-    /// A fresh challenge for `req` in `realm` (`stale`: RFC 3261 §22.4, the nonce expired).
-    fn challenge(&self, req: &SipMessage, realm: &str, stale: bool) -> SipMessage {
-        let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
-        let nonce = self.nonces.mint(realm, wall_ms());
-        challenge(req, kind, realm, &nonce, stale, &self.config.algorithms(), &self.lock().tag())
+    /// How requests arriving on `ingress`'s local IP are authenticated; `None` for an IP no
+    /// dispatcher announced.
+    fn site(&self, ingress: &Ingress) -> Option<Site> {
+        let info = self.sockets.get(ingress.local.addr.ip())?;
+        let algorithms =
+            if info.algorithms.is_empty() { self.algorithms.clone() } else { info.algorithms };
+        Some(Site { domain: info.domain, realm: info.realm, algorithms })
     }
 
-    /// The local half of a digest check: credentials for `realm`, with an algorithm we offer
-    /// and a nonce we minted that is still fresh. Anything else is answered with a challenge;
-    /// only the response itself needs the account's HA1 (billing).
-    fn presented(&self, req: &SipMessage, realm: &str) -> Presented {
+    /// A fresh challenge for `req` on `site` (`stale`: RFC 3261 §22.4, the nonce expired).
+    fn challenge(&self, req: &SipMessage, site: &Site, stale: bool) -> SipMessage {
         let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
-        let Some(creds) = credentials_for(req, kind, realm) else {
-            return Presented::Challenge(self.challenge(req, realm, false));
-        };
-        if creds.realm != realm {
-            return Presented::Challenge(self.challenge(req, realm, false));
-        }
-        let Some(alg) = creds.algorithm() else {
-            return Presented::Challenge(self.challenge(req, realm, false));
-        };
-        match self.nonces.check(&creds.nonce, realm, wall_ms()) {
-            NonceCheck::Invalid => Presented::Challenge(self.challenge(req, realm, false)),
-            NonceCheck::Stale => Presented::Challenge(self.challenge(req, realm, true)),
-            NonceCheck::Fresh => Presented::Credentials(creds, alg),
-        }
+        let nonce = self.nonces.mint(&site.realm, wall_ms());
+        challenge(req, kind, &site.realm, &nonce, stale, &site.algorithms, &self.lock().tag())
     }
 
-    /// Checks digest credentials (RFC 3261 §22) for a request arriving on a socket of `realm`.
+    /// The local half of a digest check: credentials for the site's realm, bound to this
+    /// request ([`check_presented`]), whose nonce-count nobody used before anywhere in the
+    /// cluster. Anything else is answered here; only the response itself needs the account's
+    /// HA1 (billing).
+    async fn presented(
+        &self,
+        req: &SipMessage,
+        ingress: &Ingress,
+        site: &Site,
+    ) -> Result<Presented, Error> {
+        let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
+        let Some(creds) = credentials_for(req, kind, &site.realm) else {
+            return Ok(Presented::Answer(self.challenge(req, site, false)));
+        };
+        let now = wall_ms();
+        let alg = match check_presented(
+            req,
+            &creds,
+            &site.realm,
+            &site.algorithms,
+            &self.nonces,
+            now,
+        ) {
+            Ok(alg) => alg,
+            Err(Refusal::Challenge { stale }) => {
+                return Ok(Presented::Answer(self.challenge(req, site, stale)));
+            }
+            Err(Refusal::BadRequest(reason)) => {
+                tracing::warn!(user = %creds.username, source = %ingress.remote, uri = %creds.uri, reason, "credentials refused");
+                return Ok(Presented::Answer(self.reply(req, 400, reason)));
+            }
+        };
+        let nc = creds.nc.as_deref().unwrap_or_default();
+        let ttl_ms = self.nonces.remaining_ms(&creds.nonce, now);
+        if !self.nonce_counts.claim(&creds.nonce, nc, ttl_ms).await? {
+            tracing::warn!(user = %creds.username, source = %ingress.remote, nc, "digest nonce-count replayed: challenged");
+            return Ok(Presented::Answer(self.challenge(req, site, true)));
+        }
+        Ok(Presented::Credentials(creds, alg))
+    }
+
+    /// Checks digest credentials (RFC 3261 §22) for a request arriving on `site`.
     async fn authenticate(
         &self,
         req: &SipMessage,
         ingress: &Ingress,
-        domain: &str,
-        realm: &str,
+        site: &Site,
     ) -> Result<Auth, Error> {
-        match self.presented(req, realm) {
-            Presented::Challenge(c) => Ok(Auth::Challenge(c)),
+        match self.presented(req, ingress, site).await? {
+            Presented::Answer(c) => Ok(Auth::Challenge(c)),
             Presented::Credentials(creds, alg) => {
-                self.verify_presented(req, ingress, domain, realm, creds, alg).await
+                self.verify_presented(req, ingress, site, creds, alg).await
             }
         }
     }
@@ -417,13 +466,12 @@ impl Node {
         &self,
         req: &SipMessage,
         ingress: &Ingress,
-        domain: &str,
-        realm: &str,
+        site: &Site,
         creds: Credentials,
         alg: Algorithm,
     ) -> Result<Auth, Error> {
         let method = req.method().unwrap_or_default();
-        let aor = format!("{}@{domain}", creds.username);
+        let aor = format!("{}@{}", creds.username, site.domain);
         let verdict = match self.billing.verify(&aor, method, &creds, alg).await {
             Ok(v) => v,
             Err(e) if method == "INVITE" && self.config.billing_outage == BillingOutage::Allow => {
@@ -433,8 +481,8 @@ impl Node {
             Err(e) => return Err(e),
         };
         if !verdict.valid {
-            tracing::warn!(%aor, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
-            return Ok(Auth::Challenge(self.challenge(req, realm, false)));
+            tracing::warn!(%aor, source = %ingress.remote, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
+            return Ok(Auth::Challenge(self.challenge(req, site, false)));
         }
         if verdict.blocked {
             tracing::info!(%aor, "blocked account refused");
@@ -467,14 +515,14 @@ impl Node {
 
     /// Handles a REGISTER (RFC 3261 §10.3).
     async fn register(&self, req: &SipMessage, ingress: &Ingress) -> Result<SipMessage, Error> {
-        let Some(info) = self.sockets.get(ingress.local.addr.ip()) else {
+        let Some(site) = self.site(ingress) else {
             return Ok(self.reply(req, 500, "Unknown Local Socket"));
         };
         let to = req.to()?;
         let Some(user) = to.uri.user_name().map(str::to_owned) else {
             return Ok(self.reply(req, 400, "Missing User In To"));
         };
-        let authed = match self.authenticate(req, ingress, &info.domain, &info.realm).await? {
+        let authed = match self.authenticate(req, ingress, &site).await? {
             Auth::Ok(u) => u,
             Auth::Challenge(c) => return Ok(c),
             Auth::Refuse(s, r) => return Ok(self.reply(req, s, r)),
@@ -503,7 +551,7 @@ impl Node {
             Ok(u) => u,
             Err(reject) => return Ok(registrar::reject_response(req, &reject, &self.lock().tag())),
         };
-        let aor = format!("{user}@{}", info.domain);
+        let aor = format!("{user}@{}", site.domain);
         let meta = RegisterMeta {
             call_id: req.call_id()?,
             cseq: req.cseq()?.seq,
@@ -534,24 +582,24 @@ impl Node {
         req: &SipMessage,
         ingress: &Ingress,
     ) -> Result<Result<CallPlan, SipMessage>, Error> {
-        let Some(info) = self.sockets.get(ingress.local.addr.ip()) else {
+        let Some(site) = self.site(ingress) else {
             return Ok(Err(self.reply(req, 500, "Unknown Local Socket")));
         };
-        let (creds, alg) = match self.presented(req, &info.realm) {
+        let (creds, alg) = match self.presented(req, ingress, &site).await? {
             Presented::Credentials(c, a) => (c, a),
-            Presented::Challenge(c) => return Ok(Err(c)),
+            Presented::Answer(c) => return Ok(Err(c)),
         };
-        let caller_aor = format!("{}@{}", creds.username, info.domain);
+        let caller_aor = format!("{}@{}", creds.username, site.domain);
         // Refusals before billing saw the credentials: verify them first.
         let refuse = async |creds: Credentials, status: u16, reason: &'static str| match self
-            .verify_presented(req, ingress, &info.domain, &info.realm, creds, alg)
+            .verify_presented(req, ingress, &site, creds, alg)
             .await?
         {
             Auth::Ok(_) => Ok(Err(self.reply(req, status, reason))),
             Auth::Challenge(c) => Ok(Err(c)),
             Auth::Refuse(s, r) => Ok(Err(self.reply(req, s, r))),
         };
-        let Some((user, domain)) = self.callee_of(req, &info.domain) else {
+        let Some((user, domain)) = self.callee_of(req, &site.domain) else {
             return refuse(creds, 404, "Not Found").await;
         };
         let Some(user) = user else {
@@ -593,8 +641,9 @@ impl Node {
             };
         }
         let call_id = req.call_id()?;
-        let from_tag = req.from()?.tag().unwrap_or_default().to_owned();
-        let call_ref = format!("{call_id};{from_tag}");
+        // Minted here, never taken from the caller: each authorized attempt is its own
+        // reservation and its own charge, whatever Call-ID and From tag it reuses.
+        let call_ref = self.ids.call_ref();
         let ingress_ip = ingress.local.addr.ip().to_string();
         let call = CallRequest {
             caller: &caller_aor,
@@ -611,7 +660,7 @@ impl Node {
             Ok(auth) if auth.allowed => auth.max_duration_secs,
             Ok(auth) if auth.deny == DenyReason::BadCredentials as i32 => {
                 tracing::warn!(aor = %caller_aor, reason = %auth.reason, alg = alg.as_str(), "digest authentication failed");
-                return Ok(Err(self.challenge(req, &info.realm, false)));
+                return Ok(Err(self.challenge(req, &site, false)));
             }
             Ok(auth) => {
                 let (status, reason) = deny_status(auth.deny);
@@ -629,7 +678,15 @@ impl Node {
             Err(e) => return Err(e),
         };
         tracing::info!(%caller_aor, %callee_aor, call_id, branches = targets.len(), max_duration_secs, "call authorized");
-        Ok(Ok(CallPlan { caller_aor, callee_aor, targets, max_duration_secs, call_ref }))
+        let auto_answer = self.config.trusts_auto_answer(&caller_aor, ingress.remote.ip());
+        Ok(Ok(CallPlan {
+            caller_aor,
+            callee_aor,
+            targets,
+            max_duration_secs,
+            call_ref,
+            auto_answer,
+        }))
     }
 
     /// The callee of an INVITE: `(user, domain)` from its Request-URI, `user` `None` for a URI

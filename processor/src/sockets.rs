@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::RwLock;
 
 use sipalias_proto::edge::LocalSocket;
+use sipmsg::digest::Algorithm;
 
 /// What the cluster knows about one local IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,9 @@ pub struct IpInfo {
     pub domain: String,
     /// Realm its phones expect.
     pub realm: String,
+    /// Digest algorithms challenged and accepted on it, most preferred first; empty: the
+    /// processor's own `digest_algorithms`.
+    pub algorithms: Vec<Algorithm>,
 }
 
 /// Local IPs of every connected dispatcher.
@@ -31,7 +35,18 @@ impl SocketTable {
         for s in sockets {
             if let Ok(ip) = s.ip.parse() {
                 let realm = if s.realm.is_empty() { s.domain.clone() } else { s.realm.clone() };
-                map.insert(ip, IpInfo { alias: s.alias, domain: s.domain.clone(), realm });
+                // The dispatcher validated the names; one we do not know (a newer dispatcher)
+                // is left out rather than offered.
+                let mut algorithms = Vec::new();
+                for a in s.digest_algorithms.iter().filter_map(|a| Algorithm::parse(a)) {
+                    if !algorithms.contains(&a) {
+                        algorithms.push(a);
+                    }
+                }
+                map.insert(
+                    ip,
+                    IpInfo { alias: s.alias, domain: s.domain.clone(), realm, algorithms },
+                );
             }
         }
     }

@@ -56,7 +56,7 @@ fn ingress() -> Ingress {
 
 /// A fresh processor core on a virtual clock (nothing here waits for a timer).
 fn core() -> Core {
-    Core::new(Timers::default(), Arc::new(Ids::with_salt("p1", 4475)))
+    Core::new(Timers::default(), Arc::new(Ids::new("p1")))
 }
 
 /// Feeds `bytes` to a fresh core the way the shell does and collects what comes out.

@@ -22,6 +22,11 @@ pub enum Error {
     /// A header line has no colon or an invalid name.
     #[error("malformed header line: {0}")]
     HeaderLine(String),
+    /// A CR inside a line (in a quoted string too): only CRLF ends a line. Passed on, it would
+    /// split a header in two at the next hop (header injection), so the message is refused.
+    /// Carries the header's name (`Request-Line`, or `header` when the name is unreadable).
+    #[error("line break inside the {0} header")]
+    LineBreak(String),
     /// A mandatory header is missing.
     #[error("missing {0} header")]
     Missing(&'static str),
@@ -71,6 +76,7 @@ impl Error {
             Error::Missing(h) => format!("Missing {h} header"),
             Error::BadHeader { name, .. } => format!("Bad {name} header"),
             Error::BadUri(_) => "Bad Request-URI".to_owned(),
+            Error::LineBreak(name) => format!("Line Break Inside {name}"),
             Error::Truncated { .. } => "Body shorter than Content-Length".to_owned(),
             Error::TooLarge { .. } => "Message Too Large".to_owned(),
             _ => "Malformed message".to_owned(),

@@ -17,6 +17,9 @@ use crate::message::{Header, SipMessage, StartLine};
 /// needs the request parsed to answer it); a response must be `SIP/2.0`.
 pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
     let parts = split(input)?;
+    if let Some(name) = parts.bare_cr {
+        return Err(Error::LineBreak(name));
+    }
     let body = frame_body(&parts.headers, parts.rest)?;
     Ok(SipMessage::with_version(parts.start, parts.version, parts.headers, body))
 }
@@ -24,9 +27,17 @@ pub fn parse(input: &[u8]) -> Result<SipMessage, Error> {
 /// Parses the start line and headers of a message whose body cannot be framed (Content-Length
 /// beyond the end of the datagram, negative or repeated), leaving the body empty. It exists so
 /// that such a request can still be answered (RFC 3261 §18.3: "the server SHOULD generate a 400");
-/// never process what it returns as a request.
+/// never process what it returns as a request. A bare CR (which [`parse`] refuses) becomes a
+/// space here, so the answer does not carry it back.
 pub fn parse_head(input: &[u8]) -> Result<SipMessage, Error> {
-    let parts = split(input)?;
+    let mut parts = split(input)?;
+    if parts.bare_cr.is_some() {
+        for h in &mut parts.headers {
+            if h.value.contains('\r') {
+                h.value = h.value.replace('\r', " ");
+            }
+        }
+    }
     Ok(SipMessage::with_version(parts.start, parts.version, parts.headers, Bytes::new()))
 }
 
@@ -36,6 +47,10 @@ struct Parts<'a> {
     version: Option<String>,
     headers: Vec<Header>,
     rest: &'a [u8],
+    /// The first line holding a CR that does not end it: the name of its header (or
+    /// `Request-Line`). SIP lines end in CRLF; a CR inside a value, passed on, would end the
+    /// line early at the next hop and let the rest pose as a header of its own.
+    bare_cr: Option<String>,
 }
 
 fn split(input: &[u8]) -> Result<Parts<'_>, Error> {
@@ -47,16 +62,21 @@ fn split(input: &[u8]) -> Result<Parts<'_>, Error> {
     let (head_len, body_start) = find_head_end(input).ok_or(Error::Unterminated)?;
     let head = std::str::from_utf8(&input[..head_len]).map_err(|_| Error::NotUtf8)?;
     let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let (start_line, version) = parse_start_line(lines.next().unwrap_or_default())?;
+    let first = lines.next().unwrap_or_default();
+    let mut bare_cr = first.contains('\r').then(|| "Request-Line".to_owned());
+    let (start_line, version) = parse_start_line(first)?;
 
     let mut headers: Vec<Header> = Vec::with_capacity(16);
     for line in lines {
         if line.is_empty() {
             continue;
         }
+        if bare_cr.is_none() && line.contains('\r') {
+            bare_cr = Some(line_name(line, headers.last()));
+        }
         if line.starts_with([' ', '\t']) {
             // Folded continuation of the previous header (RFC 3261 §7.3.1).
-            let prev = headers.last_mut().ok_or_else(|| Error::HeaderLine(line.to_owned()))?;
+            let prev = headers.last_mut().ok_or_else(|| Error::HeaderLine(printable(line)))?;
             let more = trim_lws(line);
             if !more.is_empty() {
                 if !prev.value.is_empty() {
@@ -66,14 +86,36 @@ fn split(input: &[u8]) -> Result<Parts<'_>, Error> {
             }
             continue;
         }
-        let colon = line.find(':').ok_or_else(|| Error::HeaderLine(line.to_owned()))?;
+        let colon = line.find(':').ok_or_else(|| Error::HeaderLine(printable(line)))?;
         let name = line[..colon].trim_end_matches([' ', '\t']);
         if name.is_empty() || !name.bytes().all(is_token_char) {
-            return Err(Error::HeaderLine(line.to_owned()));
+            return Err(Error::HeaderLine(printable(line)));
         }
         headers.push(Header::new(name, trim_lws(&line[colon + 1..])));
     }
-    Ok(Parts { start: start_line, version, headers, rest: &input[body_start..] })
+    Ok(Parts { start: start_line, version, headers, rest: &input[body_start..], bare_cr })
+}
+
+/// A line as it may appear in an error (and so in a log): control characters escaped, so a
+/// crafted line cannot forge log lines; at most 80 characters.
+fn printable(line: &str) -> String {
+    line.chars().take(80).flat_map(char::escape_debug).collect()
+}
+
+/// The header a line belongs to, for an error: its own name, or for a folded line the previous
+/// header's. Never the raw text (it ends up in a reason phrase).
+fn line_name(line: &str, prev: Option<&Header>) -> String {
+    if line.starts_with([' ', '\t']) {
+        return prev.map_or("header", |h| h.name.as_str()).to_owned();
+    }
+    match line.split_once(':') {
+        Some((name, _))
+            if !name.trim_end().is_empty() && name.trim_end().bytes().all(is_token_char) =>
+        {
+            name.trim_end().to_owned()
+        }
+        _ => "header".to_owned(),
+    }
 }
 
 /// The body as Content-Length frames it within `rest` (RFC 3261 §18.3).
@@ -246,6 +288,45 @@ v=0\n";
         ] {
             assert!(parse(g).is_err(), "{:?}", String::from_utf8_lossy(g));
         }
+    }
+
+    /// A CR inside a line, in each kind of header: quoted display names, parameters, URIs,
+    /// free text, digest parameters, the request line and folded lines.
+    #[test]
+    fn bare_cr_is_refused_in_every_kind_of_header() {
+        let base = "INVITE sip:bob@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n\
+From: \"Alice\" <sip:alice@h>;tag=1\r\nTo: <sip:bob@h>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:alice@1.2.3.4>\r\nSubject: hi\r\nCall-Info: <http://x/a.png>;purpose=icon\r\n\
+Proxy-Authorization: Digest username=\"alice\", realm=\"h\", nonce=\"n\", uri=\"sip:bob@h\", response=\"r\"\r\n\
+X-Custom: a\r\n b\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse(base.as_bytes()).is_ok());
+        for (from, to, header) in [
+            ("\"Alice\"", "\"Ali\rce\"", "From"),
+            ("\"Alice\"", "\"Alice\r\"", "From"),
+            (";tag=1", ";tag=1\rX-Evil: 1", "From"),
+            ("branch=z9hG4bK1", "branch=z9hG4\rbK1", "Via"),
+            ("<sip:alice@1.2.3.4>", "<sip:alice\r@1.2.3.4>", "Contact"),
+            ("Subject: hi", "Subject: h\ri", "Subject"),
+            ("purpose=icon", "purpose=\ricon", "Call-Info"),
+            ("username=\"alice\"", "username=\"al\rice\"", "Proxy-Authorization"),
+            ("Call-ID: c1", "Call-ID: c\r1", "Call-ID"),
+            (" b\r\n", " b\rX: y\r\n", "X-Custom"),
+            ("sip:bob@h SIP", "sip:bob@h\r SIP", "Request-Line"),
+        ] {
+            let msg = base.replacen(from, to, 1);
+            assert_ne!(msg, base, "{to:?} replaced something");
+            assert_eq!(parse(msg.as_bytes()), Err(Error::LineBreak(header.into())), "{to:?}");
+            // Still answerable with 400, without echoing the CR.
+            let head = parse_head(msg.as_bytes()).expect("head");
+            let answer = SipMessage::response_to(&head, 400, "x", Some("t")).to_bytes();
+            assert!(!answer.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n'), "{to:?}");
+            let err = Error::LineBreak(header.into());
+            assert_eq!(err.status(), 400);
+            assert_eq!(err.reason_phrase(), format!("Line Break Inside {header}"));
+        }
+        // A header name with a CR in it is never echoed into the reason.
+        let odd = base.replacen("Subject: hi", "Sub\rject: hi", 1);
+        assert_eq!(parse(odd.as_bytes()), Err(Error::HeaderLine("Sub\\rject: hi".into())));
     }
 
     #[test]

@@ -795,7 +795,19 @@ impl Cluster {
         Ok(keys)
     }
 
-    /// The Redis key of an answered call, by its `call_ref` (caller's `Call-ID;from-tag`).
+    /// Billing's reference of an answered call (minted by the processor, see
+    /// `docs/security.md`), read from the dialog index in Redis by the Call-ID of either leg;
+    /// waits up to `timeout` for the call to be stored.
+    pub fn call_ref_of(&self, call_id: &str, timeout: Duration) -> Result<String> {
+        let key = format!("{KEY_PREFIX}dlgleg:{{{call_id}}}");
+        crate::wait::until(&format!("the call {call_id} to be stored"), timeout, || {
+            let mut con = self.redis.client()?;
+            let found: Option<String> = redis::cmd("GET").arg(&key).query(&mut con)?;
+            Ok(found)
+        })
+    }
+
+    /// The Redis key of an answered call, by its `call_ref`.
     pub fn dialog_key(call_ref: &str) -> String {
         format!("{KEY_PREFIX}dlg:{{{call_ref}}}")
     }

@@ -238,6 +238,15 @@ impl ClientTx {
         }
     }
 
+    /// The TU sent a CANCEL for this INVITE: RFC 3261 §9.1 gives the callee 64*T1 to answer
+    /// with a final response, after which the transaction is considered terminated (Timer B's
+    /// event). Without this a callee that ignores CANCEL would hold the transaction forever.
+    pub(super) fn on_cancel_sent(&mut self, now: Instant, timers: &Timers) {
+        if self.invite && self.state == State::Proceeding && self.timeout_at.is_none() {
+            self.timeout_at = Some(now + timers.t1x64());
+        }
+    }
+
     /// RFC 3261 §9.1: a CANCEL may only be sent once a provisional response arrived, and is
     /// pointless after a final one.
     pub(super) fn cancel_request(&self) -> Option<(SipMessage, Egress)> {

@@ -55,6 +55,11 @@ pub struct Timers {
     pub t2: Duration,
     /// Maximum time a message stays in the network.
     pub t4: Duration,
+    /// Timer C (RFC 3261 §16.6 step 11): longest a callee may answer only provisionally,
+    /// restarted by each provisional. The B2BUA applies it to its callee legs.
+    pub timer_c: Duration,
+    /// Longest a call may ring in all (`no_answer_timeout_secs`), if limited.
+    pub no_answer: Option<Duration>,
 }
 
 impl Default for Timers {
@@ -63,6 +68,8 @@ impl Default for Timers {
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
+            timer_c: Duration::from_secs(185),
+            no_answer: None,
         }
     }
 }
@@ -497,6 +504,15 @@ impl TransactionLayer {
     /// passes it to [`start_client`](Self::start_client) with the returned egress.
     pub fn cancel_request(&self, key: &ClientKey) -> Option<(SipMessage, Egress)> {
         self.clients.get(key)?.cancel_request()
+    }
+
+    /// The TU sent a CANCEL for INVITE client transaction `key`: if no final response comes
+    /// within 64*T1 the transaction ends with [`TxEvent::Timeout`] (RFC 3261 §9.1).
+    pub fn cancel_sent(&mut self, now: Instant, key: &ClientKey) {
+        let Some(tx) = self.clients.get_mut(key) else { return };
+        let before = tx.next_deadline();
+        tx.on_cancel_sent(now, &self.timers);
+        self.reschedule_client(key, before);
     }
 
     /// The INVITE server transaction a CANCEL targets (RFC 3261 §9.2: the transaction matching

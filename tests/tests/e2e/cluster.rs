@@ -34,9 +34,9 @@ fn number(node: &str) -> Result<usize> {
     node.strip_prefix('p').and_then(|n| n.parse().ok()).with_context(|| format!("node {node}"))
 }
 
-/// Billing's reference of a call: the caller leg's `Call-ID;from-tag`.
-fn call_ref(caller_side: &Call) -> String {
-    format!("{};{}", caller_side.call_id, caller_side.local_tag)
+/// Billing's reference of an answered call, minted by the processor that set it up.
+fn call_ref(cluster: &Cluster, caller_side: &Call) -> Result<String> {
+    cluster.call_ref_of(&caller_side.call_id, WAIT)
 }
 
 fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
@@ -342,6 +342,7 @@ fn calls_of_a_killed_processor_hang_up_from_either_side_from_the_right_socket_on
     let mut refs = Vec::new();
     let doomed = calls.iter_mut().filter(|(_, _, c)| c.node == victim).take(DOOMED);
     for (k, (ci, ei, c)) in doomed.enumerate() {
+        refs.push(call_ref(&cluster, &c.out)?);
         let caller = &mut callers[*ci];
         let (callee, via) = &mut callees[*ei];
         if k % 2 == 0 {
@@ -351,7 +352,6 @@ fn calls_of_a_killed_processor_hang_up_from_either_side_from_the_right_socket_on
             hang_up(callee, &mut c.inb, *via, caller, &c.out.call_id, main.addr)
                 .with_context(|| format!("the callee hanging up call {k}"))?;
         }
-        refs.push(call_ref(&c.out));
     }
     assert_one_cdr_each(&cluster, &refs)?;
     wait::until("the dialogs of the ended calls to be removed", WAIT, || {
@@ -533,13 +533,13 @@ fn sigterm_lets_ringing_calls_complete_and_the_processor_exits_within_its_drain_
     // It is gone: the calls are carried on by the other processor, from Redis.
     let mut refs = Vec::new();
     for (k, ((ci, out, _), inb)) in ringing.iter_mut().zip(&mut answered).enumerate() {
+        refs.push(call_ref(&cluster, out)?);
         let caller = &mut callers[*ci];
         if k == 0 {
             hang_up(&mut alice, inb, alias.addr, caller, &out.call_id, main.addr)?;
         } else {
             hang_up(caller, out, main.addr, &mut alice, &inb.call_id, alias.addr)?;
         }
-        refs.push(call_ref(out));
     }
     assert_one_cdr_each(&cluster, &refs)?;
     cluster.check_all_running()
@@ -587,7 +587,7 @@ fn redis_restart_keeps_bindings_and_dialogs_503s_while_down_and_service_resumes_
     let mut alice = registered(&alias, "alice", "pw-a")?;
     let mut bob = registered(&main, "bob", "pw-b")?;
     let mut held = establish(&mut bob, &main, &mut alice, alias.addr)?;
-    let dialog = Cluster::dialog_key(&call_ref(&held.out));
+    let dialog = Cluster::dialog_key(&call_ref(&cluster, &held.out)?);
     wait::until("the answered call to be stored", WAIT, || {
         Ok((!cluster.redis_keys(&dialog)?.is_empty()).then_some(()))
     })?;
