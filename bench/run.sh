@@ -198,6 +198,11 @@ auth_secret = "sipalias-bench-secret-0123456789"
 # No NAT keepalives: the anchor sends none either.
 keepalive_interval_secs = 0
 drain_timeout_secs = 2
+# The shared harness's sipp computes the INVITE digest over uri="sip:127.0.0.1:5060" (the
+# server socket, sipp's default) rather than the Request-URI; the anchor does not compare
+# them. Accept the socket's own URI, as an operator with such clients would
+# (docs/security.md). The one-use nonce-count is checked either way.
+digest_uri_check = "request-uri-or-socket"
 
 [billing]
 listen = "127.0.0.1:$BILLING_PORT"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs the whole sipalias test suite on this machine: formatting, lints, unit tests and the
 # end-to-end tests (real redis-server, billing, dispatcher, processors and sipp on 127.0.0.x).
-# Installs redis-server and sipp (Debian package sip-tester) when missing and running as root.
+# Installs redis-server, sipp (Debian package sip-tester) and baresip (baresip-core, the real
+# phone of tests/tests/e2e/phones.rs) when missing and running as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
+command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need[*]}"

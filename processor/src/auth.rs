@@ -12,6 +12,8 @@
 //! downgrade), and a `uri` naming the Request-URI (RFC 3261 §22.4). Replay of a nonce-count is
 //! caught against Redis by [`crate::replay`], since any processor may see the replay.
 
+use std::net::SocketAddr;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -124,26 +126,37 @@ pub enum Refusal {
     BadRequest(&'static str),
 }
 
-/// Checks credentials presented for `realm` on an IP that offers `algorithms`, against the
-/// request they came with; `Ok` with the algorithm when only the account's HA1 is left to check.
+/// What credentials must be to be checked against an account, on the IP a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// The realm of the IP.
+    pub realm: &'a str,
+    /// The algorithms the IP offers.
+    pub algorithms: &'a [Algorithm],
+    /// With `digest_uri_check = "request-uri-or-socket"`: the local socket the request
+    /// arrived on, whose own URI (`sip:ip:port`, what sipp sends) is accepted as `uri` too.
+    pub socket: Option<SocketAddr>,
+}
+
+/// Checks credentials presented on an IP as `expected`, against the request they came with;
+/// `Ok` with the algorithm when only the account's HA1 is left to check.
 pub fn check_presented(
     req: &SipMessage,
     creds: &Credentials,
-    realm: &str,
-    algorithms: &[Algorithm],
+    expected: &Expected<'_>,
     nonces: &NonceKey,
     now_ms: u64,
 ) -> Result<Algorithm, Refusal> {
     let fresh = Refusal::Challenge { stale: false };
-    if creds.realm != realm {
+    if creds.realm != expected.realm {
         return Err(fresh);
     }
     // An algorithm the IP does not offer is refused even if we could compute it: an operator
     // who turned MD5 off on an IP must not find it accepted there.
-    let Some(alg) = creds.algorithm().filter(|a| algorithms.contains(a)) else {
+    let Some(alg) = creds.algorithm().filter(|a| expected.algorithms.contains(a)) else {
         return Err(fresh);
     };
-    match nonces.check(&creds.nonce, realm, now_ms) {
+    match nonces.check(&creds.nonce, expected.realm, now_ms) {
         NonceCheck::Invalid => return Err(fresh),
         NonceCheck::Stale => return Err(Refusal::Challenge { stale: true }),
         NonceCheck::Fresh => {}
@@ -156,10 +169,22 @@ pub fn check_presented(
     if !(qop_auth && nc_ok && cnonce_ok) {
         return Err(fresh);
     }
-    if !req.request_uri().is_some_and(|ruri| uri_matches(&creds.uri, ruri)) {
+    let names_request = req.request_uri().is_some_and(|ruri| uri_matches(&creds.uri, ruri));
+    let names_socket = expected.socket.is_some_and(|s| names_socket(&creds.uri, s));
+    if !(names_request || names_socket) {
         return Err(Refusal::BadRequest("Authorization URI Mismatch"));
     }
     Ok(alg)
+}
+
+/// Whether a digest `uri` is the plain URI of local socket `socket` (`sip:ip:port`, no user;
+/// port 5060 may be left out).
+fn names_socket(digest_uri: &str, socket: SocketAddr) -> bool {
+    let Ok(u) = sipmsg::Uri::parse(digest_uri) else { return false };
+    let host = u.host.trim_start_matches('[').trim_end_matches(']');
+    u.user.is_none()
+        && host.parse::<std::net::IpAddr>().ok() == Some(socket.ip())
+        && u.port.unwrap_or(5060) == socket.port()
 }
 
 /// `nc`: exactly eight hex digits (RFC 7616 §3.4), not all zero.
@@ -330,7 +355,8 @@ mod tests {
         let nonce = key.mint("old.example", 1_000);
         let md5 = [Algorithm::Md5];
         let check = |c: &Credentials, algs: &[Algorithm], now| {
-            check_presented(&req, c, "old.example", algs, &key, now)
+            let expected = Expected { realm: "old.example", algorithms: algs, socket: None };
+            check_presented(&req, c, &expected, &key, now)
         };
         let fresh = Err(Refusal::Challenge { stale: false });
         assert_eq!(check(&creds(&nonce), &md5, 2_000), Ok(Algorithm::Md5));
@@ -386,6 +412,29 @@ mod tests {
             check(&creds(&nonce), &md5, 1_000 + 300_001),
             Err(Refusal::Challenge { stale: true })
         );
+    }
+
+    #[test]
+    fn the_sockets_own_uri_is_accepted_only_where_configured() {
+        let req = sipmsg::parse(REQ).expect("parse");
+        let key = NonceKey::new(b"cluster-secret-0123", 300_000);
+        let nonce = key.mint("old.example", 1_000);
+        let socket: SocketAddr = "127.0.0.2:5060".parse().expect("addr");
+        let md5 = [Algorithm::Md5];
+        let check = |uri: &str, socket| {
+            let mut c = creds(&nonce);
+            c.uri = uri.into();
+            let expected = Expected { realm: "old.example", algorithms: &md5, socket };
+            check_presented(&req, &c, &expected, &key, 2_000)
+        };
+        let mismatch = Err(Refusal::BadRequest("Authorization URI Mismatch"));
+        for uri in ["sip:127.0.0.2:5060", "sip:127.0.0.2"] {
+            assert_eq!(check(uri, None), mismatch, "strict: {uri}");
+            assert_eq!(check(uri, Some(socket)), Ok(Algorithm::Md5), "lenient: {uri}");
+        }
+        for uri in ["sip:127.0.0.3:5060", "sip:127.0.0.2:5080", "sip:carol@127.0.0.2:5060"] {
+            assert_eq!(check(uri, Some(socket)), mismatch, "{uri}");
+        }
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub struct ProcessorConfig {
     /// default: many deployed phones (baresip/libre, sipp) give up when a 401/407 carries more
     /// than one challenge, instead of taking the first they support as RFC 8760 asks.
     pub digest_algorithms: Vec<String>,
+    /// What the `uri` of digest credentials must name: `request-uri` (the Request-URI, RFC
+    /// 3261 §22.4) or `request-uri-or-socket` (also the plain URI of the socket the request
+    /// came in on, `sip:ip:port`, which sipp sends by default; such credentials name no callee
+    /// and are only protected against replay by their one-use nonce-count).
+    pub digest_uri_check: DigestUriCheck,
     /// How to reach registered phones: `detect` (source address when NAT is detected, else the
     /// Contact), `always` (always the source address) or `never` (always the Contact).
     pub nat_mode: crate::registrar::NatMode,
@@ -88,6 +93,16 @@ pub struct ProcessorConfig {
 
 /// Shortest `timer_c_secs` accepted: RFC 3261 §16.6 asks for more than 3 minutes.
 pub const MIN_TIMER_C_SECS: u32 = 181;
+
+/// What the digest `uri` must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DigestUriCheck {
+    /// The Request-URI only.
+    RequestUri,
+    /// The Request-URI, or the local socket's own URI.
+    RequestUriOrSocket,
+}
 
 /// How UDP bindings are pinged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +144,7 @@ impl Default for ProcessorConfig {
             t4_ms: 5000,
             retry_after_secs: 5,
             digest_algorithms: vec!["MD5".into()],
+            digest_uri_check: DigestUriCheck::RequestUri,
             worker_threads: 1,
             nat_mode: crate::registrar::NatMode::Detect,
             billing_outage: BillingOutage::Reject,
@@ -370,6 +386,7 @@ mod tests {
             ("digest_algorithms=['MD5','SHA-512']", "processor.digest_algorithms[1]"),
             ("billing_outage='maybe'", "billing_outage"),
             ("timer_c_secs=180", "processor.timer_c_secs"),
+            ("digest_uri_check='anything'", "digest_uri_check"),
             ("trusted_auto_answer=['10.0.0.0/33']", "processor.trusted_auto_answer[0]"),
             ("trusted_auto_answer=['ok@d', '']", "processor.trusted_auto_answer[1]"),
             ("trusted_auto_answer=['@d']", "processor.trusted_auto_answer[0]"),

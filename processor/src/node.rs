@@ -12,11 +12,13 @@ use tokio::sync::Notify;
 use sipalias_proto::billing::{AccountingStopRequest, DenyReason};
 
 use crate::accounting::{Accounting, Event};
-use crate::auth::{ChallengeKind, NonceKey, Refusal, challenge, check_presented, credentials_for};
+use crate::auth::{
+    ChallengeKind, Expected, NonceKey, Refusal, challenge, check_presented, credentials_for,
+};
 use crate::b2bua::{CallPlan, Target, Work};
 use crate::billing::{Billing, CallRequest};
 use crate::config::ProcessorConfig;
-use crate::config::{BillingOutage, KeepaliveMethod};
+use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
 use crate::core::Core;
 use crate::core::Keepalive;
 use crate::dialogs::{DialogStore, Op as DialogOp};
@@ -420,14 +422,13 @@ impl Node {
             return Ok(Presented::Answer(self.challenge(req, site, false)));
         };
         let now = wall_ms();
-        let alg = match check_presented(
-            req,
-            &creds,
-            &site.realm,
-            &site.algorithms,
-            &self.nonces,
-            now,
-        ) {
+        let lenient = self.config.digest_uri_check == DigestUriCheck::RequestUriOrSocket;
+        let expected = Expected {
+            realm: &site.realm,
+            algorithms: &site.algorithms,
+            socket: lenient.then_some(ingress.local.addr),
+        };
+        let alg = match check_presented(req, &creds, &expected, &self.nonces, now) {
             Ok(alg) => alg,
             Err(Refusal::Challenge { stale }) => {
                 return Ok(Presented::Answer(self.challenge(req, site, stale)));
@@ -677,7 +678,7 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
-        tracing::info!(%caller_aor, %callee_aor, call_id, branches = targets.len(), max_duration_secs, "call authorized");
+        tracing::info!(%caller_aor, %callee_aor, call_id, %call_ref, branches = targets.len(), max_duration_secs, "call authorized");
         let auto_answer = self.config.trusts_auto_answer(&caller_aor, ingress.remote.ip());
         Ok(Ok(CallPlan {
             caller_aor,

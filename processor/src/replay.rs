@@ -31,16 +31,27 @@ impl NonceCounts {
     }
 
     /// Claims `(nonce, nc)` for `ttl_ms`: `true` the first time, `false` for a replay.
+    ///
+    /// Retried once on a connection error, as every first Redis command after an outage must
+    /// be. Should the lost attempt have been applied after all, the retry finds the pair taken
+    /// and the phone gets a `stale=true` challenge: it retries by itself.
     pub async fn claim(&self, nonce: &str, nc: &str, ttl_ms: u64) -> Result<bool, Error> {
-        let mut conn = self.redis.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.key(nonce, nc))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms.max(1))
-            .query_async(&mut conn)
-            .await?;
+        let key = self.key(nonce, nc);
+        let set: Option<String> = crate::location::retry_once(|| {
+            let mut conn = self.redis.clone();
+            let key = key.clone();
+            async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms.max(1))
+                    .query_async(&mut conn)
+                    .await
+            }
+        })
+        .await?;
         Ok(set.is_some())
     }
 }

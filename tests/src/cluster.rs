@@ -74,6 +74,8 @@ pub struct ClusterOptions {
     pub processor_toml: String,
     /// Extra lines for the `[dispatcher]` table (e.g. `max_connections_per_ip = 5`).
     pub dispatcher_toml: String,
+    /// Extra lines for the table of alias 127.0.0.3 (e.g. `digest_algorithms = ["SHA-256"]`).
+    pub alias3_toml: String,
     /// TLS listeners on 127.0.0.1 and 127.0.0.3 (on by default; certificates are made at
     /// start-up). Without, those IPs listen on UDP and TCP only.
     pub tls: bool,
@@ -93,6 +95,7 @@ impl Default for ClusterOptions {
             t1_ms: None,
             keepalive_interval_secs: 0,
             processor_toml: String::new(),
+            alias3_toml: String::new(),
             dispatcher_toml: String::new(),
             tls: true,
             redis_persistence: false,
@@ -273,6 +276,7 @@ impl Cluster {
             t1_ms: options.t1_ms,
             keepalive_interval_secs: options.keepalive_interval_secs,
             processor_toml: &options.processor_toml,
+            alias3_toml: &options.alias3_toml,
             dispatcher_toml: &options.dispatcher_toml,
         });
         std::fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
@@ -923,6 +927,7 @@ struct ConfigValues<'a> {
     t1_ms: Option<u64>,
     keepalive_interval_secs: u32,
     processor_toml: &'a str,
+    alias3_toml: &'a str,
     dispatcher_toml: &'a str,
 }
 
@@ -940,6 +945,7 @@ fn config_toml(v: &ConfigValues<'_>) -> String {
         t1_ms,
         keepalive_interval_secs,
         processor_toml,
+        alias3_toml,
         dispatcher_toml,
     } = v;
     let t1 = t1_ms.map(|t| format!("t1_ms = {t}\n")).unwrap_or_default();
@@ -992,6 +998,7 @@ udp_port = {sip_port}
 tcp_port = {sip_port}
 extra_udp_ports = [{extra_port}]
 extra_tcp_ports = [{extra_tcp}]
+{alias3_toml}
 {alias3_tls}
 [processor]
 id = "p1"
@@ -1065,6 +1072,7 @@ mod tests {
             t1_ms: Some(50),
             keepalive_interval_secs: 0,
             processor_toml: "",
+            alias3_toml: "",
             dispatcher_toml: "max_connections_per_ip = 5",
         };
         let toml = config_toml(&v);
@@ -1091,6 +1099,7 @@ mod tests {
             t1_ms: None,
             keepalive_interval_secs: 0,
             processor_toml: "",
+            alias3_toml: "",
             dispatcher_toml: "",
         });
         assert!(
@@ -1129,6 +1138,7 @@ mod tests {
             t1_ms: None,
             keepalive_interval_secs: 0,
             processor_toml: "",
+            alias3_toml: "",
             dispatcher_toml: "",
         });
         let main = format!("tls_cert = \"{}\"", certs.main.cert.display());

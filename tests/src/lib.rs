@@ -14,6 +14,7 @@
 //! socket accepting) with a timeout; see [`wait`].
 
 pub mod auth;
+pub mod baresip;
 pub mod binary;
 pub mod cdr;
 pub mod cluster;

@@ -152,6 +152,11 @@ pub struct Call {
 }
 
 impl Call {
+    /// The INVITE last sent (caller side), as sent: what an eavesdropper would have seen.
+    pub fn last_invite(&self) -> Option<&SipMessage> {
+        self.invite.as_ref()
+    }
+
     /// CSeq number of the pending or answered INVITE (caller side).
     pub fn invite_cseq(&self) -> Option<u32> {
         self.invite.as_ref().and_then(|i| i.cseq().ok()).map(|c| c.seq)
@@ -195,6 +200,8 @@ pub struct Phone {
     register_cseq: u32,
     /// Our To tag per Call-ID of INVITEs we answer, so 180 and 200 carry the same one.
     uas_tags: HashMap<String, String>,
+    /// Extra headers of every INVITE this phone sends ([`Phone::set_invite_headers`]).
+    invite_headers: Vec<(String, String)>,
 }
 
 impl Phone {
@@ -252,6 +259,7 @@ impl Phone {
             register_call_id: format!("reg-{}@{}", token(), local.ip()),
             register_cseq: 0,
             uas_tags: HashMap::new(),
+            invite_headers: Vec::new(),
         })
     }
 
@@ -341,6 +349,12 @@ impl Phone {
 
     // ----- calls: caller side -------------------------------------------------------------
 
+    /// Headers added to every INVITE this phone sends from now on (e.g. `Call-Info`).
+    pub fn set_invite_headers(&mut self, headers: &[(&str, &str)]) {
+        self.invite_headers =
+            headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+    }
+
     /// Calls `callee` (a user name in the server's domain) with `sdp` as offer.
     ///
     /// Waits for the first response above 100. A 401/407 is ACKed and the INVITE re-sent once
@@ -375,6 +389,9 @@ impl Phone {
             m.push_header("Contact", format!("<{}>", phone.contact_uri()));
             if let Some((name, value)) = auth {
                 m.push_header(name, value);
+            }
+            for (name, value) in &phone.invite_headers {
+                m.push_header(name, value.clone());
             }
             m.push_header("User-Agent", "sipalias-e2e-phone");
             m.push_header("Content-Type", "application/sdp");
