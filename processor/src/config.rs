@@ -93,6 +93,9 @@ pub struct ProcessorConfig {
 
 /// Shortest `timer_c_secs` accepted: RFC 3261 §16.6 asks for more than 3 minutes.
 pub const MIN_TIMER_C_SECS: u32 = 181;
+/// Longest `timer_c_secs` and `no_answer_timeout_secs` accepted: a day. Ringing longer is a
+/// leak, and the bound keeps deadline arithmetic far from overflow.
+pub const MAX_RING_SECS: u32 = 86_400;
 
 /// What the digest `uri` must name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,11 +252,17 @@ impl ProcessorConfig {
         if self.billing_timeout_ms == 0 {
             return bad("billing_timeout_ms", "must be non-zero".into());
         }
-        if self.timer_c_secs < MIN_TIMER_C_SECS {
+        if !(MIN_TIMER_C_SECS..=MAX_RING_SECS).contains(&self.timer_c_secs) {
             return bad(
                 "timer_c_secs",
-                format!("must be at least {MIN_TIMER_C_SECS} (RFC 3261: more than 3 minutes)"),
+                format!(
+                    "must be between {MIN_TIMER_C_SECS} (RFC 3261: more than 3 minutes) and \
+                     {MAX_RING_SECS}"
+                ),
             );
+        }
+        if self.no_answer_timeout_secs > MAX_RING_SECS {
+            return bad("no_answer_timeout_secs", format!("must be at most {MAX_RING_SECS}"));
         }
         for (i, entry) in self.trusted_auto_answer.iter().enumerate() {
             if let Err(why) = TrustEntry::parse(entry) {
@@ -386,6 +395,9 @@ mod tests {
             ("digest_algorithms=['MD5','SHA-512']", "processor.digest_algorithms[1]"),
             ("billing_outage='maybe'", "billing_outage"),
             ("timer_c_secs=180", "processor.timer_c_secs"),
+            ("timer_c_secs=86401", "processor.timer_c_secs"),
+            ("timer_c_secs=-1", "timer_c_secs"),
+            ("no_answer_timeout_secs=4294967295", "processor.no_answer_timeout_secs"),
             ("digest_uri_check='anything'", "digest_uri_check"),
             ("trusted_auto_answer=['10.0.0.0/33']", "processor.trusted_auto_answer[0]"),
             ("trusted_auto_answer=['ok@d', '']", "processor.trusted_auto_answer[1]"),

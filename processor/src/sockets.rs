@@ -65,3 +65,38 @@ impl SocketTable {
         map.values().find(|i| i.domain.eq_ignore_ascii_case(host)).map(|i| i.domain.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(ip: &str, algorithms: &[&str]) -> LocalSocket {
+        LocalSocket {
+            ip: ip.into(),
+            port: 5060,
+            transport: 0,
+            alias: true,
+            domain: "sip.example.net".into(),
+            realm: String::new(),
+            digest_algorithms: algorithms.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn announced_algorithms_keep_only_known_ones_once_in_order() {
+        let table = SocketTable::default();
+        table.learn(&[
+            socket("127.0.0.2", &["sha-256", "MD5", "SHA-256", "SHA-512", "MD5\r\nX: 1", ""]),
+            socket("127.0.0.3", &["SHA-512"]),
+            socket("127.0.0.4", &[]),
+            socket("not an ip", &["MD5"]),
+        ]);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let two = table.get(ip("127.0.0.2")).expect("known");
+        assert_eq!(two.algorithms, vec![Algorithm::Sha256, Algorithm::Md5]);
+        assert_eq!(two.realm, "sip.example.net", "realm defaults to the domain");
+        // Nothing usable: the processor's own default applies.
+        assert!(table.get(ip("127.0.0.3")).expect("known").algorithms.is_empty());
+        assert!(table.get(ip("127.0.0.4")).expect("known").algorithms.is_empty());
+    }
+}
