@@ -36,6 +36,9 @@ pub struct ProcessorConfig {
     pub max_expires: u32,
     /// Registration interval when the phone names none.
     pub default_expires: u32,
+    /// Most bindings one AOR may have; a REGISTER that would add more gets `403 Too Many
+    /// Contacts` (refreshes and removals always pass). 0 = no limit.
+    pub max_contacts: u32,
     /// RFC 3261 T1 in milliseconds (round-trip estimate).
     pub t1_ms: u64,
     /// RFC 3261 T2 in milliseconds (retransmission cap).
@@ -142,6 +145,7 @@ impl Default for ProcessorConfig {
             min_expires: 60,
             max_expires: 3600,
             default_expires: 3600,
+            max_contacts: 10,
             t1_ms: 500,
             t2_ms: 4000,
             t4_ms: 5000,

@@ -27,6 +27,14 @@ pub enum Error {
         /// Call-ID of the stale request.
         call_id: String,
     },
+    /// A REGISTER would give an AOR more bindings than `max_contacts`.
+    #[error("{aor} would have more than {max} contacts")]
+    TooManyContacts {
+        /// The AOR.
+        aor: String,
+        /// The limit.
+        max: u32,
+    },
     /// A gRPC link failed.
     #[error("edge link to {url}: {detail}")]
     Link {
@@ -48,6 +56,7 @@ impl Error {
                 (503, "Service Unavailable")
             }
             Error::OutOfOrder { .. } => (500, "Out Of Order Request"),
+            Error::TooManyContacts { .. } => (403, "Too Many Contacts"),
             Error::Sip(_) => (400, "Bad Request"),
             Error::Config(_) | Error::Corrupt { .. } => (500, "Server Internal Error"),
         }

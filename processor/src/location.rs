@@ -103,30 +103,54 @@ pub struct RegisterMeta<'a> {
     pub ingress: &'a Ingress,
     /// User-Agent header.
     pub user_agent: &'a str,
+    /// Most bindings the AOR may have (`max_contacts`); 0 = no limit.
+    pub max_contacts: u32,
 }
 
 const APPLY_LUA: &str = r#"
--- KEYS[1]: the AOR's hash. ARGV: now_ms, call_id, cseq, remove_all, then (field, expires_at_ms, json)*
+-- KEYS[1]: the AOR's hash. ARGV: now_ms, call_id, cseq, remove_all, max_contacts (0 = no
+-- limit), then (field, expires_at_ms, json)*
 local now = tonumber(ARGV[1])
 local call_id = ARGV[2]
 local cseq = tonumber(ARGV[3])
 local remove_all = ARGV[4] == '1'
+local max_contacts = tonumber(ARGV[5])
 local touched = {}
-for i = 5, #ARGV, 3 do touched[ARGV[i]] = true end
+for i = 6, #ARGV, 3 do touched[ARGV[i]] = true end
 local cur = redis.call('HGETALL', KEYS[1])
+local live = {}
+local before = 0
 for i = 1, #cur, 2 do
   local ok, b = pcall(cjson.decode, cur[i + 1])
   if (not ok) or tonumber(b.expires_at_ms) <= now then
     redis.call('HDEL', KEYS[1], cur[i])
   elseif (remove_all or touched[cur[i]]) and b.call_id == call_id and tonumber(b.cseq) >= cseq then
     return redis.error_reply('OUTOFORDER')
+  else
+    live[cur[i]] = true
+    before = before + 1
   end
 end
 if remove_all then
   redis.call('DEL', KEYS[1])
   return {}
 end
-for i = 5, #ARGV, 3 do
+if max_contacts > 0 then
+  -- Refused only when this REGISTER adds bindings beyond the limit: refreshes and removals
+  -- always pass, also for an AOR already over a limit that was lowered since.
+  local after = before
+  for i = 6, #ARGV, 3 do
+    if ARGV[i + 1] == '0' then
+      if live[ARGV[i]] then live[ARGV[i]] = nil; after = after - 1 end
+    elseif not live[ARGV[i]] then
+      live[ARGV[i]] = true; after = after + 1
+    end
+  end
+  if after > max_contacts and after > before then
+    return redis.error_reply('TOOMANY')
+  end
+end
+for i = 6, #ARGV, 3 do
   if ARGV[i + 1] == '0' then
     redis.call('HDEL', KEYS[1], ARGV[i])
   else
@@ -189,6 +213,7 @@ impl Location {
         let mut inv = self.apply.key(&key);
         inv.arg(now_ms).arg(meta.call_id).arg(meta.cseq);
         inv.arg(if *update == Update::RemoveAll { "1" } else { "0" });
+        inv.arg(meta.max_contacts);
         if let Update::Contacts(contacts) = update {
             for c in contacts {
                 if c.expires == 0 {
@@ -229,6 +254,9 @@ impl Location {
             Ok(v) => v,
             Err(e) if e.to_string().contains("OUTOFORDER") => {
                 return Err(Error::OutOfOrder { call_id: meta.call_id.to_owned() });
+            }
+            Err(e) if e.to_string().contains("TOOMANY") => {
+                return Err(Error::TooManyContacts { aor: aor.to_owned(), max: meta.max_contacts });
             }
             Err(e) => return Err(e.into()),
         };

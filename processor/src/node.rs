@@ -558,6 +558,7 @@ impl Node {
             cseq: req.cseq()?.seq,
             ingress,
             user_agent: req.header("user-agent").unwrap_or(""),
+            max_contacts: self.config.max_contacts,
         };
         let now = wall_ms();
         let bindings = self.location.apply(&aor, &update, &meta, now).await?;

@@ -37,7 +37,7 @@ fn contact(uri: &str, expires: u32) -> ContactUpdate {
 }
 
 fn meta<'a>(call_id: &'a str, cseq: u32, ingress: &'a Ingress) -> RegisterMeta<'a> {
-    RegisterMeta { call_id, cseq, ingress, user_agent: "test-phone" }
+    RegisterMeta { call_id, cseq, ingress, user_agent: "test-phone", max_contacts: 0 }
 }
 
 async fn store(dir: &std::path::Path) -> (RedisServer, Location) {
@@ -108,4 +108,36 @@ async fn several_contacts_zero_expires_and_wildcard_removal() {
     let none = loc.apply(AOR, &Update::RemoveAll, &meta("c1", 3, &i), NOW).await.expect("wildcard");
     assert!(none.is_empty());
     assert!(loc.lookup(AOR, NOW).await.expect("lookup").is_empty());
+}
+
+#[tokio::test]
+async fn max_contacts_refuses_only_registers_that_add_beyond_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_redis, loc) = store(dir.path()).await;
+    let i = ingress();
+    let limited = |cseq| RegisterMeta { max_contacts: 3, ..meta("c1", cseq, &i) };
+    let many = |from: u32, to: u32| {
+        Update::Contacts((from..to).map(|n| contact(&format!("sip:a@192.0.2.{n}"), 300)).collect())
+    };
+    // 300 contacts at once: refused whole, nothing written.
+    let err = loc.apply(AOR, &many(0, 300), &limited(1), NOW).await.expect_err("300");
+    assert!(matches!(err, Error::TooManyContacts { max: 3, .. }), "{err}");
+    assert_eq!(err.sip_status(), (403, "Too Many Contacts"));
+    assert!(loc.lookup(AOR, NOW).await.expect("lookup").is_empty());
+    // Up to the limit one by one, then one more is refused.
+    for n in 0..3 {
+        loc.apply(AOR, &many(n, n + 1), &limited(2 + n), NOW).await.expect("within the limit");
+    }
+    let err = loc.apply(AOR, &many(3, 4), &limited(10), NOW).await.expect_err("fourth");
+    assert!(matches!(err, Error::TooManyContacts { .. }), "{err}");
+    assert_eq!(loc.lookup(AOR, NOW).await.expect("lookup").len(), 3);
+    // Refreshing, replacing one (remove + add in one REGISTER) and removing still pass.
+    loc.apply(AOR, &many(0, 3), &limited(11), NOW).await.expect("refresh");
+    let swap =
+        Update::Contacts(vec![contact("sip:a@192.0.2.0", 0), contact("sip:a@192.0.2.9", 300)]);
+    loc.apply(AOR, &swap, &limited(12), NOW).await.expect("swap");
+    // Expired bindings do not count.
+    let later = NOW + 300_001;
+    let b = loc.apply(AOR, &many(20, 23), &limited(13), later).await.expect("after expiry");
+    assert_eq!(b.len(), 3);
 }

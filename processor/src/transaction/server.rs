@@ -219,7 +219,13 @@ impl ServerTx {
                 self.send_keeping(bytes, out);
                 self.state = State::Completed;
                 self.interval = timers.t1;
-                self.retransmit_at = self.unreliable.then(|| now + timers.t1);
+                // A challenge goes to a source nobody has verified yet: it is sent once and
+                // re-sent only for a retransmitted INVITE (one answer per packet received),
+                // never by Timer G, so a spoofed INVITE cannot make us a reflector (as
+                // Kamailio answers challenges statelessly). Timer H still bounds the wait
+                // for its ACK.
+                let challenge = matches!(status, 401 | 407);
+                self.retransmit_at = (self.unreliable && !challenge).then(|| now + timers.t1);
                 self.timeout_at = Some(now + timers.t1x64());
             }
             _ => {

@@ -380,8 +380,9 @@ mod invite_server {
         h.layer.respond(h.start + ms(150), &key, challenge).expect("respond");
         let sent: Vec<_> = h.transmits().iter().map(|t| parse(t).status()).collect();
         assert_eq!(sent, [Some(407)]);
-        // The 100's deadline is gone with it: the next timer is Timer G.
-        assert_eq!(h.layer.poll_timeout(), Some(h.start + ms(150) + ms(500)));
+        // The 100's deadline is gone with it. A challenge is not retransmitted (no Timer G):
+        // the next timer is Timer H.
+        assert_eq!(h.layer.poll_timeout(), Some(h.start + ms(150) + ms(500 * 64)));
     }
 
     #[test]
@@ -450,6 +451,29 @@ mod invite_server {
         assert_eq!(h.layer.len(), (0, 1));
         h.run_until(secs(17.1));
         assert_eq!(h.layer.len(), (0, 0), "Timer I = T4 after the ACK");
+    }
+
+    #[test]
+    fn a_challenge_over_udp_is_sent_once_and_only_repeated_for_a_retransmitted_invite() {
+        let mut h = Harness::new();
+        let invite = request("INVITE", "z9hG4bKs7", 1);
+        let key = h.server(invite.clone(), Transport::Udp);
+        let challenge = response(&invite, 407, "Proxy Authentication Required");
+        h.layer.respond(h.start, &key, challenge).expect("respond");
+        assert_eq!(h.transmits().len(), 1);
+        // A spoofed source never ACKs: nothing more is sent to it, however long we wait.
+        assert!(h.run_until(secs(31.999)).is_empty(), "no Timer G for a challenge");
+        assert!(h.run_until(secs(100.0)).is_empty());
+        assert_eq!(h.layer.len(), (0, 0), "Timer H still ends the transaction");
+
+        // One answer per INVITE received: a retransmission gets the challenge again.
+        let invite = request("INVITE", "z9hG4bKs8", 1);
+        let key = h.server(invite.clone(), Transport::Udp);
+        let unauthorized = response(&invite, 401, "Unauthorized");
+        h.layer.respond(h.at(secs(100.0)), &key, unauthorized.clone()).expect("respond");
+        h.transmits();
+        h.layer.handle_request(h.at(secs(101.0)), invite, ingress(Transport::Udp));
+        assert_eq!(h.transmits()[0].bytes, unauthorized.to_bytes());
     }
 
     #[test]

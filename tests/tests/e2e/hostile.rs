@@ -110,6 +110,23 @@ fn register_with(
     ch: &Challenge,
     alg: Algorithm,
 ) -> Result<u16> {
+    let contacts = [format!("<{}>", phone.contact_uri())];
+    let req = authenticated_register(phone, server, call_id, 2, password, ch, alg, &contacts);
+    final_status(phone, &req, server)
+}
+
+/// A REGISTER (CSeq `cseq`) of `contacts` with credentials computed with `alg` for `ch`.
+#[allow(clippy::too_many_arguments)]
+fn authenticated_register(
+    phone: &Phone,
+    server: &Server,
+    call_id: &str,
+    cseq: u32,
+    password: &str,
+    ch: &Challenge,
+    alg: Algorithm,
+    contacts: &[String],
+) -> SipMessage {
     let uri = format!("sip:{}", server.domain);
     let user = phone.user().to_owned();
     let aor = format!("<sip:{user}@{}>", server.domain);
@@ -125,7 +142,11 @@ fn register_with(
     };
     let response = digest::response(alg, &ha1, &input);
     let mut req =
-        request(phone, "REGISTER", &uri, &format!("{aor};tag={}", token()), &aor, call_id, 2);
+        request(phone, "REGISTER", &uri, &format!("{aor};tag={}", token()), &aor, call_id, cseq);
+    req.remove_header("contact");
+    for c in contacts {
+        req.push_header("Contact", c.clone());
+    }
     req.push_header(
         "Authorization",
         format!(
@@ -137,7 +158,7 @@ fn register_with(
         ),
     );
     req.push_header("Expires", "300");
-    final_status(phone, &req, server)
+    req
 }
 
 #[test]
@@ -345,16 +366,17 @@ fn callee_that_rings_forever_is_cancelled_at_the_no_answer_limit_and_the_slot_co
     let (main, alias) = (cluster.main(), cluster.alias2());
     let mut alice = registered(&alias, "alice", "pw-a")?;
     let mut bob = Phone::new("bob", "pw-b")?;
-    // First alice answers the CANCEL; the second time she ignores it.
+    // First alice answers the CANCEL; the second time she ignores it. Each call waits for
+    // bob's one call slot: it comes back when the previous call's stop reached billing (at
+    // once after the 487, 64*T1 after an ignored CANCEL).
     for answers_cancel in [true, false] {
+        let (mut call, invite) = ring_when_free(&mut bob, &main, &mut alice)?;
         let started = Instant::now();
-        let mut call = bob.invite(&main, "alice", &sdp("bob", bob.addr().ip(), 40_000))?;
-        let invite = alice.recv_request("INVITE", WAIT)?;
         alice.respond(&invite, 180, "Ringing", None)?;
         let resp = bob.final_response(&mut call, WAIT)?;
         let took = started.elapsed();
         ensure!(resp.msg.status() == Some(408), "bob got {}", resp.summary());
-        ensure!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "{took:?}");
+        ensure!(took >= Duration::from_millis(1500) && took < Duration::from_secs(6), "{took:?}");
         let cancel = alice.recv_request("CANCEL", WAIT)?;
         if answers_cancel {
             alice.respond(&cancel, 200, "OK", None)?;
@@ -363,22 +385,31 @@ fn callee_that_rings_forever_is_cancelled_at_the_no_answer_limit_and_the_slot_co
         }
         let _ = alice.discard_pending();
     }
-    // The slot of bob's one allowed call comes back (at once after the first call; 64*T1
-    // after the ignored CANCEL of the second): a new call rings again.
-    let released = sipalias_tests::wait::until_every(
-        "bob's call slot to be released",
+    let (_, last) = ring_when_free(&mut bob, &main, &mut alice)?;
+    alice.respond(&last, 486, "Busy Here", None)?;
+    Ok(())
+}
+
+/// Calls `callee` until it rings: a caller limited to one call gets `403` while its previous
+/// call still holds the slot. Returns the caller's call and the callee's INVITE.
+fn ring_when_free(
+    caller: &mut Phone,
+    server: &Server,
+    callee: &mut Phone,
+) -> Result<(Call, sipalias_tests::phone::Incoming)> {
+    sipalias_tests::wait::until_every(
+        "the caller's call slot to be free",
         WAIT,
         Duration::from_millis(250),
         || {
-            let mut call = bob.invite(&main, "alice", &sdp("bob", bob.addr().ip(), 40_000))?;
-            match bob.next_response(&mut call, Duration::from_millis(500)) {
+            let offer = sdp(caller.user(), caller.addr().ip(), 40_000);
+            let mut call = caller.invite(server, callee.user(), &offer)?;
+            match caller.next_response(&mut call, Duration::from_millis(300)) {
                 Ok(r) if r.msg.status() == Some(403) => Ok(None),
-                _ => Ok(Some(alice.recv_request("INVITE", WAIT)?)),
+                _ => Ok(Some((call, callee.recv_request("INVITE", WAIT)?))),
             }
         },
-    )?;
-    alice.respond(&released, 486, "Busy Here", None)?;
-    Ok(())
+    )
 }
 
 const AUTO_ANSWER: &[(&str, &str)] = &[
@@ -478,6 +509,98 @@ fn tags_and_branches_the_cluster_sends_are_unpredictable() -> Result<()> {
         unique.sort();
         unique.dedup();
         ensure!(unique.len() == ids.len(), "{what} repeat: {ids:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn an_aor_never_holds_more_than_max_contacts_bindings() -> Result<()> {
+    let cluster = cluster()?;
+    cluster.add_account("alice", "pw-a")?;
+    let server = cluster.alias2();
+    let mut alice = Phone::new("alice", "pw-a")?;
+    let contact = |n: u32| format!("<sip:alice@127.0.0.77:{}>", 10_000 + n);
+    let register = |alice: &mut Phone, contacts: &[String]| -> Result<(u16, String)> {
+        let call_id = token();
+        let ch = Challenge::parse(&register_challenges(alice, &server, &call_id)?[0])?;
+        let req = authenticated_register(
+            alice,
+            &server,
+            &call_id,
+            2,
+            "pw-a",
+            &ch,
+            Algorithm::Md5,
+            contacts,
+        );
+        alice.send(&req, server.addr)?;
+        let resp = alice.final_response_to(&req, WAIT)?;
+        Ok((
+            resp.msg.status().unwrap_or_default(),
+            resp.msg.reason().unwrap_or_default().to_owned(),
+        ))
+    };
+    // 300 contacts in one REGISTER: refused whole.
+    let all: Vec<String> = (0..300).map(contact).collect();
+    let (status, reason) = register(&mut alice, &all)?;
+    ensure!(
+        (status, reason.as_str()) == (403, "Too Many Contacts"),
+        "300 contacts got {status} {reason}"
+    );
+    ensure!(cluster.redis_bindings("alice")?.is_empty(), "something of the 300 was stored");
+    // One by one: the default max_contacts (10) pass, the rest are refused.
+    let mut refused = 0;
+    for n in 0..15 {
+        let (status, _) = register(&mut alice, &[contact(n)])?;
+        match status {
+            200 => {}
+            403 => refused += 1,
+            other => bail!("contact {n} got {other}"),
+        }
+    }
+    let stored = cluster.redis_bindings("alice")?.len();
+    ensure!(stored == 10 && refused == 5, "{stored} bindings stored, {refused} refused");
+    Ok(())
+}
+
+/// Everything `phone` receives within `window`: (messages, bytes as serialized).
+fn received_within(phone: &mut Phone, window: Duration) -> (usize, usize) {
+    let deadline = Instant::now() + window;
+    let (mut count, mut bytes) = (0, 0);
+    while let Ok(m) = phone.recv(deadline.saturating_duration_since(Instant::now())) {
+        count += 1;
+        bytes += m.msg.to_bytes().len();
+    }
+    (count, bytes)
+}
+
+#[test]
+fn a_spoofed_invite_or_register_gets_one_answer_no_bigger_than_twice_itself() -> Result<()> {
+    // T1 = 50 ms: Timer G would have re-sent a 407 six times within the window.
+    let cluster = Cluster::start(ClusterOptions { t1_ms: Some(50), ..ClusterOptions::default() })?;
+    cluster.add_account("alice", "pw-a")?;
+    let main = cluster.main();
+    // The victim: whatever address a spoofed request names as its source.
+    let mut victim = Phone::new("victim", "none")?;
+    let uri = format!("sip:alice@{DOMAIN}");
+    let from = format!("<sip:x@{DOMAIN}>;tag={}", token());
+    let invite = request(&victim, "INVITE", &uri, &from, &format!("<{uri}>"), &token(), 1);
+    let aor = format!("<sip:alice@{DOMAIN}>");
+    let register = request(&victim, "REGISTER", &format!("sip:{DOMAIN}"), &from, &aor, &token(), 1);
+    for (what, req, status) in [("INVITE", &invite, 407), ("REGISTER", &register, 401)] {
+        let sent = req.to_bytes().len();
+        victim.send(req, main.addr)?;
+        let first = victim.final_response_to(req, WAIT)?;
+        ensure!(first.msg.status() == Some(status), "{what} got {}", first.summary());
+        let (more, more_bytes) = received_within(&mut victim, Duration::from_millis(1500));
+        let out = first.msg.to_bytes().len() + more_bytes;
+        let ratio = out as f64 / sent as f64;
+        eprintln!(
+            "reflection {what}: {sent} bytes in, {} messages / {out} bytes out, {ratio:.2}x",
+            1 + more
+        );
+        ensure!(more == 0, "{what}: {more} more messages were sent to the source");
+        ensure!(ratio <= 2.0, "{what}: {out} bytes out for {sent} in ({ratio:.2}x)");
     }
     Ok(())
 }
