@@ -8,6 +8,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::destination::Net;
 use crate::error::Error;
 
 /// Everything a processor reads at start.
@@ -92,6 +93,11 @@ pub struct ProcessorConfig {
     /// `Priv-Answer-Mode` (RFC 5373) reach the callee; everyone else's are removed. Each entry
     /// is an AOR (`user@domain`), a source IP or a CIDR (`192.0.2.0/24`). Default: nobody.
     pub trusted_auto_answer: Vec<String>,
+    /// Networks (CIDRs) a REGISTER's Contact may not point into; `403 Contact Not Allowed`.
+    /// The cluster's own services (its Redis, billing and dispatcher edges, from the URLs
+    /// above) and SIP IPs are always refused too. Default: unspecified, multicast, broadcast
+    /// and link-local addresses.
+    pub contact_deny_networks: Vec<String>,
 }
 
 /// Shortest `timer_c_secs` accepted: RFC 3261 §16.6 asks for more than 3 minutes.
@@ -163,6 +169,17 @@ impl Default for ProcessorConfig {
             timer_c_secs: 185,
             no_answer_timeout_secs: 0,
             trusted_auto_answer: Vec::new(),
+            contact_deny_networks: [
+                "0.0.0.0/8",
+                "::/128",
+                "224.0.0.0/4",
+                "ff00::/8",
+                "255.255.255.255/32",
+                "169.254.0.0/16",
+                "fe80::/10",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -268,6 +285,11 @@ impl ProcessorConfig {
         if self.no_answer_timeout_secs > MAX_RING_SECS {
             return bad("no_answer_timeout_secs", format!("must be at most {MAX_RING_SECS}"));
         }
+        for (i, net) in self.contact_deny_networks.iter().enumerate() {
+            if let Err(why) = Net::parse(net) {
+                return bad(&format!("contact_deny_networks[{i}]"), format!("{net:?}: {why}"));
+            }
+        }
         for (i, entry) in self.trusted_auto_answer.iter().enumerate() {
             if let Err(why) = TrustEntry::parse(entry) {
                 return bad(&format!("trusted_auto_answer[{i}]"), format!("{entry:?}: {why}"));
@@ -308,8 +330,8 @@ impl ProcessorConfig {
 enum TrustEntry {
     /// An authenticated caller, `user@domain` (domain compared without case).
     Aor(String, String),
-    /// Sources in `network/prefix_len`.
-    Net(IpAddr, u8),
+    /// Sources in a network.
+    Net(Net),
 }
 
 impl TrustEntry {
@@ -323,17 +345,7 @@ impl TrustEntry {
             }
             return Ok(TrustEntry::Aor(user.to_owned(), domain.to_ascii_lowercase()));
         }
-        let (ip, len) = match s.split_once('/') {
-            Some((ip, len)) => (ip, Some(len)),
-            None => (s, None),
-        };
-        let ip: IpAddr = ip.parse().map_err(|_| "not an AOR, IP address or CIDR")?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
-            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or("bad prefix length")?,
-        };
-        Ok(TrustEntry::Net(ip, len))
+        Ok(TrustEntry::Net(Net::parse(s)?))
     }
 
     fn matches(&self, caller_aor: &str, source: IpAddr) -> bool {
@@ -341,27 +353,8 @@ impl TrustEntry {
             TrustEntry::Aor(user, domain) => caller_aor
                 .split_once('@')
                 .is_some_and(|(u, d)| u == user && d.eq_ignore_ascii_case(domain)),
-            TrustEntry::Net(net, len) => in_network(source, *net, *len),
+            TrustEntry::Net(net) => net.contains(source),
         }
-    }
-}
-
-/// Whether `ip` lies in `net/len` (an IPv4-mapped IPv6 source is compared as IPv4).
-fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(b) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(b) & mask
-        }
-        _ => false,
     }
 }
 
@@ -410,6 +403,12 @@ mod tests {
             ("trusted_auto_answer=['x y@d']", "processor.trusted_auto_answer[0]"),
             ("trusted_auto_answer=[\"a@d\\r\\nX: 1\"]", "processor.trusted_auto_answer[0]"),
             ("trusted_auto_answer=['not-an-ip']", "processor.trusted_auto_answer[0]"),
+            (
+                "contact_deny_networks=['10.0.0.0/8', '10.0.0.0/40']",
+                "processor.contact_deny_networks[1]",
+            ),
+            ("contact_deny_networks=['']", "processor.contact_deny_networks[0]"),
+            ("max_contacts=-1", "max_contacts"),
             (
                 "billing_outage='allow'\nbilling_outage_max_duration_secs=0",
                 "processor.billing_outage_max_duration_secs",

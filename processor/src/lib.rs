@@ -12,6 +12,7 @@ pub mod b2bua;
 pub mod billing;
 pub mod config;
 pub mod core;
+pub mod destination;
 pub mod dialogs;
 pub mod edge;
 pub mod error;

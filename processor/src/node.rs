@@ -21,6 +21,7 @@ use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
 use crate::core::Core;
 use crate::core::Keepalive;
+use crate::destination::DestinationPolicy;
 use crate::dialogs::{DialogStore, Op as DialogOp};
 use crate::edge::Links;
 use crate::error::Error;
@@ -58,6 +59,8 @@ pub struct Node {
     nonce_counts: NonceCounts,
     /// The identifiers the core mints too (call refs are minted outside it).
     ids: Arc<Ids>,
+    /// Where a Contact may not point.
+    destinations: DestinationPolicy,
     /// `digest_algorithms` of the config, for IPs that name none of their own.
     algorithms: Vec<Algorithm>,
 }
@@ -102,6 +105,7 @@ impl Node {
         let nonce_counts = NonceCounts::new(location.redis(), &config.key_prefix);
         Arc::new(Node {
             nonce_counts,
+            destinations: DestinationPolicy::new(&config),
             algorithms: config.algorithms(),
             core: Mutex::new(Core::new(config.timers(), ids.clone())),
             ids,
@@ -552,6 +556,16 @@ impl Node {
             Ok(u) => u,
             Err(reject) => return Ok(registrar::reject_response(req, &reject, &self.lock().tag())),
         };
+        if let registrar::Update::Contacts(contacts) = &update {
+            let local = |addr| self.sockets.is_local_socket(addr);
+            for c in contacts.iter().filter(|c| c.expires > 0) {
+                let Some(addr) = registrar::contact_addr(&c.contact) else { continue };
+                if let Err(why) = self.destinations.check(addr, local) {
+                    tracing::warn!(%user, source = %ingress.remote, contact = %c.contact, "REGISTER refused: contact is {}", why.describe());
+                    return Ok(self.reply(req, 403, "Contact Not Allowed"));
+                }
+            }
+        }
         let aor = format!("{user}@{}", site.domain);
         let meta = RegisterMeta {
             call_id: req.call_id()?,

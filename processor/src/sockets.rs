@@ -26,14 +26,20 @@ pub struct IpInfo {
 #[derive(Debug, Default)]
 pub struct SocketTable {
     by_ip: RwLock<HashMap<IpAddr, IpInfo>>,
+    /// Every announced (IP, port), whatever the transport.
+    sockets: RwLock<std::collections::HashSet<std::net::SocketAddr>>,
 }
 
 impl SocketTable {
     /// Adds a dispatcher's sockets (a later welcome overrides an earlier one for the same IP).
     pub fn learn(&self, sockets: &[LocalSocket]) {
         let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.sockets.write().unwrap_or_else(|p| p.into_inner());
         for s in sockets {
-            if let Ok(ip) = s.ip.parse() {
+            if let Ok(ip) = s.ip.parse::<IpAddr>() {
+                if let Ok(port) = u16::try_from(s.port) {
+                    all.insert(std::net::SocketAddr::new(ip, port));
+                }
                 let realm = if s.realm.is_empty() { s.domain.clone() } else { s.realm.clone() };
                 // The dispatcher validated the names; one we do not know (a newer dispatcher)
                 // is left out rather than offered.
@@ -49,6 +55,11 @@ impl SocketTable {
                 );
             }
         }
+    }
+
+    /// Whether `addr` is one of the dispatchers' SIP sockets.
+    pub fn is_local_socket(&self, addr: std::net::SocketAddr) -> bool {
+        self.sockets.read().unwrap_or_else(|p| p.into_inner()).contains(&addr)
     }
 
     /// What is known about a local IP.
@@ -95,6 +106,8 @@ mod tests {
         let two = table.get(ip("127.0.0.2")).expect("known");
         assert_eq!(two.algorithms, vec![Algorithm::Sha256, Algorithm::Md5]);
         assert_eq!(two.realm, "sip.example.net", "realm defaults to the domain");
+        assert!(table.is_local_socket("127.0.0.2:5060".parse().expect("addr")));
+        assert!(!table.is_local_socket("127.0.0.2:5070".parse().expect("addr")));
         // Nothing usable: the processor's own default applies.
         assert!(table.get(ip("127.0.0.3")).expect("known").algorithms.is_empty());
         assert!(table.get(ip("127.0.0.4")).expect("known").algorithms.is_empty());

@@ -177,6 +177,8 @@ pub struct Cluster {
     billing: Option<Process>,
     redis: RedisServer,
     config: PathBuf,
+    /// Billing's gRPC address.
+    billing_addr: SocketAddr,
     sip_port: u16,
     extra_port: u16,
     streams: StreamPorts,
@@ -310,6 +312,7 @@ impl Cluster {
             billing: Some(billing),
             redis,
             config,
+            billing_addr,
             sip_port,
             extra_port,
             streams,
@@ -342,6 +345,11 @@ impl Cluster {
     /// The main IP (UDP), for phones configured with the canonical domain.
     pub fn main(&self) -> Server {
         Self::server(MAIN_IP, self.sip_port, Transport::Udp)
+    }
+
+    /// Billing's gRPC address (a TCP service of the cluster).
+    pub fn billing_addr(&self) -> SocketAddr {
+        self.billing_addr
     }
 
     /// The first alias (UDP); its phones use the alias IP as their domain.

@@ -604,3 +604,53 @@ fn a_spoofed_invite_or_register_gets_one_answer_no_bigger_than_twice_itself() ->
     }
     Ok(())
 }
+
+#[test]
+fn a_contact_aimed_at_the_clusters_own_services_or_unusable_networks_is_refused() -> Result<()> {
+    let cluster = cluster()?;
+    cluster.add_account("alice", "pw-a")?;
+    let server = cluster.alias2();
+    let mut alice = Phone::new("alice", "pw-a")?;
+    let billing = cluster.billing_addr();
+    let main = cluster.main().addr;
+    let register = |alice: &mut Phone, contact: &str| -> Result<(u16, String)> {
+        let call_id = token();
+        let ch = Challenge::parse(&register_challenges(alice, &server, &call_id)?[0])?;
+        let contacts = [contact.to_owned()];
+        let req = authenticated_register(
+            alice,
+            &server,
+            &call_id,
+            2,
+            "pw-a",
+            &ch,
+            Algorithm::Md5,
+            &contacts,
+        );
+        alice.send(&req, server.addr)?;
+        let resp = alice.final_response_to(&req, WAIT)?;
+        Ok((
+            resp.msg.status().unwrap_or_default(),
+            resp.msg.reason().unwrap_or_default().to_owned(),
+        ))
+    };
+    for contact in [
+        format!("<sip:alice@{billing}>"),
+        format!("<sip:alice@{main}>"),
+        "<sip:alice@224.0.0.1:5060>".to_owned(),
+        "<sip:alice@169.254.10.10>".to_owned(),
+        "<sip:alice@0.0.0.0:5060>".to_owned(),
+    ] {
+        let (status, reason) = register(&mut alice, &contact)?;
+        ensure!(
+            (status, reason.as_str()) == (403, "Contact Not Allowed"),
+            "Contact {contact} got {status} {reason}"
+        );
+    }
+    ensure!(cluster.redis_bindings("alice")?.is_empty(), "a refused contact was stored");
+    // The phone's own address is fine.
+    let own = format!("<{}>", alice.contact_uri());
+    let (status, _) = register(&mut alice, &own)?;
+    ensure!(status == 200, "the phone's own Contact got {status}");
+    Ok(())
+}

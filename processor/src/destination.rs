@@ -1,0 +1,196 @@
+//! Where the cluster may send SIP: the destination policy applied to every Contact a REGISTER
+//! asks us to reach. A phone with valid credentials could otherwise aim the cluster's calls and
+//! keepalives at its own services (Redis, billing, the edge links, its SIP sockets: a request
+//! loop) or at addresses no phone has (multicast, broadcast, link-local, unspecified).
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::config::ProcessorConfig;
+
+/// An IP network, `address/prefix_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Net {
+    /// Parses `ip` or `ip/len`.
+    pub fn parse(s: &str) -> Result<Self, &'static str> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| "not an IP address or CIDR")?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or("bad prefix length")?,
+        };
+        Ok(Net { addr, len })
+    }
+
+    /// Whether `ip` lies in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (ip, self.addr) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a destination is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// In a network of `contact_deny_networks` (named as configured).
+    Network(String),
+    /// One of the cluster's own services (Redis, billing, a dispatcher's edge).
+    ClusterService,
+    /// One of the cluster's own SIP sockets (a request loop).
+    ClusterSip,
+}
+
+impl Denied {
+    /// For logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Denied::Network(net) => format!("in denied network {net}"),
+            Denied::ClusterService => "a service of the cluster".into(),
+            Denied::ClusterSip => "a SIP socket of the cluster".into(),
+        }
+    }
+}
+
+/// The destinations a processor refuses.
+#[derive(Debug, Clone)]
+pub struct DestinationPolicy {
+    deny: Vec<(String, Net)>,
+    services: Vec<SocketAddr>,
+}
+
+impl DestinationPolicy {
+    /// The policy of `config`: its `contact_deny_networks` (validated at load; an entry that
+    /// does not parse is skipped) and the addresses of its Redis, billing and dispatchers
+    /// (when their URLs name IP literals: a host name would need DNS, and is resolved by no
+    /// phone's Contact either).
+    pub fn new(config: &ProcessorConfig) -> Self {
+        let deny = config
+            .contact_deny_networks
+            .iter()
+            .filter_map(|n| Net::parse(n).ok().map(|net| (n.clone(), net)))
+            .collect();
+        let mut services: Vec<SocketAddr> =
+            config.dispatchers.iter().filter_map(|u| url_addr(u, 80)).collect();
+        services.extend(url_addr(&config.billing_url, 80));
+        services.extend(url_addr(&config.redis_url, 6379));
+        DestinationPolicy { deny, services }
+    }
+
+    /// Whether the cluster may send to `addr`; `local` tells the cluster's own SIP sockets.
+    pub fn check(
+        &self,
+        addr: SocketAddr,
+        local: impl Fn(SocketAddr) -> bool,
+    ) -> Result<(), Denied> {
+        if let Some((name, _)) = self.deny.iter().find(|(_, net)| net.contains(addr.ip())) {
+            return Err(Denied::Network(name.clone()));
+        }
+        let same = |s: &SocketAddr| s.port() == addr.port() && same_ip(s.ip(), addr.ip());
+        if self.services.iter().any(same) {
+            return Err(Denied::ClusterService);
+        }
+        if local(addr) {
+            return Err(Denied::ClusterSip);
+        }
+        Ok(())
+    }
+}
+
+/// Equal IPs, an IPv4-mapped IPv6 address being its IPv4 one.
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    plain(a) == plain(b)
+}
+
+/// The `ip:port` of a URL (`scheme://[user@]ip[:port][/…]`) whose host is an IP literal.
+fn url_addr(url: &str, default_port: u16) -> Option<SocketAddr> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Ok(addr) = host_port.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let host = host_port.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn the_defaults_refuse_unspecified_multicast_broadcast_link_local_and_cluster_services() {
+        let config = ProcessorConfig {
+            dispatchers: vec!["http://127.0.0.1:7070".into(), "https://[::1]:7071/".into()],
+            billing_url: "http://127.0.0.1:7080".into(),
+            redis_url: "redis://:secret@127.0.0.1/0".into(),
+            ..ProcessorConfig::default()
+        };
+        let p = DestinationPolicy::new(&config);
+        let none = |_: SocketAddr| false;
+        for denied in [
+            "0.0.0.0:5060",
+            "[::]:5060",
+            "224.0.0.1:5060",
+            "[ff02::1]:5060",
+            "255.255.255.255:5060",
+            "169.254.1.1:5060",
+            "[fe80::1]:5060",
+            "[::ffff:224.0.0.1]:5060",
+        ] {
+            assert!(matches!(p.check(addr(denied), none), Err(Denied::Network(_))), "{denied}");
+        }
+        for service in ["127.0.0.1:7070", "[::1]:7071", "127.0.0.1:7080", "127.0.0.1:6379"] {
+            assert_eq!(p.check(addr(service), none), Err(Denied::ClusterService), "{service}");
+        }
+        let local = |a: SocketAddr| a == addr("127.0.0.2:5060");
+        assert_eq!(p.check(addr("127.0.0.2:5060"), local), Err(Denied::ClusterSip));
+        // A softphone on the cluster's own host, on another port, is fine.
+        for fine in ["127.0.0.2:5070", "127.0.0.1:5062", "192.0.2.7:5060", "[2001:db8::7]:5060"] {
+            assert_eq!(p.check(addr(fine), local), Ok(()), "{fine}");
+        }
+    }
+
+    #[test]
+    fn networks_and_urls_parse_or_refuse_hostile_text() {
+        assert!(Net::parse("10.0.0.0/8").expect("net").contains("10.200.0.1".parse().expect("ip")));
+        assert!(!Net::parse("10.0.0.0/8").expect("net").contains("11.0.0.1".parse().expect("ip")));
+        assert!(Net::parse("0.0.0.0/0").expect("net").contains("203.0.113.1".parse().expect("ip")));
+        for bad in ["", "10.0.0.0/33", "::/129", "10.0.0.0/", "x/8", "10.0.0.0/8\r\n", "1.2.3.4/-1"]
+        {
+            assert!(Net::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(url_addr("redis+unix:///tmp/redis.sock", 6379), None);
+        assert_eq!(url_addr("http://billing.internal:7080", 80), None);
+        assert_eq!(url_addr("http://127.0.0.1", 80), Some(addr("127.0.0.1:80")));
+        assert_eq!(url_addr("garbage", 80), None);
+    }
+}
