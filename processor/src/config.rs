@@ -98,7 +98,15 @@ pub struct ProcessorConfig {
     /// above) and SIP IPs are always refused too. Default: unspecified, multicast, broadcast
     /// and link-local addresses.
     pub contact_deny_networks: Vec<String>,
+    /// Failed digest authentications a source (an IP; a /64 for IPv6) may make within a
+    /// minute, across the cluster, before it is banned; 0 = never ban.
+    pub auth_failures_per_minute: u32,
+    /// How long a ban lasts: the source's requests get `403` without a challenge.
+    pub ban_secs: u32,
 }
+
+/// Longest `ban_secs` accepted: a week (a longer one belongs in a firewall).
+pub const MAX_BAN_SECS: u32 = 7 * 86_400;
 
 /// Shortest `timer_c_secs` accepted: RFC 3261 §16.6 asks for more than 3 minutes.
 pub const MIN_TIMER_C_SECS: u32 = 181;
@@ -180,6 +188,8 @@ impl Default for ProcessorConfig {
             ]
             .map(String::from)
             .to_vec(),
+            auth_failures_per_minute: 10,
+            ban_secs: 600,
         }
     }
 }
@@ -284,6 +294,9 @@ impl ProcessorConfig {
         }
         if self.no_answer_timeout_secs > MAX_RING_SECS {
             return bad("no_answer_timeout_secs", format!("must be at most {MAX_RING_SECS}"));
+        }
+        if self.ban_secs == 0 || self.ban_secs > MAX_BAN_SECS {
+            return bad("ban_secs", format!("must be between 1 and {MAX_BAN_SECS}"));
         }
         for (i, net) in self.contact_deny_networks.iter().enumerate() {
             if let Err(why) = Net::parse(net) {
@@ -409,6 +422,9 @@ mod tests {
             ),
             ("contact_deny_networks=['']", "processor.contact_deny_networks[0]"),
             ("max_contacts=-1", "max_contacts"),
+            ("ban_secs=0", "processor.ban_secs"),
+            ("ban_secs=604801", "processor.ban_secs"),
+            ("auth_failures_per_minute='many'", "auth_failures_per_minute"),
             (
                 "billing_outage='allow'\nbilling_outage_max_duration_secs=0",
                 "processor.billing_outage_max_duration_secs",

@@ -9,6 +9,7 @@
 pub mod accounting;
 pub mod auth;
 pub mod b2bua;
+pub mod bans;
 pub mod billing;
 pub mod config;
 pub mod core;

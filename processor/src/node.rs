@@ -16,6 +16,7 @@ use crate::auth::{
     ChallengeKind, Expected, NonceKey, Refusal, challenge, check_presented, credentials_for,
 };
 use crate::b2bua::{CallPlan, Target, Work};
+use crate::bans::{Bans, source_key};
 use crate::billing::{Billing, CallRequest};
 use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
@@ -29,7 +30,7 @@ use crate::ids::Ids;
 use crate::keepalive::{Due, Schedule};
 use crate::location::{Location, RegisterMeta};
 use crate::registrar::{self, Limits};
-use crate::replay::NonceCounts;
+use crate::replay::{Claim, NonceCounts};
 use crate::sockets::SocketTable;
 use crate::transaction::ServerKey;
 use crate::transport::Ingress;
@@ -57,6 +58,8 @@ pub struct Node {
     in_flight: std::sync::atomic::AtomicUsize,
     nonces: NonceKey,
     nonce_counts: NonceCounts,
+    /// Failed authentications and bans per source.
+    bans: Bans,
     /// The identifiers the core mints too (call refs are minted outside it).
     ids: Arc<Ids>,
     /// Where a Contact may not point.
@@ -105,6 +108,12 @@ impl Node {
         let nonce_counts = NonceCounts::new(location.redis(), &config.key_prefix);
         Arc::new(Node {
             nonce_counts,
+            bans: Bans::new(
+                location.redis(),
+                &config.key_prefix,
+                config.auth_failures_per_minute,
+                config.ban_secs,
+            ),
             destinations: DestinationPolicy::new(&config),
             algorithms: config.algorithms(),
             core: Mutex::new(Core::new(config.timers(), ids.clone())),
@@ -422,10 +431,15 @@ impl Node {
         site: &Site,
     ) -> Result<Presented, Error> {
         let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
+        let now = wall_ms();
+        let source = source_key(ingress.remote.ip());
+        // A source this processor knows is banned gets no challenge at all.
+        if self.bans.known_banned(&source, now) {
+            return Ok(Presented::Answer(self.reply(req, 403, "Forbidden")));
+        }
         let Some(creds) = credentials_for(req, kind, &site.realm) else {
             return Ok(Presented::Answer(self.challenge(req, site, false)));
         };
-        let now = wall_ms();
         let lenient = self.config.digest_uri_check == DigestUriCheck::RequestUriOrSocket;
         let expected = Expected {
             realm: &site.realm,
@@ -444,11 +458,32 @@ impl Node {
         };
         let nc = creds.nc.as_deref().unwrap_or_default();
         let ttl_ms = self.nonces.remaining_ms(&creds.nonce, now);
-        if !self.nonce_counts.claim(&creds.nonce, nc, ttl_ms).await? {
-            tracing::warn!(user = %creds.username, source = %ingress.remote, nc, "digest nonce-count replayed: challenged");
-            return Ok(Presented::Answer(self.challenge(req, site, true)));
+        let ban_key = self.bans.ban_key(&source);
+        match self.nonce_counts.claim(&ban_key, &creds.nonce, nc, ttl_ms).await? {
+            Claim::Fresh => Ok(Presented::Credentials(creds, alg)),
+            Claim::Replayed => {
+                tracing::warn!(user = %creds.username, source = %ingress.remote, nc, "digest nonce-count replayed: challenged");
+                Ok(Presented::Answer(self.challenge(req, site, true)))
+            }
+            Claim::Banned { remaining_ms } => {
+                self.bans.learn(&source, now, remaining_ms);
+                Ok(Presented::Answer(self.reply(req, 403, "Forbidden")))
+            }
         }
-        Ok(Presented::Credentials(creds, alg))
+    }
+
+    /// Counts a failed authentication against its source: the answer is a new challenge, or
+    /// `403` when this failure got the source banned. Redis trouble here only loses the count.
+    async fn after_failure(&self, req: &SipMessage, ingress: &Ingress, site: &Site) -> SipMessage {
+        let source = source_key(ingress.remote.ip());
+        match self.bans.record_failure(&source, wall_ms()).await {
+            Ok(Some(_)) => self.reply(req, 403, "Forbidden"),
+            Ok(None) => self.challenge(req, site, false),
+            Err(e) => {
+                tracing::warn!(%source, error = %e, "failed authentication not counted");
+                self.challenge(req, site, false)
+            }
+        }
     }
 
     /// Checks digest credentials (RFC 3261 §22) for a request arriving on `site`.
@@ -487,7 +522,7 @@ impl Node {
         };
         if !verdict.valid {
             tracing::warn!(%aor, source = %ingress.remote, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
-            return Ok(Auth::Challenge(self.challenge(req, site, false)));
+            return Ok(Auth::Challenge(self.after_failure(req, ingress, site).await));
         }
         if verdict.blocked {
             tracing::info!(%aor, "blocked account refused");
@@ -675,8 +710,8 @@ impl Node {
         {
             Ok(auth) if auth.allowed => auth.max_duration_secs,
             Ok(auth) if auth.deny == DenyReason::BadCredentials as i32 => {
-                tracing::warn!(aor = %caller_aor, reason = %auth.reason, alg = alg.as_str(), "digest authentication failed");
-                return Ok(Err(self.challenge(req, &site, false)));
+                tracing::warn!(aor = %caller_aor, source = %ingress.remote, reason = %auth.reason, alg = alg.as_str(), "digest authentication failed");
+                return Ok(Err(self.after_failure(req, ingress, &site).await));
             }
             Ok(auth) => {
                 let (status, reason) = deny_status(auth.deny);

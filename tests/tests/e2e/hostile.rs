@@ -654,3 +654,35 @@ fn a_contact_aimed_at_the_clusters_own_services_or_unusable_networks_is_refused(
     ensure!(status == 200, "the phone's own Contact got {status}");
     Ok(())
 }
+
+#[test]
+fn password_guessing_bans_the_source_but_never_locks_the_account() -> Result<()> {
+    let cluster = cluster()?;
+    cluster.add_account("alice", "pw-a")?;
+    let server = cluster.alias2();
+    // One guesser, one address: the default budget is 10 failures a minute.
+    let mut guesser = Phone::new("alice", "guess")?;
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        statuses.push(guesser.register(&server, 300)?.status());
+    }
+    let first_403 = statuses.iter().position(|s| *s == 403).context("never banned")?;
+    ensure!(
+        first_403 == 9,
+        "banned at attempt {} (expected the 10th): {statuses:?}",
+        first_403 + 1
+    );
+    ensure!(statuses[..9].iter().all(|s| *s == 401), "{statuses:?}");
+    ensure!(statuses[9..].iter().all(|s| *s == 403), "a banned source got through: {statuses:?}");
+    // Banned means banned: the right password from that address is refused too...
+    let mut same_ip =
+        Phone::bind("alice", "pw-a", std::net::SocketAddr::new(guesser.addr().ip(), 0))?;
+    let ex = same_ip.register(&server, 300)?;
+    ensure!(ex.status() == 403, "the banned address with the right password got {}", ex.status());
+    ensure!(ex.challenge.is_none() || ex.response.msg.status() == Some(403), "challenged");
+    // ...but the account is not locked: alice's own phone elsewhere registers.
+    let ex = Phone::new("alice", "pw-a")?.register(&server, 300)?;
+    ensure!(ex.status() == 200, "alice from another address got {}", ex.status());
+    ensure!(cluster.redis_keys("e2e:ban:*")?.len() == 1, "{:?}", cluster.redis_keys("e2e:ban:*")?);
+    Ok(())
+}
