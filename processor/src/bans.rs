@@ -131,9 +131,31 @@ impl Bans {
     }
 }
 
+/// Whether a request's `User-Agent` names a known scanner: one of `scanners` (lower-case)
+/// appears in it, in any case.
+pub fn is_scanner(user_agent: Option<&str>, scanners: &[String]) -> bool {
+    let Some(ua) = user_agent else { return false };
+    if scanners.is_empty() {
+        return false;
+    }
+    let ua = ua.to_ascii_lowercase();
+    scanners.iter().any(|s| ua.contains(s.as_str()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scanners_are_known_by_any_part_of_their_user_agent_in_any_case() {
+        let list: Vec<String> = ["friendly-scanner", "sipvicious"].map(String::from).to_vec();
+        assert!(is_scanner(Some("friendly-scanner"), &list));
+        assert!(is_scanner(Some("SIPVicious 0.3.4"), &list));
+        assert!(is_scanner(Some("x Friendly-Scanner y"), &list));
+        assert!(!is_scanner(Some("Yealink SIP-T46S 66.86.0.15"), &list));
+        assert!(!is_scanner(None, &list));
+        assert!(!is_scanner(Some("friendly-scanner"), &[]));
+    }
 
     #[test]
     fn ipv6_sources_are_counted_per_64_and_mapped_ipv4_as_ipv4() {

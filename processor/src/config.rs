@@ -103,6 +103,9 @@ pub struct ProcessorConfig {
     pub auth_failures_per_minute: u32,
     /// How long a ban lasts: the source's requests get `403` without a challenge.
     pub ban_secs: u32,
+    /// Requests whose `User-Agent` contains one of these (any case) are dropped without an
+    /// answer: known SIP scanners.
+    pub scanner_user_agents: Vec<String>,
 }
 
 /// Longest `ban_secs` accepted: a week (a longer one belongs in a firewall).
@@ -190,6 +193,18 @@ impl Default for ProcessorConfig {
             .to_vec(),
             auth_failures_per_minute: 10,
             ban_secs: 600,
+            scanner_user_agents: [
+                "friendly-scanner",
+                "sipvicious",
+                "sipcli",
+                "sip-scan",
+                "iwar",
+                "sivus",
+                "vaxsipuseragent",
+                "siparmyknife",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -297,6 +312,14 @@ impl ProcessorConfig {
         }
         if self.ban_secs == 0 || self.ban_secs > MAX_BAN_SECS {
             return bad("ban_secs", format!("must be between 1 and {MAX_BAN_SECS}"));
+        }
+        for (i, ua) in self.scanner_user_agents.iter().enumerate() {
+            if ua.trim().is_empty() || ua.chars().any(char::is_control) {
+                return bad(
+                    &format!("scanner_user_agents[{i}]"),
+                    format!("{ua:?} must be non-empty, without control characters"),
+                );
+            }
         }
         for (i, net) in self.contact_deny_networks.iter().enumerate() {
             if let Err(why) = Net::parse(net) {
@@ -423,6 +446,8 @@ mod tests {
             ("contact_deny_networks=['']", "processor.contact_deny_networks[0]"),
             ("max_contacts=-1", "max_contacts"),
             ("ban_secs=0", "processor.ban_secs"),
+            ("scanner_user_agents=['ok', ' ']", "processor.scanner_user_agents[1]"),
+            ("scanner_user_agents=[\"a\\u0000b\"]", "processor.scanner_user_agents[0]"),
             ("ban_secs=604801", "processor.ban_secs"),
             ("auth_failures_per_minute='many'", "auth_failures_per_minute"),
             (

@@ -16,7 +16,7 @@ use crate::auth::{
     ChallengeKind, Expected, NonceKey, Refusal, challenge, check_presented, credentials_for,
 };
 use crate::b2bua::{CallPlan, Target, Work};
-use crate::bans::{Bans, source_key};
+use crate::bans::{Bans, is_scanner, source_key};
 use crate::billing::{Billing, CallRequest};
 use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
@@ -60,6 +60,8 @@ pub struct Node {
     nonce_counts: NonceCounts,
     /// Failed authentications and bans per source.
     bans: Bans,
+    /// `scanner_user_agents`, lower-cased.
+    scanners: Vec<String>,
     /// The identifiers the core mints too (call refs are minted outside it).
     ids: Arc<Ids>,
     /// Where a Contact may not point.
@@ -115,6 +117,7 @@ impl Node {
                 config.ban_secs,
             ),
             destinations: DestinationPolicy::new(&config),
+            scanners: config.scanner_user_agents.iter().map(|s| s.to_ascii_lowercase()).collect(),
             algorithms: config.algorithms(),
             core: Mutex::new(Core::new(config.timers(), ids.clone())),
             ids,
@@ -201,6 +204,10 @@ impl Node {
         // Parse outside the core's lock; only a message that fails goes through the slower
         // path that still answers a request whose head is readable (400, 505, …).
         match sipmsg::parse(bytes) {
+            Ok(msg) if msg.is_request() && is_scanner(msg.header("user-agent"), &self.scanners) => {
+                // Scanners get no answer at all: nothing to confirm a SIP server is here.
+                tracing::debug!(source = %ingress.remote, user_agent = msg.header("user-agent").unwrap_or(""), "scanner dropped");
+            }
             Ok(msg) => {
                 self.with_core(|core, now, wall| core.handle_message(now, wall, msg, ingress))
             }

@@ -686,3 +686,29 @@ fn password_guessing_bans_the_source_but_never_locks_the_account() -> Result<()>
     ensure!(cluster.redis_keys("e2e:ban:*")?.len() == 1, "{:?}", cluster.redis_keys("e2e:ban:*")?);
     Ok(())
 }
+
+#[test]
+fn known_scanners_get_no_answer_at_all() -> Result<()> {
+    let cluster = cluster()?;
+    let main = cluster.main();
+    let mut phone = Phone::new("scanner", "none")?;
+    for (ua, answered) in
+        [("friendly-scanner", false), ("SIPVicious 0.3.4", false), ("Yealink SIP-T46S", true)]
+    {
+        let from = format!("<sip:100@{DOMAIN}>;tag={}", token());
+        let mut ping = request(
+            &phone,
+            "OPTIONS",
+            &format!("sip:100@{DOMAIN}"),
+            &from,
+            "<sip:100@x>",
+            &token(),
+            1,
+        );
+        ping.push_header("User-Agent", ua);
+        phone.send(&ping, main.addr)?;
+        let (got, _) = received_within(&mut phone, QUIET);
+        ensure!((got > 0) == answered, "User-Agent {ua:?}: {got} answers");
+    }
+    Ok(())
+}
