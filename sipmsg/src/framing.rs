@@ -27,6 +27,11 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Frame, Error> {
         return Ok(Frame::Incomplete);
     };
     let body_start = head_end + 4;
+    // The head against the limit first: the answer to an oversized head must not depend on
+    // whether its blank line arrived in the same read (fuzz finding 1, docs/fuzzing.md).
+    if body_start > limit {
+        return Err(Error::TooLarge { limit });
+    }
     let head = &buf[..head_end];
     let mut length = None;
     for line in head.split(|b| *b == b'\n').skip(1) {
@@ -65,6 +70,16 @@ fn trim(s: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oversized_head_is_too_large_wherever_the_stream_was_cut() {
+        // No Content-Length either: once it was `Missing` with its blank line, `TooLarge`
+        // without (fuzz finding 1).
+        let head = format!("OPTIONS sip:a SIP/2.0\r\nX: {}\r\n\r\n", "a".repeat(300));
+        for cut in [201, head.len() - 2, head.len()] {
+            assert_eq!(frame(&head.as_bytes()[..cut], 200), Err(Error::TooLarge { limit: 200 }));
+        }
+    }
 
     const MSG: &[u8] = b"OPTIONS sip:a SIP/2.0\r\nl: 3\r\n\r\nabc";
 
