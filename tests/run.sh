@@ -30,3 +30,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+# Fuzzing (docs/fuzzing.md): every cargo-fuzz target of fuzz/ for FUZZ_SECONDS (default 60)
+# each, on one core; fails if any crashes. Adds about 5–6 minutes.
+bash fuzz/run.sh "${FUZZ_SECONDS:-60}"
