@@ -23,6 +23,10 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Fuzzing (docs/fuzzing.md): every cargo-fuzz target of fuzz/ for FUZZ_SECONDS (default 60)
+# each, on one core; fails if any crashes. Adds about 5–6 minutes. Before the tests, so that
+# the test runner's summary is the last thing printed.
+bash fuzz/run.sh "${FUZZ_SECONDS:-60}"
 # The end-to-end tests start the real binaries, so build them first.
 cargo build --workspace --bins --quiet
 if cargo nextest --version >/dev/null 2>&1; then
@@ -30,6 +34,3 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
-# Fuzzing (docs/fuzzing.md): every cargo-fuzz target of fuzz/ for FUZZ_SECONDS (default 60)
-# each, on one core; fails if any crashes. Adds about 5–6 minutes.
-bash fuzz/run.sh "${FUZZ_SECONDS:-60}"
