@@ -560,6 +560,18 @@ fn an_aor_never_holds_more_than_max_contacts_bindings() -> Result<()> {
     }
     let stored = cluster.redis_bindings("alice")?.len();
     ensure!(stored == 10 && refused == 5, "{stored} bindings stored, {refused} refused");
+    // Fetching the bindings (a REGISTER without Contact) lists them only with credentials.
+    let aor = format!("<sip:alice@{}>", server.domain);
+    let mut fetch =
+        request(&alice, "REGISTER", &format!("sip:{}", server.domain), &aor, &aor, &token(), 1);
+    fetch.remove_header("contact");
+    fetch.set_header("From", format!("{aor};tag={}", token()));
+    alice.send(&fetch, server.addr)?;
+    let resp = alice.final_response_to(&fetch, WAIT)?;
+    ensure!(resp.msg.status() == Some(401), "unauthenticated fetch got {}", resp.summary());
+    ensure!(resp.msg.header("contact").is_none(), "bindings listed without credentials");
+    let (status, _) = register(&mut alice, &[])?;
+    ensure!(status == 200, "authenticated fetch got {status}");
     Ok(())
 }
 
