@@ -513,6 +513,23 @@ fn tags_and_branches_the_cluster_sends_are_unpredictable() -> Result<()> {
     Ok(())
 }
 
+/// An authenticated REGISTER (after its challenge) of `contacts` through `server`: the final
+/// status and reason phrase.
+fn register_contacts(
+    phone: &mut Phone,
+    server: &Server,
+    password: &str,
+    contacts: &[String],
+) -> Result<(u16, String)> {
+    let call_id = token();
+    let ch = Challenge::parse(&register_challenges(phone, server, &call_id)?[0])?;
+    let req =
+        authenticated_register(phone, server, &call_id, 2, password, &ch, Algorithm::Md5, contacts);
+    phone.send(&req, server.addr)?;
+    let resp = phone.final_response_to(&req, WAIT)?;
+    Ok((resp.msg.status().unwrap_or_default(), resp.msg.reason().unwrap_or_default().to_owned()))
+}
+
 #[test]
 fn an_aor_never_holds_more_than_max_contacts_bindings() -> Result<()> {
     let cluster = cluster()?;
@@ -520,25 +537,8 @@ fn an_aor_never_holds_more_than_max_contacts_bindings() -> Result<()> {
     let server = cluster.alias2();
     let mut alice = Phone::new("alice", "pw-a")?;
     let contact = |n: u32| format!("<sip:alice@127.0.0.77:{}>", 10_000 + n);
-    let register = |alice: &mut Phone, contacts: &[String]| -> Result<(u16, String)> {
-        let call_id = token();
-        let ch = Challenge::parse(&register_challenges(alice, &server, &call_id)?[0])?;
-        let req = authenticated_register(
-            alice,
-            &server,
-            &call_id,
-            2,
-            "pw-a",
-            &ch,
-            Algorithm::Md5,
-            contacts,
-        );
-        alice.send(&req, server.addr)?;
-        let resp = alice.final_response_to(&req, WAIT)?;
-        Ok((
-            resp.msg.status().unwrap_or_default(),
-            resp.msg.reason().unwrap_or_default().to_owned(),
-        ))
+    let register = |alice: &mut Phone, contacts: &[String]| {
+        register_contacts(alice, &server, "pw-a", contacts)
     };
     // 300 contacts in one REGISTER: refused whole.
     let all: Vec<String> = (0..300).map(contact).collect();
@@ -625,26 +625,8 @@ fn a_contact_aimed_at_the_clusters_own_services_or_unusable_networks_is_refused(
     let mut alice = Phone::new("alice", "pw-a")?;
     let billing = cluster.billing_addr();
     let main = cluster.main().addr;
-    let register = |alice: &mut Phone, contact: &str| -> Result<(u16, String)> {
-        let call_id = token();
-        let ch = Challenge::parse(&register_challenges(alice, &server, &call_id)?[0])?;
-        let contacts = [contact.to_owned()];
-        let req = authenticated_register(
-            alice,
-            &server,
-            &call_id,
-            2,
-            "pw-a",
-            &ch,
-            Algorithm::Md5,
-            &contacts,
-        );
-        alice.send(&req, server.addr)?;
-        let resp = alice.final_response_to(&req, WAIT)?;
-        Ok((
-            resp.msg.status().unwrap_or_default(),
-            resp.msg.reason().unwrap_or_default().to_owned(),
-        ))
+    let register = |alice: &mut Phone, contact: &str| {
+        register_contacts(alice, &server, "pw-a", &[contact.to_owned()])
     };
     for contact in [
         format!("<sip:alice@{billing}>"),
