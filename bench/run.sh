@@ -170,6 +170,8 @@ cat > "$CFG" <<EOF
 [dispatcher]
 id = "d1"
 grpc_listen = "127.0.0.1:$GRPC_PORT"
+# The defences are measured on: the links authenticated as in production.
+link_secret = "sipalias-bench-link-secret-0123"
 # One runtime thread each (the processor's default): on a 2-core host shared by five services
 # and sipp, a second thread per service only adds context switches (docs/benchmarks.md).
 worker_threads = 1
@@ -195,6 +197,7 @@ billing_url = "http://127.0.0.1:$BILLING_PORT"
 redis_url = "$REDIS_URL"
 key_prefix = "$KEY_PREFIX"
 auth_secret = "sipalias-bench-secret-0123456789"
+link_secret = "sipalias-bench-link-secret-0123"
 # No NAT keepalives: the anchor sends none either.
 keepalive_interval_secs = 0
 drain_timeout_secs = 2
@@ -209,6 +212,7 @@ listen = "127.0.0.1:$BILLING_PORT"
 redis_url = "$REDIS_URL"
 key_prefix = "$KEY_PREFIX"
 worker_threads = 1
+link_secret = "sipalias-bench-link-secret-0123"
 EOF
 
 # ---- redis -------------------------------------------------------------------------------------

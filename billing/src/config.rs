@@ -44,6 +44,11 @@ pub struct BillingConfig {
     /// on one thread, the cheapest per request where billing shares a small host (measured in
     /// docs/benchmarks.md).
     pub worker_threads: usize,
+    /// The cluster's shared secret (`billing.link_secret`): every call must present it
+    /// ([`sipalias_proto::link_auth`]), so only cluster members check digests, authorize and
+    /// account calls. Required unless `listen` is a loopback address.
+    #[serde(default)]
+    pub link_secret: String,
 }
 
 impl Default for BillingConfig {
@@ -55,6 +60,7 @@ impl Default for BillingConfig {
             default_max_duration_secs: 0,
             default_rate_plan: String::new(),
             worker_threads: 0,
+            link_secret: String::new(),
         }
     }
 }
@@ -93,6 +99,18 @@ impl BillingConfig {
     /// Checks what serde cannot: that the prefix is usable, the default rate plan is a valid
     /// name and the Redis URL parses.
     pub fn validate(&self) -> Result<(), Error> {
+        sipalias_proto::link_auth::validate(&self.link_secret)
+            .map_err(|why| key_error("link_secret", &why))?;
+        if self.link_secret.is_empty() && !self.listen.ip().is_loopback() {
+            return Err(key_error(
+                "link_secret",
+                &format!(
+                    "required when listen ({}) is not a loopback address: without it anyone who \
+                     reaches that port could authorize or end calls",
+                    self.listen
+                ),
+            ));
+        }
         if self.key_prefix.is_empty() {
             return Err(key_error("key_prefix", "must not be empty"));
         }
@@ -255,6 +273,21 @@ mod tests {
             "[billing]\ndefault_rate_plan = \"two words\"\n",
         ));
         assert!(msg.starts_with("billing.default_rate_plan: "), "{msg}");
+
+        // Off loopback, billing must know the cluster's secret; hostile secrets are refused.
+        let msg =
+            config_error(BillingConfig::from_toml_str("[billing]\nlisten = \"0.0.0.0:7080\"\n"));
+        assert!(msg.starts_with("billing.link_secret: required when listen"), "{msg}");
+        for bad in ["short", "0123456789abcdef\\r\\nX: y", "0123456789 abcdef"] {
+            let msg = config_error(BillingConfig::from_toml_str(&format!(
+                "[billing]\nlisten = \"0.0.0.0:7080\"\nlink_secret = \"{bad}\"\n"
+            )));
+            assert!(msg.starts_with("billing.link_secret: "), "{bad}: {msg}");
+        }
+        let ok = BillingConfig::from_toml_str(
+            "[billing]\nlisten = \"0.0.0.0:7080\"\nlink_secret = \"0123456789abcdef\"\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -319,9 +319,14 @@ pub async fn serve(
     let store = Store::connect(&config).await?;
     let addr = listener.local_addr()?;
     let service = BillingService::new(store);
+    let require = sipalias_proto::link_auth::Require::new(&config.link_secret)
+        .map_err(|why| Error::Config(format!("billing.link_secret: {why}")))?;
+    if config.link_secret.is_empty() {
+        tracing::warn!("no link_secret: any local process can call billing (loopback only)");
+    }
     info!("billing listening on {addr}");
     tonic::transport::Server::builder()
-        .add_service(BillingServer::new(service))
+        .add_service(BillingServer::with_interceptor(service, require))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     info!("billing stopped");

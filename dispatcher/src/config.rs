@@ -91,6 +91,10 @@ pub struct DispatcherConfig {
     /// thread, which costs the least CPU per message where the dispatcher shares a small host
     /// with processors (measured in docs/benchmarks.md).
     pub worker_threads: usize,
+    /// The cluster's shared secret (`dispatcher.link_secret`): every processor linking in and
+    /// every `status` call must present it ([`sipalias_proto::link_auth`]). Required unless
+    /// `grpc_listen` is a loopback address.
+    pub link_secret: String,
 }
 
 /// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
@@ -226,6 +230,18 @@ impl DispatcherConfig {
             return Err(key_error(
                 "heartbeat_timeout_secs",
                 format!("must be at most {MAX_HEARTBEAT_TIMEOUT_SECS}"),
+            ));
+        }
+        sipalias_proto::link_auth::validate(&self.link_secret)
+            .map_err(|why| key_error("link_secret", why))?;
+        if self.link_secret.is_empty() && !self.grpc_listen.ip().is_loopback() {
+            return Err(key_error(
+                "link_secret",
+                format!(
+                    "required when grpc_listen ({}) is not a loopback address: without it anyone \
+                     who reaches that port could link as a processor",
+                    self.grpc_listen
+                ),
             ));
         }
         self.streams.validate()?;
@@ -507,6 +523,8 @@ struct RawConfig {
     queue_depth: usize,
     #[serde(default)]
     worker_threads: usize,
+    #[serde(default)]
+    link_secret: String,
     #[serde(default = "default_heartbeat_timeout_secs")]
     heartbeat_timeout_secs: u64,
     #[serde(default = "default_max_message_size")]
@@ -627,6 +645,7 @@ impl RawConfig {
             retry_after_secs: self.retry_after_secs,
             queue_depth: self.queue_depth,
             worker_threads: self.worker_threads,
+            link_secret: self.link_secret,
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             streams: StreamLimits {
                 max_message_size: self.max_message_size,
@@ -947,6 +966,16 @@ mod tests {
                 "dispatcher.grpc_listen: \"nowhere\" is not a socket address",
             ),
             (minimal("queue_depth = 0"), "dispatcher.queue_depth: must be at least 1"),
+            (
+                minimal("grpc_listen = \"10.1.2.3:7070\""),
+                "dispatcher.link_secret: required when grpc_listen (10.1.2.3:7070) is not a \
+                 loopback address",
+            ),
+            (minimal("link_secret = \"short\""), "dispatcher.link_secret: must be 16 to 256"),
+            (
+                minimal("link_secret = \"0123456789abcdef\\r\\nX-Injected: 1\""),
+                "dispatcher.link_secret: may hold only visible ASCII characters",
+            ),
             (
                 minimal("heartbeat_timeout_secs = 0"),
                 "dispatcher.heartbeat_timeout_secs: must be at least 1",

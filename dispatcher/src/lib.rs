@@ -268,7 +268,13 @@ async fn serve(
             Ok(())
         });
     }
-    tasks.spawn(serve_grpc(Arc::clone(&ctx), listeners.grpc, grpc_addr, stop.clone()));
+    // Validated above, so this cannot fail; an error here would still stop start-up cleanly.
+    let require = sipalias_proto::link_auth::Require::new(&config.link_secret)
+        .map_err(|why| config::key_error("link_secret", why))?;
+    if config.link_secret.is_empty() {
+        warn!("no link_secret: any local process can link as a processor (loopback only)");
+    }
+    tasks.spawn(serve_grpc(Arc::clone(&ctx), listeners.grpc, grpc_addr, require, stop.clone()));
 
     let early = tokio::select! {
         () = shutdown => None,
@@ -307,6 +313,7 @@ async fn serve_grpc(
     ctx: Arc<Context>,
     listener: TcpListener,
     addr: SocketAddr,
+    require: sipalias_proto::link_auth::Require,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     info!("edge grpc listening on {addr}");
@@ -314,7 +321,7 @@ async fn serve_grpc(
     Server::builder()
         .http2_keepalive_interval(Some(LINK_KEEPALIVE))
         .http2_keepalive_timeout(Some(LINK_KEEPALIVE))
-        .add_service(EdgeServer::new(link::EdgeService::new(ctx)))
+        .add_service(EdgeServer::with_interceptor(link::EdgeService::new(ctx), require))
         .serve_with_incoming_shutdown(incoming, async move { stopped(&mut stop).await })
         .await?;
     Ok(())

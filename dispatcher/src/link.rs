@@ -155,6 +155,17 @@ struct NewLink {
     kick: oneshot::Sender<()>,
 }
 
+/// What became of a `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// Linked as session `session`; `replaced`: a silent link with that id was closed.
+    Joined { session: u64, replaced: bool },
+    /// A live link already holds the id (from `peer`): refused.
+    Taken { peer: Option<SocketAddr> },
+    /// The new link's stream is already gone.
+    Gone,
+}
+
 /// How many processors are left after one leaves or drains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Remaining {
@@ -231,17 +242,32 @@ impl Membership {
         members.by_id.values().filter(|m| m.tx.try_send(msg.clone()).is_err()).count()
     }
 
-    /// Registers `id` on a new link, replacing any previous link with that id, and queues
-    /// `welcome` on it while still holding the lock, so the welcome is the first message on
-    /// the stream and the processor is routable as soon as it has it. Returns the session
-    /// number and whether a previous link was replaced, or `None` if the link's stream is
-    /// already gone.
-    fn join(&self, id: &str, link: NewLink, welcome: DispatcherMessage) -> Option<(u64, bool)> {
+    /// Registers `id` on a new link and queues `welcome` on it while still holding the lock,
+    /// so the welcome is the first message on the stream and the processor is routable as soon
+    /// as it has it. A previous link with that id is replaced only when nothing has arrived on
+    /// it for `stale_after` (its processor restarted, or its host vanished): a live processor's
+    /// traffic, digests included, never moves to whoever says `Hello` with its id.
+    fn join(
+        &self,
+        id: &str,
+        link: NewLink,
+        welcome: DispatcherMessage,
+        stale_after: Duration,
+    ) -> Join {
         let mut members = self.write();
-        link.tx.try_send(welcome).ok()?;
+        let now = self.now_ms();
+        if let Some(old) = members.by_id.get(id) {
+            let silent = now.saturating_sub(old.stats.last_seen_ms.load(Ordering::Relaxed));
+            if u128::from(silent) < stale_after.as_millis() {
+                return Join::Taken { peer: old.peer };
+            }
+        }
+        if link.tx.try_send(welcome).is_err() {
+            return Join::Gone;
+        }
         members.next_session += 1;
         let session = members.next_session;
-        link.stats.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
+        link.stats.last_seen_ms.store(now, Ordering::Relaxed);
         let member = Member {
             session,
             tx: link.tx,
@@ -258,7 +284,7 @@ impl Membership {
         // A replacement starts afresh: not draining.
         members.live.retain(|l| l.id != id);
         members.live.push(Live { id, draining: false });
-        Some((session, replaced))
+        Join::Joined { session, replaced }
     }
 
     /// Marks `id` as draining if it is still the link `session` and was not draining yet.
@@ -463,12 +489,24 @@ async fn run_link(
         stats: Arc::clone(&stats),
         kick,
     };
-    let Some((session, replaced)) = ctx.members.join(&id, link, welcome) else {
-        debug!(%peer, "processor {id} left before its welcome");
-        return;
+    let (session, replaced) = match ctx.members.join(&id, link, welcome, ctx.heartbeat_timeout) {
+        Join::Joined { session, replaced } => (session, replaced),
+        Join::Taken { peer: holder } => {
+            let holder = holder.map_or_else(|| "an unknown peer".to_owned(), |p| p.to_string());
+            let reason = format!(
+                "processor id {id} is linked and alive (from {holder}); a new link with that id \
+                 is refused until the old one ends or is silent for heartbeat_timeout_secs"
+            );
+            refuse_link(&tx, &peer, &reason);
+            return;
+        }
+        Join::Gone => {
+            debug!(%peer, "processor {id} left before its welcome");
+            return;
+        }
     };
     if replaced {
-        info!(%peer, "processor {id} reconnected: its previous link is closed");
+        info!(%peer, "processor {id} reconnected: its previous, silent link is closed");
     }
     info!(%peer, capacity = hello.capacity, "processor {id} connected");
 
@@ -603,7 +641,10 @@ mod tests {
         let (kick, kicked) = oneshot::channel();
         let stats = Arc::new(LinkStats::default());
         let link = NewLink { capacity, peer: None, tx, stats: Arc::clone(&stats), kick };
-        let Some((session, replaced)) = m.join(id, link, inbound()) else { panic!("join") };
+        // Stale at once: these tests replace links freely (refusal has its own test).
+        let Join::Joined { session, replaced } = m.join(id, link, inbound(), Duration::ZERO) else {
+            panic!("join")
+        };
         (Linked { session, rx, stats, _kicked: kicked }, replaced)
     }
 
@@ -635,7 +676,11 @@ mod tests {
         let stats1 = Arc::new(LinkStats::default());
         let link =
             NewLink { capacity: 10, peer: None, tx: tx1, stats: Arc::clone(&stats1), kick: kick1 };
-        let Some((s1, false)) = m.join("p1", link, inbound()) else { panic!("join") };
+        let Join::Joined { session: s1, replaced: false } =
+            m.join("p1", link, inbound(), Duration::ZERO)
+        else {
+            panic!("join")
+        };
         assert!(rx1.try_recv().is_ok(), "welcome queued first");
         assert_eq!(m.deliver(&s, inbound()), Delivery::Queued(Arc::from("p1")));
         assert_eq!(m.deliver(&s, inbound()), Delivery::Queued(Arc::from("p1")));
@@ -717,6 +762,38 @@ mod tests {
             Delivery::NoProcessor
         );
         assert_eq!(m.deliver(&keys(&p1_gets[2]), inbound()), Delivery::Queued("p1".into()));
+    }
+
+    /// A `Hello` with the id of a processor heard from within the heartbeat timeout is refused
+    /// and the live link keeps its traffic; once that link is silent that long, it is replaced.
+    #[test]
+    fn a_live_processor_id_cannot_be_taken_over() {
+        let m = Membership::default();
+        let (mut p1, _) = join(&m, "p1", 0, 4);
+        let _ = p1.rx.try_recv(); // welcome
+        let new_link = || {
+            let (tx, rx) = mpsc::channel(4);
+            let (kick, _) = oneshot::channel();
+            let link = NewLink { capacity: 0, peer: None, tx, stats: Arc::default(), kick };
+            (link, rx)
+        };
+        let (rogue, mut rogue_rx) = new_link();
+        let timeout = Duration::from_secs(3600);
+        assert_eq!(m.join("p1", rogue, inbound(), timeout), Join::Taken { peer: None });
+        assert!(rogue_rx.try_recv().is_err(), "no welcome for the refused link");
+        let options = request("OPTIONS", "sip:x", "c1");
+        let s = keys(&options);
+        assert_eq!(m.deliver(&s, inbound()), Delivery::Queued("p1".into()));
+        assert!(p1.rx.try_recv().is_ok(), "the live processor keeps its traffic");
+        assert_eq!(m.status().len(), 1);
+
+        // Silent for the whole timeout (here: zero): the newcomer replaces it.
+        let (late, mut late_rx) = new_link();
+        assert!(matches!(
+            m.join("p1", late, inbound(), Duration::ZERO),
+            Join::Joined { replaced: true, .. }
+        ));
+        assert!(late_rx.try_recv().is_ok(), "welcome");
     }
 
     #[test]

@@ -124,8 +124,12 @@ fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
 /// `status`: asks each dispatcher (the `--grpc` URLs, else the configuration's `grpc_listen`)
 /// for its cluster view and prints it.
 fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
+    // The configuration also gives the link secret; with --grpc URLs and no usable file,
+    // none is presented (enough for a dispatcher without one, on loopback).
+    let loaded = DispatcherConfig::load(path);
+    let secret = loaded.as_ref().map(|c| c.link_secret.clone()).unwrap_or_default();
     let urls: Vec<String> = if grpc.is_empty() {
-        match DispatcherConfig::load(path) {
+        match loaded {
             Ok(config) => vec![status::url_for_listen(config.grpc_listen)],
             Err(e) => {
                 eprintln!("sipalias-dispatcher status: configuration error: {e}");
@@ -148,7 +152,7 @@ fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
         if i > 0 {
             println!();
         }
-        match runtime.block_on(query(url)) {
+        match runtime.block_on(query(url, &secret)) {
             Ok(answer) => print!("{}", status::render(url, &answer)),
             Err(e) => {
                 eprintln!("sipalias-dispatcher status: {url}: {e:#}");
@@ -159,13 +163,15 @@ fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
     code
 }
 
-async fn query(url: &str) -> anyhow::Result<sipalias_proto::edge::StatusResponse> {
+async fn query(url: &str, secret: &str) -> anyhow::Result<sipalias_proto::edge::StatusResponse> {
+    let present = sipalias_proto::link_auth::Present::new(secret)
+        .map_err(|why| anyhow::anyhow!("dispatcher.link_secret: {why}"))?;
     let endpoint = Endpoint::from_shared(url.to_owned())
         .context("not a URL")?
         .connect_timeout(STATUS_TIMEOUT)
         .timeout(STATUS_TIMEOUT);
     let channel = endpoint.connect().await.context("cannot connect")?;
-    let answer = EdgeClient::new(channel)
+    let answer = EdgeClient::with_interceptor(channel, present)
         .status(StatusRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("status call failed: {}", s.message()))?;

@@ -8,7 +8,9 @@ use sipalias_proto::billing::{
     AccountStatus, AccountingStartRequest, AccountingStopRequest, AuthorizeRequest,
     AuthorizeResponse, DigestAlgorithm, GetAccountRequest, VerifyDigestRequest,
 };
+use sipalias_proto::link_auth::Present;
 use sipmsg::digest::{Algorithm, Credentials};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
@@ -16,7 +18,7 @@ use crate::error::Error;
 /// A connection to billing, cheap to clone.
 #[derive(Clone)]
 pub struct Billing {
-    client: BillingClient<Channel>,
+    client: BillingClient<InterceptedService<Channel, Present>>,
     timeout: Duration,
 }
 
@@ -72,13 +74,17 @@ fn digest_request(
 }
 
 impl Billing {
-    /// A lazily connecting client: the processor starts even while billing is down.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, Error> {
+    /// A lazily connecting client presenting the cluster's `link_secret` on every call: the
+    /// processor starts even while billing is down.
+    pub fn new(url: &str, link_secret: &str, timeout: Duration) -> Result<Self, Error> {
+        let present = Present::new(link_secret)
+            .map_err(|why| Error::Config(format!("processor.link_secret: {why}")))?;
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::Config(format!("processor.billing_url: {e}")))?
             .connect_timeout(timeout)
             .timeout(timeout);
-        Ok(Billing { client: BillingClient::new(endpoint.connect_lazy()), timeout })
+        let client = BillingClient::with_interceptor(endpoint.connect_lazy(), present);
+        Ok(Billing { client, timeout })
     }
 
     async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, Error>

@@ -29,6 +29,11 @@ pub struct ProcessorConfig {
     pub key_prefix: String,
     /// Cluster secret for stateless nonces; every processor must share it.
     pub auth_secret: String,
+    /// The cluster's link secret, presented on every edge link and billing call
+    /// ([`sipalias_proto::link_auth`]); it must equal the dispatchers' and billing's
+    /// `link_secret`. Empty: none presented (only dispatchers and billing on loopback accept
+    /// that).
+    pub link_secret: String,
     /// Seconds a nonce stays fresh; older ones get `stale=true`.
     pub nonce_ttl_secs: u64,
     /// Shortest registration accepted (`423` below it).
@@ -158,6 +163,7 @@ impl Default for ProcessorConfig {
             redis_url: "redis://127.0.0.1:6379/".into(),
             key_prefix: "sipalias:".into(),
             auth_secret: String::new(),
+            link_secret: String::new(),
             nonce_ttl_secs: 300,
             min_expires: 60,
             max_expires: 3600,
@@ -264,6 +270,9 @@ impl ProcessorConfig {
                 "auth_secret",
                 "must be at least 16 characters, shared by all processors".into(),
             );
+        }
+        if let Err(why) = sipalias_proto::link_auth::validate(&self.link_secret) {
+            return bad("link_secret", why);
         }
         if self.min_expires == 0 || self.min_expires > self.max_expires {
             return bad("min_expires", "must be at least 1 and at most max_expires".into());

@@ -103,7 +103,13 @@ pub async fn maintain(node: Arc<Node>, url: String) {
 }
 
 async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
-    let mut client = EdgeClient::connect(url.to_owned()).await.map_err(|e| e.to_string())?;
+    let present = sipalias_proto::link_auth::Present::new(node.link_secret())?;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = EdgeClient::with_interceptor(channel, present);
     let (tx, rx) = mpsc::channel(QUEUE);
     let hello = ProcessorMessage {
         kind: Some(PKind::Hello(Hello { node_id: node.id().to_owned(), capacity: 10_000 })),

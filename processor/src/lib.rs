@@ -39,7 +39,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let timeout = Duration::from_millis(config.billing_timeout_ms.max(200));
     let location = connect_redis(&config, timeout).await?;
-    let billing = billing::Billing::new(&config.billing_url, timeout)?;
+    let billing = billing::Billing::new(&config.billing_url, &config.link_secret, timeout)?;
     let node = node::Node::new(config.clone(), location, billing);
     tracing::info!(id = %config.id, "processor started");
     let mut tasks = tokio::task::JoinSet::new();

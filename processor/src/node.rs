@@ -146,6 +146,11 @@ impl Node {
         &self.config.id
     }
 
+    /// The cluster's link secret, presented to dispatchers and billing.
+    pub fn link_secret(&self) -> &str {
+        &self.config.link_secret
+    }
+
     /// The dispatcher links.
     pub fn links(&self) -> &Links {
         &self.links

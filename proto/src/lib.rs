@@ -3,6 +3,9 @@
 //! - [`edge`]: the bidirectional stream between a processor and a dispatcher.
 //! - [`billing`]: the billing service a processor calls to authenticate,
 //!   authorize and account for calls.
+//! - [`link_auth`]: the shared secret that authenticates both links.
+
+pub mod link_auth;
 
 /// The dispatcher ⇄ processor edge link (`proto/edge.proto`).
 #[allow(missing_docs, clippy::all)]

@@ -52,6 +52,8 @@ pub const D2_ALIAS_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
 pub const D2_ALIAS_REALM: &str = "sip.third-old.example";
 /// Prefix of every Redis key; not the default, to prove the setting is honoured.
 pub const KEY_PREFIX: &str = "e2e:";
+/// The cluster's link secret: every dispatcher, processor and billing of a test cluster has it.
+pub const LINK_SECRET: &str = "e2e-cluster-link-secret";
 
 /// How long a service gets to come up, and a processor to (dis)connect.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,6 +181,8 @@ pub struct Cluster {
     config: PathBuf,
     /// Billing's gRPC address.
     billing_addr: SocketAddr,
+    /// The (first) dispatcher's edge gRPC address.
+    edge_addr: SocketAddr,
     sip_port: u16,
     extra_port: u16,
     streams: StreamPorts,
@@ -313,6 +317,7 @@ impl Cluster {
             redis,
             config,
             billing_addr,
+            edge_addr: grpc,
             sip_port,
             extra_port,
             streams,
@@ -350,6 +355,11 @@ impl Cluster {
     /// Billing's gRPC address (a TCP service of the cluster).
     pub fn billing_addr(&self) -> SocketAddr {
         self.billing_addr
+    }
+
+    /// The (first) dispatcher's edge gRPC address, where processors link in.
+    pub fn edge_addr(&self) -> SocketAddr {
+        self.edge_addr
     }
 
     /// The first alias (UDP); its phones use the alias IP as their domain.
@@ -890,6 +900,7 @@ fn second_dispatcher_toml(grpc: SocketAddr, sip_port: u16) -> String {
 id = "d2"
 grpc_listen = "{grpc}"
 retry_after_secs = 5
+link_secret = "{LINK_SECRET}"
 
 [dispatcher.main]
 ip = "{D2_MAIN_IP}"
@@ -983,6 +994,7 @@ fn config_toml(v: &ConfigValues<'_>) -> String {
 id = "d1"
 grpc_listen = "{grpc}"
 retry_after_secs = 5
+link_secret = "{LINK_SECRET}"
 {dispatcher_toml}
 
 [dispatcher.main]
@@ -1015,6 +1027,7 @@ billing_url = "http://{billing}"
 redis_url = "{redis_url}"
 key_prefix = "{KEY_PREFIX}"
 auth_secret = "e2e-shared-secret"
+link_secret = "{LINK_SECRET}"
 keepalive_interval_secs = {keepalive_interval_secs}
 {t1}{processor_toml}
 
@@ -1022,6 +1035,7 @@ keepalive_interval_secs = {keepalive_interval_secs}
 listen = "{billing}"
 redis_url = "{redis_url}"
 key_prefix = "{KEY_PREFIX}"
+link_secret = "{LINK_SECRET}"
 "#
     )
 }
@@ -1088,7 +1102,11 @@ mod tests {
         assert!(toml.contains("extra_tcp_ports = [15090]"));
         assert!(toml.contains("t1_ms = 50\n"));
         assert!(toml.contains("dispatchers = [\"http://127.0.0.1:7070\"]"));
-        assert!(toml.contains("retry_after_secs = 5\nmax_connections_per_ip = 5\n"));
+        assert!(
+            toml.contains(
+                "link_secret = \"e2e-cluster-link-secret\"\nmax_connections_per_ip = 5\n"
+            )
+        );
         assert!(!toml.contains("tls"), "no TLS without certificates:\n{toml}");
         assert!(!config_toml(&ConfigValues { t1_ms: None, ..v }).contains("t1_ms"));
     }

@@ -156,6 +156,15 @@ impl FakeProcessor {
         Ok(Self { tx, rx, welcome, load: Arc::default() })
     }
 
+    /// A processor from a link already opened with [`FakeProcessor::open`] and welcomed.
+    pub fn from_parts(
+        tx: mpsc::Sender<ProcessorMessage>,
+        rx: Streaming<DispatcherMessage>,
+        welcome: Welcome,
+    ) -> Self {
+        Self { tx, rx, welcome, load: Arc::default() }
+    }
+
     /// Says `Drain`: send me no new work.
     pub async fn drain(&self) -> Result<()> {
         self.tx.send(ProcessorMessage { kind: Some(PKind::Drain(Drain {})) }).await?;

@@ -226,14 +226,36 @@ async fn hello_with_a_bad_node_id_is_refused() -> Result<()> {
     d.shutdown().await
 }
 
+/// A `Hello` with the id of a live processor is refused (its traffic, digests included, never
+/// moves to whoever says its name); once the old link has ended the id is free again.
 #[tokio::test]
-async fn a_second_hello_with_the_same_id_replaces_the_first() -> Result<()> {
+async fn a_second_hello_with_a_live_id_is_refused_and_the_first_keeps_its_traffic() -> Result<()> {
     let d = Dispatcher::start().await?;
     let mut old = FakeProcessor::connect(d.grpc, "fp1").await?;
-    let mut new = FakeProcessor::connect(d.grpc, "fp1").await?;
-    assert!(old.ended().await, "the replaced link is closed");
+    let (_tx, mut rx) = FakeProcessor::open(d.grpc, "fp1").await?;
+    match next(&mut rx).await? {
+        DKind::Error(e) => assert!(e.reason.contains("is linked and alive"), "{}", e.reason),
+        other => bail!("expected an edge error, got {other:?}"),
+    }
+    let end = timeout(EVENT, rx.message()).await.context("refused link not ended")?;
+    ensure!(matches!(end, Ok(None) | Err(_)), "refused link still open: {end:?}");
     let phone = Phone::new().await?;
-    let options = request("OPTIONS", "sip:127.0.0.1", "after-replace");
+    let options = request("OPTIONS", "sip:127.0.0.1", "after-refusal");
+    phone.send(d.main, options.as_bytes()).await?;
+    assert_eq!(old.next_inbound().await?.message, options.as_bytes());
+
+    // The old link ends: the id links again. Leaving is noticed asynchronously, so retry the
+    // hello (each attempt waits for its answer) until it is welcomed.
+    drop(old);
+    let mut new = loop {
+        let (tx, mut rx) = FakeProcessor::open(d.grpc, "fp1").await?;
+        match next(&mut rx).await? {
+            DKind::Welcome(welcome) => break FakeProcessor::from_parts(tx, rx, welcome),
+            DKind::Error(e) if e.reason.contains("is linked and alive") => continue,
+            other => bail!("expected a welcome, got {other:?}"),
+        }
+    };
+    let options = request("OPTIONS", "sip:127.0.0.1", "after-leave");
     phone.send(d.main, options.as_bytes()).await?;
     assert_eq!(new.next_inbound().await?.message, options.as_bytes());
     d.shutdown().await

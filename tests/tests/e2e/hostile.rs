@@ -66,7 +66,11 @@ fn alice_and_bob() -> Result<(Cluster, Server, Phone, Phone)> {
 }
 
 /// `caller` calls `callee` through `server`; the call is answered and ACKed.
-fn answered(caller: &mut Phone, server: &Server, callee: &mut Phone) -> Result<(Call, Call)> {
+pub(crate) fn answered(
+    caller: &mut Phone,
+    server: &Server,
+    callee: &mut Phone,
+) -> Result<(Call, Call)> {
     let offer = sdp(caller.user(), caller.addr().ip(), 40_000);
     let mut call = caller.invite(server, callee.user(), &offer)?;
     let invite = callee.recv_request("INVITE", WAIT)?;

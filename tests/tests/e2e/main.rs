@@ -15,6 +15,7 @@ mod cluster;
 mod failures;
 mod hostile;
 mod keepalive;
+mod links;
 mod phones;
 mod registration;
 mod sipp;
