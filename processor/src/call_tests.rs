@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sipmsg::SipMessage;
 
 use crate::b2bua::{CallPlan, Target, Work};
-use crate::core::Core;
+use crate::core::{Core, Limits};
 use crate::ids::Ids;
 use crate::transaction::{ServerKey, Timers};
 use crate::transport::{Egress, Ingress, LocalAddr, Transmit, Transport};
@@ -927,4 +927,64 @@ fn auto_answer_headers_of_a_trusted_caller_are_passed_on() {
     assert_eq!(b.headers_named("alert-info").count(), 3);
     assert_eq!(b.header("answer-mode"), Some("Auto"));
     assert_eq!(b.header("priv-answer-mode"), Some("Auto;require"));
+}
+
+/// Past its limits the core turns new INVITEs and REGISTERs away with a stateless `503` and
+/// `Retry-After` (no transaction, nothing retransmitted), while retransmissions of what it
+/// holds, requests within calls and other requests still pass.
+#[test]
+fn past_its_limits_new_invites_and_registers_get_503_and_held_work_goes_on() {
+    let mut h = Harness::new();
+    h.core.set_limits(Limits {
+        max_server_transactions: 1,
+        max_setup_in_flight: 100,
+        retry_after_secs: 7,
+    });
+    h.send(&invite("held@caller", "z9hG4bKheld"), ingress(MAIN, CALLER));
+    assert!(matches!(h.work().as_slice(), [Work::Invite { .. }]), "the first INVITE is taken");
+    assert_eq!(h.core.load().1, 1);
+
+    let register = "REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKr1\r\n\
+Max-Forwards: 70\r\nFrom: <sip:bob@127.0.0.1>;tag=r1\r\nTo: <sip:bob@127.0.0.1>\r\n\
+Call-ID: reg@caller\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@127.0.0.20:5000>\r\nContent-Length: 0\r\n\r\n";
+    for new in [invite("new@caller", "z9hG4bKnew"), register.to_owned()] {
+        h.send(&new, ingress(MAIN, CALLER));
+        let out = h.out();
+        assert_eq!(out.len(), 1, "one answer");
+        let (t, m) = &out[0];
+        assert_eq!(m.status(), Some(503));
+        assert_eq!(m.header("retry-after"), Some("7"));
+        assert_eq!(t.egress.remote, addr(CALLER));
+        assert!(h.work().is_empty(), "no work started");
+        assert_eq!(h.core.load().1, 1, "no transaction kept for the 503");
+    }
+    // Nothing is retransmitted for a stateless 503.
+    let later = h.now + Duration::from_secs(4);
+    h.advance_to(later);
+    assert!(h.out().iter().all(|(_, m)| m.status() != Some(503)), "503 never repeated");
+
+    // The held INVITE's retransmission is absorbed by its transaction, not refused.
+    h.send(&invite("held@caller", "z9hG4bKheld"), ingress(MAIN, CALLER));
+    assert!(h.out().iter().all(|(_, m)| m.status() != Some(503)));
+    // A request within a call (To tag) is not new work: it is matched (here: 481).
+    let bye = "BYE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKb1\r\n\
+Max-Forwards: 70\r\nFrom: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag=zz\r\n\
+Call-ID: other@caller\r\nCSeq: 3 BYE\r\nContent-Length: 0\r\n\r\n";
+    h.send(bye, ingress(MAIN, CALLER));
+    let statuses: Vec<_> = h.out().iter().map(|(_, m)| m.status()).collect();
+    assert!(!statuses.contains(&Some(503)), "{statuses:?}");
+
+    // The setup bound works the same way.
+    let mut h = Harness::new();
+    h.core.set_limits(Limits {
+        max_server_transactions: 100,
+        max_setup_in_flight: 2,
+        retry_after_secs: 5,
+    });
+    h.core.set_setup_in_flight(2);
+    h.send(&invite("c9@caller", "z9hG4bKc9"), ingress(MAIN, CALLER));
+    assert_eq!(h.out().first().and_then(|(_, m)| m.status()), Some(503));
+    h.core.set_setup_in_flight(1);
+    h.send(&invite("c9@caller", "z9hG4bKc9"), ingress(MAIN, CALLER));
+    assert!(matches!(h.work().as_slice(), [Work::Invite { .. }]), "room again: taken");
 }

@@ -111,6 +111,13 @@ pub struct ProcessorConfig {
     /// Requests whose `User-Agent` contains one of these (any case) are dropped without an
     /// answer: known SIP scanners.
     pub scanner_user_agents: Vec<String>,
+    /// Server transactions held at which new INVITEs and REGISTERs get `503` + `Retry-After`
+    /// (sent statelessly); requests within calls, ACK, CANCEL and responses still pass. Bounds
+    /// the processor's memory: a transaction holds its request and last response (≈ 2 KB).
+    pub max_server_transactions: usize,
+    /// Registrations and call setups waiting on Redis or billing at which new INVITEs and
+    /// REGISTERs get `503` + `Retry-After`: a slow Redis or billing cannot pile up work.
+    pub max_setup_in_flight: usize,
 }
 
 /// Longest `ban_secs` accepted: a week (a longer one belongs in a firewall).
@@ -211,6 +218,8 @@ impl Default for ProcessorConfig {
             ]
             .map(String::from)
             .to_vec(),
+            max_server_transactions: 200_000,
+            max_setup_in_flight: 4096,
         }
     }
 }
@@ -319,6 +328,12 @@ impl ProcessorConfig {
         if self.no_answer_timeout_secs > MAX_RING_SECS {
             return bad("no_answer_timeout_secs", format!("must be at most {MAX_RING_SECS}"));
         }
+        if self.max_server_transactions == 0 {
+            return bad("max_server_transactions", "must be at least 1".into());
+        }
+        if self.max_setup_in_flight == 0 {
+            return bad("max_setup_in_flight", "must be at least 1".into());
+        }
         if self.ban_secs == 0 || self.ban_secs > MAX_BAN_SECS {
             return bad("ban_secs", format!("must be between 1 and {MAX_BAN_SECS}"));
         }
@@ -366,6 +381,15 @@ impl ProcessorConfig {
             timer_c: Duration::from_secs(u64::from(self.timer_c_secs)),
             no_answer: (self.no_answer_timeout_secs > 0)
                 .then(|| Duration::from_secs(u64::from(self.no_answer_timeout_secs))),
+        }
+    }
+
+    /// The bounds on held work.
+    pub fn limits(&self) -> crate::core::Limits {
+        crate::core::Limits {
+            max_server_transactions: self.max_server_transactions,
+            max_setup_in_flight: self.max_setup_in_flight,
+            retry_after_secs: self.retry_after_secs,
         }
     }
 }
@@ -458,6 +482,11 @@ mod tests {
             ("scanner_user_agents=['ok', ' ']", "processor.scanner_user_agents[1]"),
             ("scanner_user_agents=[\"a\\u0000b\"]", "processor.scanner_user_agents[0]"),
             ("ban_secs=604801", "processor.ban_secs"),
+            ("max_server_transactions=0", "processor.max_server_transactions"),
+            ("max_server_transactions=-5", "max_server_transactions"),
+            ("max_setup_in_flight=0", "processor.max_setup_in_flight"),
+            ("link_secret='short'", "processor.link_secret"),
+            ("link_secret=\"0123456789abcdef\\r\\nX: 1\"", "processor.link_secret"),
             ("auth_failures_per_minute='many'", "auth_failures_per_minute"),
             (
                 "billing_outage='allow'\nbilling_outage_max_duration_secs=0",

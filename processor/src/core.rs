@@ -30,6 +30,33 @@ pub struct Core {
     work: Vec<Work>,
     /// Keepalive OPTIONS in flight: client transaction → (AOR, binding field).
     keepalives: HashMap<ClientKey, (String, String)>,
+    /// Bounds on held work, past which new calls and registrations are turned away.
+    limits: Limits,
+    /// Registrations and calls being set up by async work right now (the node keeps count).
+    setup_in_flight: usize,
+}
+
+/// How much a processor holds before it turns new INVITEs and REGISTERs away with `503` (in
+/// dialog requests, ACK, CANCEL and responses always pass: they finish work already held).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Server transactions held.
+    pub max_server_transactions: usize,
+    /// Registrations and call setups waiting on Redis or billing.
+    pub max_setup_in_flight: usize,
+    /// `Retry-After` of the `503`.
+    pub retry_after_secs: u32,
+}
+
+impl Default for Limits {
+    /// No bounds (unit tests of the core).
+    fn default() -> Self {
+        Limits {
+            max_server_transactions: usize::MAX,
+            max_setup_in_flight: usize::MAX,
+            retry_after_secs: 5,
+        }
+    }
 }
 
 /// A NAT keepalive to send to one binding.
@@ -59,6 +86,30 @@ impl Core {
             out: Vec::new(),
             work: Vec::new(),
             keepalives: HashMap::new(),
+            limits: Limits::default(),
+            setup_in_flight: 0,
+        }
+    }
+
+    /// Sets the bounds on held work.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Tells the core how many registrations and call setups are in flight (the node counts
+    /// its async work).
+    pub fn set_setup_in_flight(&mut self, n: usize) {
+        self.setup_in_flight = n;
+    }
+
+    /// Why a new INVITE or REGISTER would be turned away now, if it would.
+    fn overloaded(&self) -> Option<&'static str> {
+        if self.tx.len().1 >= self.limits.max_server_transactions {
+            Some("server transactions at max_server_transactions")
+        } else if self.setup_in_flight >= self.limits.max_setup_in_flight {
+            Some("setups in flight at max_setup_in_flight")
+        } else {
+            None
         }
     }
 
@@ -95,6 +146,13 @@ impl Core {
         if msg.is_request() {
             if let Err(e) = check_request(&msg) {
                 self.reject(&msg, &e, &ingress);
+                return;
+            }
+            if let Some(why) = self.overloaded()
+                && starts_new_work(&msg)
+                && !self.tx.holds_server(&msg)
+            {
+                self.shed(&msg, &ingress, why);
                 return;
             }
             stamp_received(&mut msg, &ingress);
@@ -135,6 +193,17 @@ impl Core {
         }
         let resp =
             SipMessage::response_to(req, e.status(), &e.reason_phrase(), Some(&self.ids.tag()));
+        self.out.push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
+    }
+
+    /// Turns a new INVITE or REGISTER away while overloaded: `503` with `Retry-After`, sent
+    /// statelessly (no transaction is created, nothing is retransmitted, so overload costs no
+    /// memory and a spoofed flood is not reflected more than once per request).
+    fn shed(&mut self, req: &SipMessage, ingress: &Ingress, why: &str) {
+        tracing::debug!(remote = %ingress.remote, "overloaded ({why}): 503 to a new request");
+        let mut resp =
+            SipMessage::response_to(req, 503, "Service Unavailable", Some(&self.ids.tag()));
+        resp.push_header("Retry-After", self.limits.retry_after_secs.to_string());
         self.out.push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
     }
 
@@ -421,6 +490,15 @@ fn route_request(
             reply(cx, 405, "Method Not Allowed", Some(("Allow", ALLOW)))
         }
         _ => reply(cx, 501, "Not Implemented", Some(("Allow", ALLOW))),
+    }
+}
+
+/// Whether `req` would start new work: an INVITE outside a dialog or a REGISTER.
+fn starts_new_work(req: &SipMessage) -> bool {
+    match req.method() {
+        Some("REGISTER") => true,
+        Some("INVITE") => !req.to().ok().is_some_and(|t| t.tag().is_some()),
+        _ => false,
     }
 }
 

@@ -119,7 +119,11 @@ impl Node {
             destinations: DestinationPolicy::new(&config),
             scanners: config.scanner_user_agents.iter().map(|s| s.to_ascii_lowercase()).collect(),
             algorithms: config.algorithms(),
-            core: Mutex::new(Core::new(config.timers(), ids.clone())),
+            core: Mutex::new({
+                let mut core = Core::new(config.timers(), ids.clone());
+                core.set_limits(config.limits());
+                core
+            }),
             ids,
             timer: Notify::new(),
             links: Links::default(),
@@ -174,6 +178,7 @@ impl Node {
     fn with_core(self: &Arc<Self>, f: impl FnOnce(&mut Core, Instant, u64)) {
         let (transmits, work) = {
             let mut core = self.lock();
+            core.set_setup_in_flight(self.in_flight.load(std::sync::atomic::Ordering::SeqCst));
             f(&mut core, Instant::now(), wall_ms());
             let mut t = Vec::new();
             while let Some(x) = core.poll_transmit() {

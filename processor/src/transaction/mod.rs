@@ -414,6 +414,11 @@ impl TransactionLayer {
         self.prune();
     }
 
+    /// Whether `request` belongs to a server transaction held now (it is a retransmission).
+    pub fn holds_server(&self, request: &SipMessage) -> bool {
+        ServerKey::from_request(request).is_some_and(|key| self.servers.contains_key(&key))
+    }
+
     fn handle_ack(&mut self, now: Instant, key: ServerKey, ack: SipMessage, ingress: Ingress) {
         if let Some(tx) = self.servers.get_mut(&key) {
             let before = tx.next_deadline();
