@@ -497,7 +497,7 @@ fn route_request(
 fn starts_new_work(req: &SipMessage) -> bool {
     match req.method() {
         Some("REGISTER") => true,
-        Some("INVITE") => !req.to().ok().is_some_and(|t| t.tag().is_some()),
+        Some("INVITE") => req.to().ok().is_none_or(|t| t.tag().is_none()),
         _ => false,
     }
 }
