@@ -20,6 +20,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 use sipalias_proto::edge::{LocalSocket, Transport};
+use sipmsg::net::Net;
 use sipmsg::scan::is_valid_node_id;
 
 use crate::error::Error;
@@ -63,6 +64,16 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
 /// Default of `dispatcher.tls_reload_secs`.
 pub const DEFAULT_TLS_RELOAD_SECS: u64 = 5;
 
+/// Default of `dispatcher.source_rate_limit`: messages a second from one source. A phone sends
+/// a few a minute, an office of a hundred behind one NAT a few a second; floods and password
+/// guessers send thousands.
+pub const DEFAULT_SOURCE_RATE_LIMIT: u32 = 500;
+/// Default of `dispatcher.max_outbound_connections`.
+pub const DEFAULT_MAX_OUTBOUND_CONNECTIONS: usize = 2_000;
+/// Default of `dispatcher.source_rate_ban_secs`.
+pub const DEFAULT_SOURCE_RATE_BAN_SECS: u64 = 60;
+/// Longest `dispatcher.source_rate_ban_secs` accepted: a day.
+pub const MAX_SOURCE_RATE_BAN_SECS: u64 = 86_400;
 /// The validated `[dispatcher]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DispatcherConfig {
@@ -95,6 +106,11 @@ pub struct DispatcherConfig {
     /// every `status` call must present it ([`sipalias_proto::link_auth`]). Required unless
     /// `grpc_listen` is a loopback address.
     pub link_secret: String,
+    /// The edge guard: rate limit, bans, scanners, admission (the `dispatcher.*` guard keys).
+    pub guard: crate::guard::GuardConfig,
+    /// Networks never sent to (`dispatcher.destination_deny_networks`, default unspecified,
+    /// multicast, broadcast, link-local), each with its text as configured.
+    pub destination_deny_networks: Vec<(String, Net)>,
 }
 
 /// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
@@ -111,8 +127,12 @@ pub struct StreamLimits {
     /// a TLS handshake, an outbound connect and one write (`tcp_message_timeout_secs`,
     /// default 10).
     pub message_timeout: Duration,
-    /// Open connections in total, accepted and opened (`max_connections`, default 10,000).
+    /// Connections accepted from phones and open at once (`max_connections`, default 10,000).
     pub max_connections: usize,
+    /// Connections the dispatcher opened toward phones and open at once
+    /// (`max_outbound_connections`, default 2,000): a budget of their own, so sends toward
+    /// unreachable or hostile Contacts cannot use up the room real phones connect into.
+    pub max_outbound_connections: usize,
     /// Accepted connections from one source IP (`max_connections_per_ip`, default 100).
     pub max_connections_per_ip: usize,
     /// How often certificate and key files are checked for changes (`tls_reload_secs`,
@@ -243,6 +263,21 @@ impl DispatcherConfig {
                     self.grpc_listen
                 ),
             ));
+        }
+        let ban = self.guard.source_rate_ban.as_secs();
+        if ban == 0 || ban > MAX_SOURCE_RATE_BAN_SECS {
+            return Err(key_error(
+                "source_rate_ban_secs",
+                format!("must be between 1 and {MAX_SOURCE_RATE_BAN_SECS}"),
+            ));
+        }
+        for (i, ua) in self.guard.scanner_user_agents.iter().enumerate() {
+            if ua.trim().is_empty() || ua.chars().any(char::is_control) {
+                return Err(key_error(
+                    &format!("scanner_user_agents[{i}]"),
+                    format!("{ua:?} must be non-empty, without control characters"),
+                ));
+            }
         }
         self.streams.validate()?;
         let mut ips: HashMap<IpAddr, String> = HashMap::new();
@@ -396,6 +431,9 @@ impl StreamLimits {
         if self.max_connections_per_ip == 0 {
             return Err(key_error("max_connections_per_ip", "must be at least 1"));
         }
+        if self.max_outbound_connections == 0 {
+            return Err(key_error("max_outbound_connections", "must be at least 1"));
+        }
         if self.tls_verify_peer && self.tls_ca_file.is_none() {
             return Err(key_error(
                 "tls_ca_file",
@@ -525,6 +563,20 @@ struct RawConfig {
     worker_threads: usize,
     #[serde(default)]
     link_secret: String,
+    #[serde(default = "default_source_rate_limit")]
+    source_rate_limit: u32,
+    #[serde(default = "default_source_rate_ban_secs")]
+    source_rate_ban_secs: u64,
+    #[serde(default)]
+    rate_limit_exempt: Vec<String>,
+    #[serde(default)]
+    admission_rate: u32,
+    #[serde(default = "default_scanner_user_agents")]
+    scanner_user_agents: Vec<String>,
+    #[serde(default = "default_destination_deny_networks")]
+    destination_deny_networks: Vec<String>,
+    #[serde(default = "default_max_outbound_connections")]
+    max_outbound_connections: usize,
     #[serde(default = "default_heartbeat_timeout_secs")]
     heartbeat_timeout_secs: u64,
     #[serde(default = "default_max_message_size")]
@@ -581,6 +633,21 @@ enum NodeIdValue {
     Number(u64),
 }
 
+fn default_source_rate_limit() -> u32 {
+    DEFAULT_SOURCE_RATE_LIMIT
+}
+fn default_source_rate_ban_secs() -> u64 {
+    DEFAULT_SOURCE_RATE_BAN_SECS
+}
+fn default_scanner_user_agents() -> Vec<String> {
+    sipmsg::scan::KNOWN_SCANNERS.map(String::from).to_vec()
+}
+fn default_destination_deny_networks() -> Vec<String> {
+    sipmsg::net::DEFAULT_DENY_NETWORKS.map(String::from).to_vec()
+}
+fn default_max_outbound_connections() -> usize {
+    DEFAULT_MAX_OUTBOUND_CONNECTIONS
+}
 fn default_grpc_listen() -> String {
     DEFAULT_GRPC_LISTEN.to_owned()
 }
@@ -646,6 +713,39 @@ impl RawConfig {
             queue_depth: self.queue_depth,
             worker_threads: self.worker_threads,
             link_secret: self.link_secret,
+            guard: crate::guard::GuardConfig {
+                source_rate_limit: self.source_rate_limit,
+                source_rate_ban: Duration::from_secs(self.source_rate_ban_secs),
+                rate_limit_exempt: self
+                    .rate_limit_exempt
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        Net::parse(n.trim()).map_err(|why| {
+                            key_error(&format!("rate_limit_exempt[{i}]"), format!("{n:?}: {why}"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                admission_rate: self.admission_rate,
+                scanner_user_agents: self
+                    .scanner_user_agents
+                    .iter()
+                    .map(|s| s.to_ascii_lowercase())
+                    .collect(),
+            },
+            destination_deny_networks: self
+                .destination_deny_networks
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Net::parse(n.trim()).map(|net| (n.clone(), net)).map_err(|why| {
+                        key_error(
+                            &format!("destination_deny_networks[{i}]"),
+                            format!("{n:?}: {why}"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             streams: StreamLimits {
                 max_message_size: self.max_message_size,
@@ -653,6 +753,7 @@ impl RawConfig {
                 message_timeout: Duration::from_secs(self.tcp_message_timeout_secs),
                 max_connections: self.max_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
+                max_outbound_connections: self.max_outbound_connections,
                 tls_reload: Duration::from_secs(self.tls_reload_secs),
                 tls_verify_peer: self.tls_verify_peer,
                 tls_ca_file: self.tls_ca_file,
@@ -868,6 +969,7 @@ mod tests {
                 message_timeout: Duration::from_secs(10),
                 max_connections: 10_000,
                 max_connections_per_ip: 100,
+                max_outbound_connections: 2_000,
                 tls_reload: Duration::from_secs(5),
                 tls_verify_peer: false,
                 tls_ca_file: None,
@@ -972,6 +1074,38 @@ mod tests {
                  loopback address",
             ),
             (minimal("link_secret = \"short\""), "dispatcher.link_secret: must be 16 to 256"),
+            (
+                minimal("source_rate_ban_secs = 0"),
+                "dispatcher.source_rate_ban_secs: must be between 1 and 86400",
+            ),
+            (
+                minimal("source_rate_ban_secs = 86401"),
+                "dispatcher.source_rate_ban_secs: must be between 1 and 86400",
+            ),
+            (
+                minimal("rate_limit_exempt = [\"10.0.0.0/8\", \"10.0.0.0/33\"]"),
+                "dispatcher.rate_limit_exempt[1]: \"10.0.0.0/33\": bad prefix length",
+            ),
+            (
+                minimal("rate_limit_exempt = [\"any\"]"),
+                "dispatcher.rate_limit_exempt[0]: \"any\": not an IP address or CIDR",
+            ),
+            (
+                minimal("max_outbound_connections = 0"),
+                "dispatcher.max_outbound_connections: must be at least 1",
+            ),
+            (
+                minimal("destination_deny_networks = [\"224.0.0.0/4\", \"nowhere\"]"),
+                "dispatcher.destination_deny_networks[1]: \"nowhere\"",
+            ),
+            (
+                minimal("scanner_user_agents = [\"ok\", \" \"]"),
+                "dispatcher.scanner_user_agents[1]: \" \" must be non-empty",
+            ),
+            (
+                minimal("scanner_user_agents = [\"a\\u0000b\"]"),
+                "dispatcher.scanner_user_agents[0]: ",
+            ),
             (
                 minimal("link_secret = \"0123456789abcdef\\r\\nX-Injected: 1\""),
                 "dispatcher.link_secret: may hold only visible ASCII characters",

@@ -26,6 +26,10 @@ pub(crate) async fn execute(
         return Err(refused("send without egress"));
     };
     let (transport, local, remote) = route(egress).map_err(refused)?;
+    if let Err(why) = ctx.destinations.check(remote) {
+        ctx.guard.count_denied_destination();
+        return Err(refused(why));
+    }
     if transport == Transport::Udp {
         let socket = ctx
             .sockets

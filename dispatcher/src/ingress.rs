@@ -5,12 +5,12 @@
 //! that answer back the way the request came (same socket, or same connection).
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sipalias_proto::edge::dispatcher_message::Kind as DKind;
 use sipalias_proto::edge::{DispatcherMessage, Inbound, Ingress, Transport};
 use sipmsg::SipMessage;
-use sipmsg::scan::{NotSip, scan};
+use sipmsg::scan::{NotSip, scan, uri_token};
 use tracing::{debug, trace};
 
 use crate::Context;
@@ -44,11 +44,37 @@ pub(crate) enum Outcome {
 }
 
 /// Routes one message (one datagram, or one message framed on a stream).
+///
+/// First the guard ([`crate::guard`]): a banned source, or one that this message takes over
+/// the per-source rate, is dropped before the message is even scanned; a request outside any
+/// dialog from a known scanner is dropped unanswered; a new INVITE or REGISTER beyond the
+/// admission rate gets `503`.
 pub(crate) fn handle(ctx: &Context, from: Arrival, data: &[u8]) -> Outcome {
     let Arrival { local, transport, remote, connection_id } = from;
+    let now = Instant::now();
+    if !ctx.guard.admit(remote.ip(), now) {
+        return Outcome::Dropped;
+    }
     let keys = match scan(data) {
         Ok(keys) => keys,
         Err(why) => return Outcome::NotSip(why),
+    };
+    let new_work = if let Some(method) = keys.method
+        && keys.request_uri.and_then(uri_token).is_none()
+    {
+        if method != "ACK" && ctx.guard.is_scanner(data) {
+            debug!(%local, %remote, "scanner dropped");
+            return Outcome::Dropped;
+        }
+        let new_work = matches!(method, "INVITE" | "REGISTER");
+        if new_work && !ctx.guard.admit_new_work(now) {
+            debug!(%local, %remote, "admission_rate reached: answering {method} with 503");
+            return service_unavailable(data, ctx.retry_after_secs)
+                .map_or(Outcome::Dropped, Outcome::Answer);
+        }
+        new_work
+    } else {
+        false
     };
     let msg = DispatcherMessage {
         kind: Some(DKind::Inbound(Inbound {
@@ -66,12 +92,17 @@ pub(crate) fn handle(ctx: &Context, from: Arrival, data: &[u8]) -> Outcome {
         })),
     };
     let call_id = keys.call_id.unwrap_or_default();
-    let unavailable = match ctx.members.deliver(&keys, msg) {
+    let unavailable = match ctx.members.deliver(&keys, msg, new_work) {
         Delivery::Queued(node) => {
             trace!(%local, %remote, connection_id, call_id, "routed to processor {node}");
             return Outcome::Routed;
         }
-        Delivery::Busy(node) => format!("processor {node} is busy"),
+        Delivery::Busy(node) => {
+            if new_work {
+                ctx.guard.counters.shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            format!("processor {node} is busy")
+        }
         Delivery::NoProcessor => "no processor connected".to_owned(),
     };
     match keys.method {

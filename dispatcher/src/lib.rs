@@ -31,8 +31,10 @@ use tracing::{info, warn};
 
 pub mod config;
 mod connection;
+mod destination;
 mod egress;
 pub mod error;
+pub mod guard;
 mod ingress;
 pub mod link;
 pub mod route;
@@ -238,6 +240,11 @@ async fn serve(
             tls.client,
         ),
         members: Membership::default(),
+        guard: guard::Guard::new(config.guard.clone(), Instant::now()),
+        destinations: destination::Destinations::new(
+            config.destination_deny_networks.clone(),
+            entries.iter().map(|e| e.addr).chain([config.grpc_listen, grpc_addr]),
+        ),
         stop: stop.clone(),
     });
 
@@ -348,6 +355,10 @@ pub(crate) struct Context {
     /// TCP and TLS: listeners' sockets, open connections, certificates.
     streams: stream::Streams,
     members: Membership,
+    /// Bans, rate limit, scanners, admission: what is dropped before routing.
+    guard: guard::Guard,
+    /// Where sends may go.
+    destinations: destination::Destinations,
     /// Turns true once at shutdown.
     stop: watch::Receiver<bool>,
 }

@@ -19,9 +19,11 @@ use sipalias_proto::edge::dispatcher_message::Kind as DKind;
 use sipalias_proto::edge::edge_server::Edge;
 use sipalias_proto::edge::processor_message::Kind as PKind;
 use sipalias_proto::edge::{
-    DispatcherMessage, EdgeError, Heartbeat, LinkedProcessor, ProcessorMessage, Send as SendMsg,
+    BanEntry, BansRequest, BansResponse, DispatcherMessage, EdgeError, Heartbeat, LiftBan,
+    LiftBanRequest, LiftBanResponse, LinkedProcessor, ProcessorMessage, Send as SendMsg,
     StatusRequest, StatusResponse, Welcome,
 };
+use sipmsg::net::Source;
 use sipmsg::scan::{Scan, is_valid_node_id};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
@@ -201,7 +203,15 @@ impl Membership {
     }
 
     /// Routes by the message's scan and queues `msg` for the chosen processor, without waiting.
-    pub(crate) fn deliver(&self, scan: &Scan<'_>, msg: DispatcherMessage) -> Delivery {
+    /// `new_work` (a new INVITE or REGISTER) is only queued while the processor's queue is
+    /// less than half full: past that it is at capacity, and the rest of the queue is kept for
+    /// what finishes work it holds (requests within calls, ACK, CANCEL, responses).
+    pub(crate) fn deliver(
+        &self,
+        scan: &Scan<'_>,
+        msg: DispatcherMessage,
+        new_work: bool,
+    ) -> Delivery {
         let members = self.read();
         let by_id = &members.by_id;
         let was_diverted = |n: &Live, call_id: &str| {
@@ -224,6 +234,9 @@ impl Membership {
         let Some(member) = by_id.get(&node) else {
             return Delivery::NoProcessor;
         };
+        if new_work && member.tx.capacity() * 2 <= member.tx.max_capacity() {
+            return Delivery::Busy(node);
+        }
         // Counted before queuing, so that whoever sees the message also sees the count.
         member.stats.routed.fetch_add(1, Ordering::Relaxed);
         match member.tx.try_send(msg) {
@@ -435,6 +448,51 @@ impl Edge for EdgeService {
             processors,
         }))
     }
+
+    async fn bans(&self, _request: Request<BansRequest>) -> Result<Response<BansResponse>, Status> {
+        let guard = &self.ctx.guard;
+        let bans = guard
+            .list(Instant::now())
+            .into_iter()
+            .map(|b| BanEntry {
+                source: b.source.to_string(),
+                reason: b.reason,
+                remaining_ms: u64::try_from(b.remaining.as_millis()).unwrap_or(u64::MAX),
+                dropped: b.dropped,
+            })
+            .collect();
+        let c = &guard.counters;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Ok(Response::new(BansResponse {
+            bans,
+            dropped_banned: n(&c.dropped_banned),
+            dropped_scanners: n(&c.dropped_scanners),
+            rate_bans: n(&c.rate_bans),
+            processor_bans: n(&c.processor_bans),
+            shed: n(&c.shed),
+            denied_destinations: n(&c.denied_destinations),
+            dispatcher_id: self.ctx.dispatcher_id.clone(),
+        }))
+    }
+
+    async fn lift_ban(
+        &self,
+        request: Request<LiftBanRequest>,
+    ) -> Result<Response<LiftBanResponse>, Status> {
+        let text = request.into_inner().source;
+        let source = text.parse::<Source>().map_err(|why| {
+            Status::invalid_argument(format!("{:?}: {why}", text.escape_debug().to_string()))
+        })?;
+        let lifted = self.ctx.guard.lift(source, Instant::now());
+        // Every processor forgets it too (and deletes it from Redis), so the next failure
+        // counts from zero and no processor answers the source 403 from memory.
+        let lift = DispatcherMessage {
+            kind: Some(DKind::LiftBan(LiftBan { source: source.to_string() })),
+        };
+        let missed = self.ctx.members.broadcast(&lift);
+        info!(source = %source, lifted, missed, "ban lifted by an operator");
+        Ok(Response::new(LiftBanResponse { lifted }))
+    }
 }
 
 /// Drives one processor's link from its hello to its end.
@@ -474,6 +532,8 @@ async fn run_link(
         return;
     }
     let id: Arc<str> = Arc::from(hello.node_id);
+    // At most a handful are meaningful; anything that is not an address is ignored.
+    ctx.destinations.add_services(hello.services.iter().take(64).filter_map(|s| s.parse().ok()));
     let welcome = DispatcherMessage {
         kind: Some(DKind::Welcome(Welcome {
             dispatcher_id: ctx.dispatcher_id.clone(),
@@ -562,6 +622,9 @@ async fn run_link(
                             }
                         }
                     }
+                    Ok(Some(ProcessorMessage { kind: Some(PKind::Ban(ban)) })) => {
+                        apply_ban(&ctx, &id, &ban);
+                    }
                     Ok(Some(ProcessorMessage { kind: Some(PKind::Hello(_)) })) => {
                         warn!("processor {id} sent a second hello on its link; ignored");
                     }
@@ -584,6 +647,32 @@ async fn run_link(
              links"
         );
     }
+}
+
+/// Records a ban a processor announced (a source over its failed-authentication budget, or
+/// one met while banned): its traffic is dropped here from now on.
+fn apply_ban(ctx: &Context, id: &str, ban: &sipalias_proto::edge::Ban) {
+    let Ok(source) = ban.source.parse::<Source>() else {
+        warn!("processor {id} sent a ban for {:?}, not a source; ignored", ban.source);
+        return;
+    };
+    let reason = if is_reason(&ban.reason) { ban.reason.as_str() } else { "processor" };
+    let duration = Duration::from_millis(ban.duration_ms);
+    if ctx.guard.ban(source, duration, reason, Instant::now()) {
+        info!(
+            source = %source,
+            reason,
+            ban_secs = duration.min(crate::guard::MAX_BAN).as_secs(),
+            "source banned at the edge: its messages are dropped"
+        );
+    }
+}
+
+/// Whether a ban reason is a short token fit for logs and the ban list.
+fn is_reason(reason: &str) -> bool {
+    !reason.is_empty()
+        && reason.len() <= 32
+        && reason.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Tells a peer why its link is refused, then ends it (by dropping `tx`).
@@ -669,7 +758,7 @@ mod tests {
             make_branch("p1", "x")
         );
         let s = keys(&msg);
-        assert_eq!(m.deliver(&s, inbound()), Delivery::NoProcessor);
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::NoProcessor);
 
         let (tx1, mut rx1) = mpsc::channel(2);
         let (kick1, mut kicked1) = oneshot::channel();
@@ -682,9 +771,13 @@ mod tests {
             panic!("join")
         };
         assert!(rx1.try_recv().is_ok(), "welcome queued first");
-        assert_eq!(m.deliver(&s, inbound()), Delivery::Queued(Arc::from("p1")));
-        assert_eq!(m.deliver(&s, inbound()), Delivery::Queued(Arc::from("p1")));
-        assert_eq!(m.deliver(&s, inbound()), Delivery::Busy(Arc::from("p1")), "queue of 2 full");
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::Queued(Arc::from("p1")));
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::Queued(Arc::from("p1")));
+        assert_eq!(
+            m.deliver(&s, inbound(), false),
+            Delivery::Busy(Arc::from("p1")),
+            "queue of 2 full"
+        );
         assert_eq!(m.status()[0].routed, 2, "only queued messages count");
 
         // Same id again: the first link is kicked and its late leave() changes nothing.
@@ -703,7 +796,7 @@ mod tests {
         assert_eq!((m.status()[0].transactions, m.status()[0].dialogs), (3, 1));
 
         assert_eq!(m.leave("p1", p1b.session), (true, Remaining { linked: 0, accepting: 0 }));
-        assert_eq!(m.deliver(&s, inbound()), Delivery::NoProcessor);
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::NoProcessor);
     }
 
     /// p1 drains: new INVITEs go to p2, p1 keeps its responses, in-dialog requests and the
@@ -723,7 +816,10 @@ mod tests {
         };
         let before = p1_call("before");
         let invite_before = request("INVITE", "sip:b@x", &before);
-        assert_eq!(m.deliver(&keys(&invite_before), inbound()), Delivery::Queued("p1".into()));
+        assert_eq!(
+            m.deliver(&keys(&invite_before), inbound(), false),
+            Delivery::Queued("p1".into())
+        );
 
         assert_eq!(m.drain("p1", p1.session), Some(Remaining { linked: 2, accepting: 1 }));
         assert_eq!(m.drain("p1", p1.session), None, "a second drain changes nothing");
@@ -739,7 +835,11 @@ mod tests {
             request("ACK", &format!("sip:{}@x", make_contact_user("p9", "c")), &before),
         ];
         for msg in &p2_gets {
-            assert_eq!(m.deliver(&keys(msg), inbound()), Delivery::Queued("p2".into()), "{msg}");
+            assert_eq!(
+                m.deliver(&keys(msg), inbound(), false),
+                Delivery::Queued("p2".into()),
+                "{msg}"
+            );
         }
         let resp = format!(
             "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch={}\r\nCall-ID: {after}\r\n\r\n",
@@ -752,16 +852,39 @@ mod tests {
             resp,
         ];
         for msg in &p1_gets {
-            assert_eq!(m.deliver(&keys(msg), inbound()), Delivery::Queued("p1".into()), "{msg}");
+            assert_eq!(
+                m.deliver(&keys(msg), inbound(), false),
+                Delivery::Queued("p1".into()),
+                "{msg}"
+            );
         }
 
         // Once p2 is gone too, new work gets 503 but p1's own traffic still reaches it.
         assert_eq!(m.leave("p2", p2.session), (true, Remaining { linked: 1, accepting: 0 }));
         assert_eq!(
-            m.deliver(&keys(&request("INVITE", "sip:b@x", &after)), inbound()),
+            m.deliver(&keys(&request("INVITE", "sip:b@x", &after)), inbound(), false),
             Delivery::NoProcessor
         );
-        assert_eq!(m.deliver(&keys(&p1_gets[2]), inbound()), Delivery::Queued("p1".into()));
+        assert_eq!(m.deliver(&keys(&p1_gets[2]), inbound(), false), Delivery::Queued("p1".into()));
+    }
+
+    /// New INVITEs and REGISTERs are queued only while a processor's queue is less than half
+    /// full; what finishes held work may fill it.
+    #[test]
+    fn new_work_stops_at_half_a_queue_and_held_work_fills_the_rest() {
+        let m = Membership::default();
+        let (mut p1, _) = join(&m, "p1", 0, 4);
+        let _ = p1.rx.try_recv(); // welcome
+        let invite = request("INVITE", "sip:b@x", "c1");
+        let s = keys(&invite);
+        assert_eq!(m.deliver(&s, inbound(), true), Delivery::Queued("p1".into()));
+        assert_eq!(m.deliver(&s, inbound(), true), Delivery::Queued("p1".into()));
+        assert_eq!(m.deliver(&s, inbound(), true), Delivery::Busy("p1".into()), "half full");
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::Queued("p1".into()));
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::Queued("p1".into()));
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::Busy("p1".into()), "full");
+        let _ = (p1.rx.try_recv(), p1.rx.try_recv(), p1.rx.try_recv());
+        assert_eq!(m.deliver(&s, inbound(), true), Delivery::Queued("p1".into()), "drained");
     }
 
     /// A `Hello` with the id of a processor heard from within the heartbeat timeout is refused
@@ -783,7 +906,7 @@ mod tests {
         assert!(rogue_rx.try_recv().is_err(), "no welcome for the refused link");
         let options = request("OPTIONS", "sip:x", "c1");
         let s = keys(&options);
-        assert_eq!(m.deliver(&s, inbound()), Delivery::Queued("p1".into()));
+        assert_eq!(m.deliver(&s, inbound(), false), Delivery::Queued("p1".into()));
         assert!(p1.rx.try_recv().is_ok(), "the live processor keeps its traffic");
         assert_eq!(m.status().len(), 1);
 

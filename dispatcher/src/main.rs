@@ -1,6 +1,8 @@
 //! `sipalias-dispatcher [--config FILE]`: runs the dispatcher until SIGTERM or Ctrl-C.
 //! `sipalias-dispatcher status [--config FILE] [--grpc URL]...`: prints the cluster view of a
 //! running dispatcher (or of each one named) and exits.
+//! `sipalias-dispatcher bans [list | lift SOURCE] [--config FILE] [--grpc URL]...`: lists the
+//! sources it drops at the edge, or lifts a ban.
 //!
 //! The configuration file is `--config`, else `$SIPALIAS_CONFIG`, else `./sipalias.toml` if it
 //! exists; `SIPALIAS_DISPATCHER__*` variables override it. Logs go to stderr, filtered by
@@ -21,8 +23,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sipalias_dispatcher::{DispatcherConfig, status};
-use sipalias_proto::edge::StatusRequest;
 use sipalias_proto::edge::edge_client::EdgeClient;
+use sipalias_proto::edge::{BansRequest, LiftBanRequest, StatusRequest};
 use tonic::transport::Endpoint;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -53,6 +55,36 @@ enum Command {
         #[arg(long, value_name = "URL")]
         grpc: Vec<String>,
     },
+    /// List the sources a running dispatcher drops at the edge (banned for too many failed
+    /// authentications or for their request rate) and what its guard has done; or lift a ban.
+    Bans {
+        /// Edge gRPC address of a dispatcher (http://ip:port); repeat it for each dispatcher.
+        /// Default: grpc_listen of the configuration.
+        #[arg(long, value_name = "URL", global = true)]
+        grpc: Vec<String>,
+        #[command(subcommand)]
+        action: Option<BansAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BansAction {
+    /// List the bans in force (the default).
+    List,
+    /// Lift the ban on SOURCE (an IPv4 address or an IPv6 /64) on each dispatcher; every
+    /// processor linked to it forgets the ban and deletes it from Redis.
+    Lift {
+        /// The banned source, as listed.
+        source: String,
+    },
+}
+
+/// What a CLI call asks a dispatcher.
+#[derive(Debug, Clone)]
+enum Query {
+    Status,
+    Bans,
+    Lift(String),
 }
 
 fn main() -> ExitCode {
@@ -60,8 +92,18 @@ fn main() -> ExitCode {
     let path = args
         .config
         .or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| PathBuf::from(DEFAULT_CONFIG)));
-    if let Some(Command::Status { grpc }) = args.command {
-        return status_command(path.as_deref(), &grpc);
+    match args.command {
+        Some(Command::Status { grpc }) => {
+            return cli_command(path.as_deref(), &grpc, &Query::Status);
+        }
+        Some(Command::Bans { grpc, action }) => {
+            let query = match action {
+                None | Some(BansAction::List) => Query::Bans,
+                Some(BansAction::Lift { source }) => Query::Lift(source),
+            };
+            return cli_command(path.as_deref(), &grpc, &query);
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -121,9 +163,13 @@ fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
     })
 }
 
-/// `status`: asks each dispatcher (the `--grpc` URLs, else the configuration's `grpc_listen`)
-/// for its cluster view and prints it.
-fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
+/// `status` and `bans`: asks each dispatcher (the `--grpc` URLs, else the configuration's
+/// `grpc_listen`) and prints its answer.
+fn cli_command(path: Option<&Path>, grpc: &[String], query: &Query) -> ExitCode {
+    let name = match query {
+        Query::Status => "status",
+        Query::Bans | Query::Lift(_) => "bans",
+    };
     // The configuration also gives the link secret; with --grpc URLs and no usable file,
     // none is presented (enough for a dispatcher without one, on loopback).
     let loaded = DispatcherConfig::load(path);
@@ -132,8 +178,8 @@ fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
         match loaded {
             Ok(config) => vec![status::url_for_listen(config.grpc_listen)],
             Err(e) => {
-                eprintln!("sipalias-dispatcher status: configuration error: {e}");
-                eprintln!("sipalias-dispatcher status: or name a dispatcher with --grpc URL");
+                eprintln!("sipalias-dispatcher {name}: configuration error: {e}");
+                eprintln!("sipalias-dispatcher {name}: or name a dispatcher with --grpc URL");
                 return ExitCode::from(2);
             }
         }
@@ -143,7 +189,7 @@ fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("sipalias-dispatcher status: cannot start the tokio runtime: {e}");
+            eprintln!("sipalias-dispatcher {name}: cannot start the tokio runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -152,10 +198,10 @@ fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
         if i > 0 {
             println!();
         }
-        match runtime.block_on(query(url, &secret)) {
-            Ok(answer) => print!("{}", status::render(url, &answer)),
+        match runtime.block_on(ask(url, &secret, query)) {
+            Ok(answer) => print!("{answer}"),
             Err(e) => {
-                eprintln!("sipalias-dispatcher status: {url}: {e:#}");
+                eprintln!("sipalias-dispatcher {name}: {url}: {e:#}");
                 code = ExitCode::FAILURE;
             }
         }
@@ -163,7 +209,8 @@ fn status_command(path: Option<&Path>, grpc: &[String]) -> ExitCode {
     code
 }
 
-async fn query(url: &str, secret: &str) -> anyhow::Result<sipalias_proto::edge::StatusResponse> {
+/// Asks the dispatcher at `url` and renders its answer.
+async fn ask(url: &str, secret: &str, query: &Query) -> anyhow::Result<String> {
     let present = sipalias_proto::link_auth::Present::new(secret)
         .map_err(|why| anyhow::anyhow!("dispatcher.link_secret: {why}"))?;
     let endpoint = Endpoint::from_shared(url.to_owned())
@@ -171,11 +218,29 @@ async fn query(url: &str, secret: &str) -> anyhow::Result<sipalias_proto::edge::
         .connect_timeout(STATUS_TIMEOUT)
         .timeout(STATUS_TIMEOUT);
     let channel = endpoint.connect().await.context("cannot connect")?;
-    let answer = EdgeClient::with_interceptor(channel, present)
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("status call failed: {}", s.message()))?;
-    Ok(answer.into_inner())
+    let mut client = EdgeClient::with_interceptor(channel, present);
+    let failed = |what: &str, s: tonic::Status| anyhow::anyhow!("{what} failed: {}", s.message());
+    Ok(match query {
+        Query::Status => {
+            let answer = client.status(StatusRequest {}).await.map_err(|s| failed("status", s))?;
+            status::render(url, &answer.into_inner())
+        }
+        Query::Bans => {
+            let answer = client.bans(BansRequest {}).await.map_err(|s| failed("bans", s))?;
+            status::render_bans(url, &answer.into_inner())
+        }
+        Query::Lift(source) => {
+            let answer = client
+                .lift_ban(LiftBanRequest { source: source.clone() })
+                .await
+                .map_err(|s| failed("lift", s))?;
+            if answer.into_inner().lifted {
+                format!("{url}: ban on {source} lifted\n")
+            } else {
+                format!("{url}: {source} was not banned here (processors were told anyway)\n")
+            }
+        }
+    })
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT).

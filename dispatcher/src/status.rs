@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use sipalias_proto::edge::StatusResponse;
+use sipalias_proto::edge::{BansResponse, StatusResponse};
 
 /// The URL to query a dispatcher whose `grpc_listen` is `addr`. A wildcard listen address is
 /// reached over loopback.
@@ -72,8 +72,53 @@ pub fn render(url: &str, status: &StatusResponse) -> String {
             ]
         })
         .collect();
+    out.push_str(&table(&header, &rows));
+    out
+}
+
+/// What `sipalias-dispatcher bans` prints: the guard's counters, then a row per ban in force.
+pub fn render_bans(url: &str, bans: &BansResponse) -> String {
+    let mut out = format!(
+        "dispatcher {} at {url}: {} ban{} in force; dropped {} from banned sources, {} \
+         from scanners; {} rate bans, {} bans from processors; {} new requests answered 503; {} \
+         sends to denied destinations\n",
+        bans.dispatcher_id.escape_debug(),
+        bans.bans.len(),
+        if bans.bans.len() == 1 { "" } else { "s" },
+        bans.dropped_banned,
+        bans.dropped_scanners,
+        bans.rate_bans,
+        bans.processor_bans,
+        bans.shed,
+        bans.denied_destinations,
+    );
+    if bans.bans.is_empty() {
+        return out;
+    }
+    let header = ["SOURCE", "REASON", "REMAINING", "DROPPED"];
+    let rows: Vec<[String; 4]> = bans
+        .bans
+        .iter()
+        .map(|b| {
+            [
+                // Sources and reasons come from the dispatcher, which validated them; escaped
+                // anyway, so a terminal never receives control characters from the network.
+                b.source.escape_debug().to_string(),
+                b.reason.escape_debug().to_string(),
+                human(Duration::from_millis(b.remaining_ms)),
+                b.dropped.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&header, &rows));
+    out
+}
+
+/// Aligned columns: each cell padded to its column's widest, the last column unpadded.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut out = String::new();
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -90,8 +135,8 @@ pub fn render(url: &str, status: &StatusResponse) -> String {
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&header);
-    for row in &rows {
+    line(header);
+    for row in rows {
         line(&row.each_ref().map(String::as_str));
     }
     out

@@ -12,8 +12,11 @@
 //! that opened it. Such a connection is opened **from that socket's IP** (bound to `ip:0`
 //! before connecting), so a phone registered through an alias hears from the alias IP.
 //!
-//! Limits: `max_connections` in total (accepted and opened) and `max_connections_per_ip`
-//! accepted from one source IP. A connection over a limit is closed as soon as it is accepted.
+//! Limits: `max_connections` accepted, `max_connections_per_ip` accepted from one source IP, and
+//! `max_outbound_connections` opened by the dispatcher (a budget of their own, so connections
+//! toward phones cannot lock real phones out). An accepted connection over a limit, or from a
+//! banned source, is closed as soon as it is accepted; a send that would open one over the
+//! outbound budget is refused.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -147,6 +150,8 @@ struct Table {
     by_id: HashMap<u64, Entry>,
     /// Accepted connections per source IP.
     per_ip: HashMap<IpAddr, usize>,
+    /// Connections the dispatcher opened (the rest of `by_id` were accepted).
+    outbound: usize,
 }
 
 #[derive(Debug)]
@@ -214,12 +219,21 @@ impl Streams {
         remote: SocketAddr,
         inbound: bool,
     ) -> Result<Admitted, String> {
-        if table.by_id.len() >= self.limits.max_connections {
+        let accepted = table.by_id.len() - table.outbound;
+        if inbound && accepted >= self.limits.max_connections {
             return Err(format!(
-                "{} connections open (max_connections {})",
-                table.by_id.len(),
+                "{accepted} accepted connections open (max_connections {})",
                 self.limits.max_connections
             ));
+        }
+        if !inbound && table.outbound >= self.limits.max_outbound_connections {
+            return Err(format!(
+                "{} outbound connections open (max_outbound_connections {})",
+                table.outbound, self.limits.max_outbound_connections
+            ));
+        }
+        if !inbound {
+            table.outbound += 1;
         }
         if inbound {
             let from_ip = table.per_ip.get(&remote.ip()).copied().unwrap_or(0);
@@ -244,6 +258,9 @@ impl Streams {
     pub(crate) fn remove(&self, id: u64) -> bool {
         let mut table = self.table();
         let Some(entry) = table.by_id.remove(&id) else { return false };
+        if !entry.info.inbound {
+            table.outbound = table.outbound.saturating_sub(1);
+        }
         if entry.info.inbound {
             let ip = entry.info.remote.ip();
             if let Some(n) = table.per_ip.get_mut(&ip) {
@@ -363,7 +380,9 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let admitted = {
+        let admitted = if ctx.guard.banned(peer.ip(), Instant::now()) {
+            Err(format!("{} is banned", peer.ip()))
+        } else {
             let mut table = ctx.streams.table();
             ctx.streams.admit(&mut table, &ctx, socket, transport, peer, true)
         };

@@ -35,16 +35,7 @@ const WINDOW_MS: u64 = 60_000;
 
 /// The source key of an address: the IPv4 address, or the /64 of an IPv6 one.
 pub fn source_key(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
-    }
+    sipmsg::net::Source::of(ip).to_string()
 }
 
 /// Failure counting and bans for one processor.
@@ -77,17 +68,35 @@ impl Bans {
         format!("{}ban:{{{source}}}", self.prefix)
     }
 
-    /// Whether this processor already knows `source` is banned at `now_ms`.
-    pub fn known_banned(&self, source: &str, now_ms: u64) -> bool {
+    /// How long the ban on `source` this processor knows of has left at `now_ms`, if any.
+    pub fn known_banned(&self, source: &str, now_ms: u64) -> Option<u64> {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         match known.get(source) {
-            Some(&until) if until > now_ms => true,
+            Some(&until) if until > now_ms => Some(until - now_ms),
             Some(_) => {
                 known.remove(source);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
+    }
+
+    /// Ends a ban (an operator lifted it): forgotten here, and its key and failure count
+    /// deleted from Redis, so the source starts afresh everywhere.
+    pub async fn lift(&self, source: &str) -> Result<(), Error> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).remove(source);
+        let mut conn = self.redis.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(self.ban_key(source))
+            .arg(format!("{}authfail:{{{source}}}", self.prefix))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The ban length, in milliseconds.
+    pub fn ban_ms(&self) -> u64 {
+        self.ban_ms
     }
 
     /// Remembers a ban found in Redis, ending `remaining_ms` after `now_ms`.
@@ -155,15 +164,5 @@ mod tests {
         assert!(!is_scanner(Some("Yealink SIP-T46S 66.86.0.15"), &list));
         assert!(!is_scanner(None, &list));
         assert!(!is_scanner(Some("friendly-scanner"), &[]));
-    }
-
-    #[test]
-    fn ipv6_sources_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert_eq!(source_key(ip("203.0.113.7")), "203.0.113.7");
-        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), "2001:db8:1:2::/64");
-        assert_eq!(source_key(ip("2001:db8:1:2:ffff::9")), "2001:db8:1:2::/64");
-        assert_ne!(source_key(ip("2001:db8:1:3::1")), "2001:db8:1:2::/64");
-        assert_eq!(source_key(ip("::ffff:198.51.100.4")), "198.51.100.4");
     }
 }

@@ -193,31 +193,10 @@ impl Default for ProcessorConfig {
             timer_c_secs: 185,
             no_answer_timeout_secs: 0,
             trusted_auto_answer: Vec::new(),
-            contact_deny_networks: [
-                "0.0.0.0/8",
-                "::/128",
-                "224.0.0.0/4",
-                "ff00::/8",
-                "255.255.255.255/32",
-                "169.254.0.0/16",
-                "fe80::/10",
-            ]
-            .map(String::from)
-            .to_vec(),
+            contact_deny_networks: sipmsg::net::DEFAULT_DENY_NETWORKS.map(String::from).to_vec(),
             auth_failures_per_minute: 10,
             ban_secs: 600,
-            scanner_user_agents: [
-                "friendly-scanner",
-                "sipvicious",
-                "sipcli",
-                "sip-scan",
-                "iwar",
-                "sivus",
-                "vaxsipuseragent",
-                "siparmyknife",
-            ]
-            .map(String::from)
-            .to_vec(),
+            scanner_user_agents: sipmsg::scan::KNOWN_SCANNERS.map(String::from).to_vec(),
             max_server_transactions: 200_000,
             max_setup_in_flight: 4096,
         }

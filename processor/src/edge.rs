@@ -49,6 +49,21 @@ impl Links {
         }
     }
 
+    /// Tells every dispatcher to drop `source`'s traffic for `duration_ms`.
+    pub fn ban(&self, source: &str, duration_ms: u64, reason: &str) {
+        let map = self.by_id.read().unwrap_or_else(|p| p.into_inner());
+        for link in map.values() {
+            let ban = sipalias_proto::edge::Ban {
+                source: source.to_owned(),
+                duration_ms,
+                reason: reason.to_owned(),
+            };
+            if link.try_send(ProcessorMessage { kind: Some(PKind::Ban(ban)) }).is_err() {
+                tracing::warn!(%source, "dispatcher link queue full; ban not announced");
+            }
+        }
+    }
+
     /// Tells every dispatcher to send this processor no new work (graceful drain); links made
     /// later (a dispatcher restarted meanwhile) are told as soon as they are up.
     pub fn drain(&self) {
@@ -112,7 +127,11 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
     let mut client = EdgeClient::with_interceptor(channel, present);
     let (tx, rx) = mpsc::channel(QUEUE);
     let hello = ProcessorMessage {
-        kind: Some(PKind::Hello(Hello { node_id: node.id().to_owned(), capacity: 10_000 })),
+        kind: Some(PKind::Hello(Hello {
+            node_id: node.id().to_owned(),
+            capacity: 10_000,
+            services: node.service_addrs(),
+        })),
     };
     tx.send(hello).await.map_err(|e| e.to_string())?;
     let mut inbound = client
@@ -164,6 +183,7 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
                     }
                 }
                 Some(DKind::Welcome(w)) => node.sockets().learn(&w.sockets),
+                Some(DKind::LiftBan(lift)) => node.lift_ban(lift.source),
                 Some(DKind::Closed(c)) => {
                     tracing::debug!(dispatcher = %dispatcher_id, connection = c.connection_id, "connection closed");
                 }

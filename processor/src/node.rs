@@ -36,6 +36,9 @@ use crate::transaction::ServerKey;
 use crate::transport::Ingress;
 use crate::transport::Transport;
 
+/// The reason dispatchers list for bans of sources over `auth_failures_per_minute`.
+const AUTH_BAN_REASON: &str = "auth-failures";
+
 /// Wall clock in Unix milliseconds.
 pub fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -225,6 +228,23 @@ impl Node {
                 self.with_core(|core, now, wall| core.handle_datagram(now, wall, bytes, ingress))
             }
         }
+    }
+
+    /// An operator lifted the ban on `source` at a dispatcher: forget it and delete it from
+    /// Redis.
+    pub fn lift_ban(self: &Arc<Self>, source: String) {
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            match node.bans.lift(&source).await {
+                Ok(()) => tracing::info!(%source, "ban lifted"),
+                Err(e) => tracing::warn!(%source, error = %e, "ban lifted here, not in Redis"),
+            }
+        });
+    }
+
+    /// The cluster's own service addresses (announced to dispatchers, which never send there).
+    pub fn service_addrs(&self) -> Vec<String> {
+        self.destinations.services().iter().map(ToString::to_string).collect()
     }
 
     /// The dispatcher reported that a flow-only send found its connection closed.
@@ -450,8 +470,10 @@ impl Node {
         let kind = ChallengeKind::for_method(req.method().unwrap_or_default());
         let now = wall_ms();
         let source = source_key(ingress.remote.ip());
-        // A source this processor knows is banned gets no challenge at all.
-        if self.bans.known_banned(&source, now) {
+        // A source this processor knows is banned gets no challenge at all; the dispatcher that
+        // let it through is told again (it may have restarted since the ban).
+        if let Some(remaining_ms) = self.bans.known_banned(&source, now) {
+            self.links.ban(&source, remaining_ms, AUTH_BAN_REASON);
             return Ok(Presented::Answer(self.reply(req, 403, "Forbidden")));
         }
         let Some(creds) = credentials_for(req, kind, &site.realm) else {
@@ -484,6 +506,7 @@ impl Node {
             }
             Claim::Banned { remaining_ms } => {
                 self.bans.learn(&source, now, remaining_ms);
+                self.links.ban(&source, remaining_ms, AUTH_BAN_REASON);
                 Ok(Presented::Answer(self.reply(req, 403, "Forbidden")))
             }
         }
@@ -494,7 +517,11 @@ impl Node {
     async fn after_failure(&self, req: &SipMessage, ingress: &Ingress, site: &Site) -> SipMessage {
         let source = source_key(ingress.remote.ip());
         match self.bans.record_failure(&source, wall_ms()).await {
-            Ok(Some(_)) => self.reply(req, 403, "Forbidden"),
+            Ok(Some(_)) => {
+                // From now on the dispatchers drop the source's traffic before any processor.
+                self.links.ban(&source, self.bans.ban_ms(), AUTH_BAN_REASON);
+                self.reply(req, 403, "Forbidden")
+            }
             Ok(None) => self.challenge(req, site, false),
             Err(e) => {
                 tracing::warn!(%source, error = %e, "failed authentication not counted");

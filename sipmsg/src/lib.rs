@@ -16,6 +16,7 @@ pub mod error;
 pub mod framing;
 pub mod headers;
 pub mod message;
+pub mod net;
 pub mod parse;
 pub mod scan;
 pub mod uri;

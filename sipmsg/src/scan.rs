@@ -25,6 +25,19 @@ pub struct Scan<'a> {
     pub to_tag: Option<&'a str>,
 }
 
+/// `User-Agent` fragments of known SIP scanners (sipvicious and friends), lower-case: the
+/// default of processors' and dispatchers' `scanner_user_agents`.
+pub const KNOWN_SCANNERS: [&str; 8] = [
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "sip-scan",
+    "iwar",
+    "sivus",
+    "vaxsipuseragent",
+    "siparmyknife",
+];
+
 /// Why a datagram is not SIP at all (it is dropped without an answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotSip {

@@ -680,6 +680,16 @@ impl Cluster {
         self.run_cli(binary::DISPATCHER, &["status"])
     }
 
+    /// The sources the dispatcher drops: the output of `sipalias-dispatcher bans`.
+    pub fn bans(&self) -> Result<String> {
+        self.run_cli(binary::DISPATCHER, &["bans"])
+    }
+
+    /// Lifts a ban: the output of `sipalias-dispatcher bans lift SOURCE`.
+    pub fn lift_ban(&self, source: &str) -> Result<String> {
+        self.run_cli(binary::DISPATCHER, &["bans", "lift", source])
+    }
+
     /// The second dispatcher's view: `sipalias-dispatcher status --grpc http://<d2 edge>`.
     pub fn second_dispatcher_status(&self) -> Result<String> {
         let d2 = self.second.as_ref().context("the cluster has no second dispatcher")?;

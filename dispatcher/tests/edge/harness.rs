@@ -186,9 +186,17 @@ impl FakeProcessor {
         grpc: SocketAddr,
         id: &str,
     ) -> Result<(mpsc::Sender<ProcessorMessage>, Streaming<DispatcherMessage>)> {
+        let hello = Hello { node_id: id.to_owned(), capacity: 100, ..Default::default() };
+        Self::open_with(grpc, hello).await
+    }
+
+    /// Opens a link and says `hello`, without reading the answer.
+    pub async fn open_with(
+        grpc: SocketAddr,
+        hello: Hello,
+    ) -> Result<(mpsc::Sender<ProcessorMessage>, Streaming<DispatcherMessage>)> {
         let mut client = EdgeClient::connect(format!("http://{grpc}")).await?;
         let (tx, rx) = mpsc::channel(16);
-        let hello = Hello { node_id: id.to_owned(), capacity: 100 };
         tx.send(ProcessorMessage { kind: Some(PKind::Hello(hello)) }).await?;
         let stream = client.link(ReceiverStream::new(rx)).await?.into_inner();
         Ok((tx, stream))
@@ -390,11 +398,18 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     pub per_ip: usize,
     pub total: usize,
+    pub outbound: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { message_timeout_secs: 10, idle_timeout_secs: 3600, per_ip: 100, total: 10_000 }
+        Self {
+            message_timeout_secs: 10,
+            idle_timeout_secs: 3600,
+            per_ip: 100,
+            total: 10_000,
+            outbound: 2_000,
+        }
     }
 }
 
@@ -446,6 +461,7 @@ impl StreamEdge {
             tcp_idle_timeout_secs = {idle_timeout}
             max_connections_per_ip = {per_ip}
             max_connections = {total}
+            max_outbound_connections = {outbound}
             tls_reload_secs = 1
             [dispatcher.main]
             ip = "127.0.0.1"
@@ -476,6 +492,7 @@ impl StreamEdge {
             idle_timeout = limits.idle_timeout_secs,
             per_ip = limits.per_ip,
             total = limits.total,
+            outbound = limits.outbound,
             main_udp = main_udp_socket.local_addr()?.port(),
             main_tcp = port(&main_tcp_l)?,
             main_tls = port(&main_tls_l)?,

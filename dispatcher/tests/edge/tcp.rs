@@ -448,3 +448,35 @@ async fn connections_over_the_total_limit_are_refused_whatever_their_source() ->
     assert_eq!(fp.next_inbound().await?.message, options.as_bytes());
     d.shutdown().await
 }
+
+/// Connections the dispatcher opens toward phones have their own budget: past
+/// `max_outbound_connections` a send that needs a new one is refused, and phones still connect
+/// in (the accepted budget is separate).
+#[tokio::test]
+async fn outbound_connections_have_their_own_budget() -> Result<()> {
+    let d = StreamEdge::start(Limits { outbound: 1, total: 5, ..Limits::default() }).await?;
+    let mut fp = FakeProcessor::connect(d.grpc, "fp1").await?;
+    let first = TcpListener::bind(SocketAddr::from((PHONE_IP, 0))).await?;
+    let second = TcpListener::bind(SocketAddr::from((PHONE_IP, 0))).await?;
+    let msg = request("OPTIONS", "sip:alice@127.0.0.5", "outbound");
+    let egress = |to: &TcpListener| -> Result<_> {
+        Ok(stream_egress(d.alias_tcp, Transport::Tcp, to.local_addr()?, 0))
+    };
+    fp.send_full(1, egress(&first)?, &msg, false).await?;
+    let (stream, _) = timeout(EVENT, first.accept()).await.context("no connection")??;
+    let mut phone = Conn::new(stream);
+    assert_eq!(phone.recv().await?, msg);
+    fp.send_full(2, egress(&second)?, &msg, false).await?;
+    let e = fp.next_error().await?;
+    assert_eq!(e.send_id, 2);
+    assert!(e.reason.contains("max_outbound_connections 1"), "{}", e.reason);
+    // Five phones connect in all the same (max_connections = 5 counts accepted ones only).
+    for i in 0..5 {
+        let mut inbound = tcp_connect(PHONE_IP, d.main_tcp).await?;
+        let options = request("OPTIONS", "sip:127.0.0.1", &format!("in-{i}"));
+        inbound.send(options.as_bytes()).await?;
+        assert_eq!(fp.next_inbound().await?.message, options.as_bytes());
+        std::mem::forget(inbound);
+    }
+    d.shutdown().await
+}

@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use sipalias_dispatcher::route;
 use sipalias_proto::edge::dispatcher_message::Kind as DKind;
 use sipalias_proto::edge::processor_message::Kind as PKind;
-use sipalias_proto::edge::{Heartbeat, ProcessorMessage, Transport};
+use sipalias_proto::edge::{Heartbeat, Hello, ProcessorMessage, Transport};
 use sipmsg::scan::{make_branch, make_contact_user};
 use std::time::Duration;
 use tokio::time::timeout;
@@ -293,4 +293,47 @@ async fn shutdown_closes_processor_links() -> Result<()> {
     d.shutdown().await?;
     assert!(fp.ended().await, "link still open after shutdown");
     Ok(())
+}
+
+/// Whatever a processor asks, the dispatcher sends nothing into denied networks or to the
+/// cluster's own services (its SIP sockets, its edge, the services processors announce in
+/// their hello): the send is refused and counted; a send to a phone still goes.
+#[tokio::test]
+async fn sends_to_denied_networks_or_the_clusters_own_services_are_refused() -> Result<()> {
+    let d = Dispatcher::start().await?;
+    let (tx, mut rx) = FakeProcessor::open_with(
+        d.grpc,
+        Hello {
+            node_id: "fp1".into(),
+            capacity: 1,
+            services: vec!["127.0.0.1:6379".into(), "not an address".into()],
+        },
+    )
+    .await?;
+    let DKind::Welcome(welcome) = next(&mut rx).await? else { bail!("no welcome") };
+    let mut fp = FakeProcessor::from_parts(tx, rx, welcome);
+    let msg = "OPTIONS sip:x SIP/2.0\r\n\r\n";
+    let denied = [
+        ("224.0.0.1:5060", "denied network (224.0.0.0/4)"),
+        ("169.254.9.9:5060", "denied network (169.254.0.0/16)"),
+        ("0.0.0.0:5060", "denied network (0.0.0.0/8)"),
+        ("127.0.0.1:6379", "cluster's own services"),
+    ];
+    let own = [d.main.to_string(), d.alias.to_string(), d.grpc.to_string()];
+    let mut id = 0;
+    for (to, why) in denied
+        .iter()
+        .map(|(a, w)| (a.to_string(), *w))
+        .chain(own.iter().map(|a| (a.clone(), "cluster's own services")))
+    {
+        id += 1;
+        fp.send(id, d.alias, to.parse()?, msg).await?;
+        let e = fp.next_error().await?;
+        assert_eq!(e.send_id, id);
+        assert!(e.reason.contains(why), "{to}: {}", e.reason);
+    }
+    let phone = Phone::new().await?;
+    fp.send(99, d.alias, phone.addr()?, "hello phone").await?;
+    assert_eq!(phone.recv().await?.0, "hello phone");
+    d.shutdown().await
 }

@@ -38,7 +38,7 @@ async fn hello(edge: SocketAddr, id: &str, secret: &str) -> Result<LinkAnswer> {
         tonic::transport::Endpoint::from_shared(format!("http://{edge}"))?.connect().await?;
     let mut client = EdgeClient::with_interceptor(channel, present);
     let (tx, rx) = mpsc::channel(4);
-    let hello = Hello { node_id: id.to_owned(), capacity: 1 };
+    let hello = Hello { node_id: id.to_owned(), capacity: 1, ..Default::default() };
     tx.send(ProcessorMessage { kind: Some(PKind::Hello(hello)) }).await?;
     let mut stream = match client.link(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
