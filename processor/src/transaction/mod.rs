@@ -28,8 +28,9 @@ mod tests;
 
 use std::borrow::Cow;
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -373,6 +374,59 @@ pub struct TransactionLayer {
     accepted: HashMap<AckKey, ServerKey>,
     queue: BinaryHeap<Reverse<(Instant, TxRef)>>,
     out: Outbox,
+    /// INVITEs answered with a challenge, whose ACK is absorbed here.
+    challenged: Challenged,
+}
+
+/// Most challenged INVITEs remembered for their ACK: beyond it the oldest are forgotten (a late
+/// ACK of one then reaches the TU, which finds no call and drops it).
+const MAX_CHALLENGED: usize = 200_000;
+
+/// The INVITEs answered `401`/`407`, by a hash of their transaction key, for 64×T1.
+///
+/// A challenge goes to a source nobody has verified; keeping a whole server transaction for it
+/// until Timer H (the request, the response, timers: a few KB for 32 s) let a flood of
+/// unauthenticated INVITEs from many addresses hold hundreds of MB. So the transaction ends
+/// as soon as the challenge is sent, as Kamailio answers challenges statelessly, and only
+/// 8 bytes (plus the expiry) stay to absorb its ACK. A retransmitted INVITE starts a new
+/// transaction and is challenged again (RFC 3261 §8.2.6 allows a stateless answer).
+#[derive(Debug, Default)]
+struct Challenged {
+    keys: HashSet<u64>,
+    /// In expiry order (every entry lives 64×T1).
+    order: VecDeque<(Instant, u64)>,
+}
+
+impl Challenged {
+    fn hash(key: &ServerKey) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        h.finish()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(until, hash)) = self.order.front() {
+            if until > now && self.order.len() <= MAX_CHALLENGED {
+                break;
+            }
+            self.order.pop_front();
+            self.keys.remove(&hash);
+        }
+    }
+
+    fn insert(&mut self, now: Instant, until: Instant, key: &ServerKey) {
+        self.expire(now);
+        let hash = Self::hash(key);
+        if self.keys.insert(hash) {
+            self.order.push_back((until, hash));
+        }
+    }
+
+    /// Whether an ACK with this key answers a challenge (it is then absorbed).
+    fn absorbs(&mut self, now: Instant, key: &ServerKey) -> bool {
+        self.expire(now);
+        self.keys.contains(&Self::hash(key))
+    }
 }
 
 impl TransactionLayer {
@@ -385,6 +439,7 @@ impl TransactionLayer {
             accepted: HashMap::new(),
             queue: BinaryHeap::new(),
             out: Outbox::default(),
+            challenged: Challenged::default(),
         }
     }
 
@@ -420,6 +475,9 @@ impl TransactionLayer {
     }
 
     fn handle_ack(&mut self, now: Instant, key: ServerKey, ack: SipMessage, ingress: Ingress) {
+        if !self.servers.contains_key(&key) && self.challenged.absorbs(now, &key) {
+            return;
+        }
         if let Some(tx) = self.servers.get_mut(&key) {
             let before = tx.next_deadline();
             match tx.on_ack(now, &self.timers) {
@@ -471,11 +529,16 @@ impl TransactionLayer {
     ) -> Result<(), TxError> {
         let tx = self.servers.get_mut(key).ok_or(TxError::NoSuchTransaction)?;
         let before = tx.next_deadline();
+        let challenge = key.method() == "INVITE" && matches!(response.status(), Some(401 | 407));
         let fate = tx.respond(now, &self.timers, response, &mut self.out)?;
         if let Some(ack_key) = tx.ack_key() {
             self.accepted.insert(ack_key.clone(), key.clone());
         }
-        if fate == Fate::Terminated {
+        if challenge {
+            // Sent; see `Challenged` for why nothing more is kept.
+            self.challenged.insert(now, now + self.timers.t1x64(), key);
+            self.remove_server(key);
+        } else if fate == Fate::Terminated {
             self.remove_server(key);
         }
         self.reschedule_server(key, before);

@@ -380,9 +380,9 @@ mod invite_server {
         h.layer.respond(h.start + ms(150), &key, challenge).expect("respond");
         let sent: Vec<_> = h.transmits().iter().map(|t| parse(t).status()).collect();
         assert_eq!(sent, [Some(407)]);
-        // The 100's deadline is gone with it. A challenge is not retransmitted (no Timer G):
-        // the next timer is Timer H.
-        assert_eq!(h.layer.poll_timeout(), Some(h.start + ms(150) + ms(500 * 64)));
+        // The 100's deadline is gone with it, and so is the transaction: a challenge keeps
+        // no timer at all.
+        assert_eq!(h.layer.poll_timeout(), None);
     }
 
     #[test]
@@ -454,26 +454,47 @@ mod invite_server {
     }
 
     #[test]
-    fn a_challenge_over_udp_is_sent_once_and_only_repeated_for_a_retransmitted_invite() {
+    fn a_challenge_is_sent_once_keeps_no_transaction_and_its_ack_is_absorbed() {
         let mut h = Harness::new();
         let invite = request("INVITE", "z9hG4bKs7", 1);
         let key = h.server(invite.clone(), Transport::Udp);
         let challenge = response(&invite, 407, "Proxy Authentication Required");
         h.layer.respond(h.start, &key, challenge).expect("respond");
         assert_eq!(h.transmits().len(), 1);
+        // Nothing is kept for it: a flood of unauthenticated INVITEs holds no transactions.
+        assert_eq!(h.layer.len(), (0, 0), "no transaction kept for a challenge");
         // A spoofed source never ACKs: nothing more is sent to it, however long we wait.
-        assert!(h.run_until(secs(31.999)).is_empty(), "no Timer G for a challenge");
-        assert!(h.run_until(secs(100.0)).is_empty());
-        assert_eq!(h.layer.len(), (0, 0), "Timer H still ends the transaction");
+        assert!(h.run_until(secs(100.0)).is_empty(), "no Timer G for a challenge");
 
-        // One answer per INVITE received: a retransmission gets the challenge again.
+        // A real caller's ACK is absorbed (no event for the TU, nothing sent).
         let invite = request("INVITE", "z9hG4bKs8", 1);
         let key = h.server(invite.clone(), Transport::Udp);
         let unauthorized = response(&invite, 401, "Unauthorized");
-        h.layer.respond(h.at(secs(100.0)), &key, unauthorized.clone()).expect("respond");
+        h.layer.respond(h.at(secs(100.0)), &key, unauthorized).expect("respond");
         h.transmits();
-        h.layer.handle_request(h.at(secs(101.0)), invite, ingress(Transport::Udp));
-        assert_eq!(h.transmits()[0].bytes, unauthorized.to_bytes());
+        h.events();
+        let ack = request("ACK", "z9hG4bKs8", 1);
+        h.layer.handle_request(h.at(secs(100.1)), ack.clone(), ingress(Transport::Udp));
+        assert!(h.events().is_empty(), "the challenge's ACK is absorbed");
+        assert!(h.transmits().is_empty());
+        // Over TCP too.
+        let invite = request("INVITE", "z9hG4bKs9", 1);
+        let key = h.server(invite.clone(), Transport::Tcp);
+        h.layer.respond(h.at(secs(100.2)), &key, response(&invite, 407, "x")).expect("respond");
+        assert_eq!(h.layer.len(), (0, 0));
+        // 64*T1 later it is forgotten: a stray ACK then reaches the TU (which drops it).
+        h.events();
+        h.layer.handle_request(h.at(secs(133.0)), ack, ingress(Transport::Udp));
+        assert_eq!(h.events().len(), 1, "forgotten after 64*T1");
+
+        // A retransmitted INVITE (the challenge was lost) is a new request for the TU, which
+        // challenges it again: one answer per INVITE received.
+        let invite = request("INVITE", "z9hG4bKs10", 1);
+        let key = h.server(invite.clone(), Transport::Udp);
+        h.layer.respond(h.at(secs(134.0)), &key, response(&invite, 401, "x")).expect("respond");
+        h.events();
+        h.layer.handle_request(h.at(secs(134.5)), invite, ingress(Transport::Udp));
+        assert_eq!(h.events().len(), 1, "the retransmission is new work");
     }
 
     #[test]
