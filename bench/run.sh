@@ -25,6 +25,12 @@
 #   ANCHOR_SUMMARY [-: a Kamailio summary (shared/bench/results/*.txt or <run dir>/anchor-summary.txt)
 #                   to print ratios against]
 #   SHARED_BENCH [../shared/bench]
+#   EXEMPT_LOAD_GENERATOR [1: UAC_IP and UAS_IP in rate_limit_exempt. One sipp sends tens of
+#                          thousands of messages a second from one address, which is exactly what
+#                          source_rate_limit bans; an operator exempts an SBC the same way]
+#   LOAD_CMD [-: a command run after PHASES instead of nothing (bench/flood.sh uses it), with
+#             CFG BIN OUT_DIR MAIN_IP ALIAS_IP SIP_PORT SIP_DOMAIN UAC_IP UAS_IP UAS_PORT
+#             CPU_WATCH USERS REPO exported]
 #   and every load parameter of run-load.sh, passed through unchanged: PHASES, STEP_SECS,
 #   REG_RATES, CALL_RATES, REFINE, PRIME_RATE, HOLD_MS, EXPIRES, QUIET_MAX_PCT, QUIET_WAIT_SECS, ...
 set -euo pipefail
@@ -44,6 +50,8 @@ PROVISION=${PROVISION:-pipe}
 PROVISION_JOBS=${PROVISION_JOBS:-2}
 BUILD=${BUILD:-1}
 HALF_RATE_STEP=${HALF_RATE_STEP:-1}
+EXEMPT_LOAD_GENERATOR=${EXEMPT_LOAD_GENERATOR:-1}
+LOAD_CMD=${LOAD_CMD:-}
 ANCHOR_SUMMARY=${ANCHOR_SUMMARY:-}
 PHASES=${PHASES:-prime smoke register calls}
 OUT_DIR=${OUT_DIR:-/tmp/sipalias-bench-$(date +%Y%m%d-%H%M%S)}
@@ -165,6 +173,8 @@ pid_of() { local i; for i in "${!NAMES[@]}"; do if [ "${NAMES[$i]}" = "$1" ]; th
 alive_or_die() { kill -0 "$2" 2>/dev/null || die "$1 exited at start: $(tail -3 "$OUT_DIR/$1.log")"; }
 
 # ---- config ------------------------------------------------------------------------------------
+EXEMPT=""
+[ "$EXEMPT_LOAD_GENERATOR" = 1 ] && EXEMPT="rate_limit_exempt = [\"$UAC_IP/32\", \"$UAS_IP/32\"]"
 cat > "$CFG" <<EOF
 # Written by bench/run.sh for one benchmark run.
 [dispatcher]
@@ -172,6 +182,8 @@ id = "d1"
 grpc_listen = "127.0.0.1:$GRPC_PORT"
 # The defences are measured on: the links authenticated as in production.
 link_secret = "sipalias-bench-link-secret-0123"
+# Every other edge defence keeps its default (docs/security.md).
+$EXEMPT
 # One runtime thread each (the processor's default): on a 2-core host shared by five services
 # and sipp, a second thread per service only adds context switches (docs/benchmarks.md).
 worker_threads = 1
@@ -361,6 +373,17 @@ if [ -n "${rest// /}" ]; then
   run_load "$OUT_DIR/load" "${rest# }"
   SUMMARIES+=("$OUT_DIR/load/summary.txt")
   rcli info commandstats | tr -d '\r' > "$OUT_DIR/redis-commandstats.txt"
+fi
+if [ -n "$LOAD_CMD" ]; then
+  export CFG BIN OUT_DIR MAIN_IP ALIAS_IP SIP_PORT SIP_DOMAIN UAC_IP UAS_IP UAS_PORT CPU_WATCH USERS REPO
+  bash -c "$LOAD_CMD" > "$OUT_DIR/load-cmd.out" 2>&1 &
+  LOAD_PID=$!
+  tail -n +1 --pid="$LOAD_PID" -f "$OUT_DIR/load-cmd.out" &
+  TAIL_PID=$!
+  wait "$LOAD_PID" || say "LOAD_CMD exited $? (see $OUT_DIR/load-cmd.out)"
+  wait "$TAIL_PID" || true
+  LOAD_PID=""
+  TAIL_PID=""
 fi
 
 # ---- call-setup latency from sipp's response-time buckets (INVITE sent -> 200 received) ---------
