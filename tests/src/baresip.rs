@@ -387,6 +387,12 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<()> {
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Whether a traced line is a SIP start line: a status line, or `METHOD uri SIP/2.0`.
+fn is_start_line(line: &str) -> bool {
+    let line = line.trim_end();
+    line.starts_with("SIP/2.0 ") || (line.ends_with(" SIP/2.0") && line.split(' ').count() == 3)
+}
+
 /// Parses the SIP trace `baresip -s` prints: for each message a line `#`, a line
 /// `TRANSPORT src -> dst`, then the message as sent (CRLF lines; the reader trimmed the CR).
 /// Only the head is kept, and only once its closing blank line is there: a message still
@@ -413,7 +419,10 @@ pub fn parse_trace(lines: &[String], local: SocketAddrV4) -> Result<Vec<Traced>>
             // The head is still being read from the pipe: the message is not there yet.
             break;
         };
-        let head: Vec<&str> = rest[..len]
+        // baresip's other threads log to the same pipe (e.g. `aubridge: thread start` when a
+        // call is answered), sometimes between the route line and the start line: skip to it.
+        let start = rest[..len].iter().position(|l| is_start_line(l)).unwrap_or(0);
+        let head: Vec<&str> = rest[start..len]
             .iter()
             .map(|l| l.trim_end())
             .filter(|l| {
@@ -479,6 +488,8 @@ mod tests {
             "Incoming call from: sip:bob@127.0.0.2",
             "#",
             "TCP 127.0.0.1:40000 -> 127.0.0.2:5060",
+            // Another thread's log line, written between the route and the message.
+            "aubridge: thread start: 8000 Hz, 1 channels, format=S16LE",
             "SIP/2.0 200 OK",
             "Via: SIP/2.0/TCP 127.0.0.2:5060;branch=z9hG4bK1",
             "From: <sip:bob@127.0.0.2>;tag=1",
