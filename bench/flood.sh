@@ -65,13 +65,10 @@ sample_rss() {
   done
 }
 peak() { awk -v p="$2" '$1 == p && $2 > m { m = $2 } END { print m + 0 }' "$1"; }
-# successful calls in a sipp -trace_stat file
-succ() { awk -F';' 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next } { l = $0 }
-  END { split(l, f, ";"); print f[c["SuccessfulCall(C)"]] + 0 }' "$1"; }
-created() { awk -F';' 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next } { l = $0 }
-  END { split(l, f, ";"); print f[c["TotalCallCreated"]] + 0 }' "$1"; }
-failed() { awk -F';' 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next } { l = $0 }
-  END { split(l, f, ";"); print f[c["FailedCall(C)"]] + 0 }' "$1"; }
+# stat_col FILE COLUMN: the last value of COLUMN in a sipp -trace_stat file (0 when missing).
+stat_col() { awk -F';' -v col="$2" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next } { l = $0 }
+  END { split(l, f, ";"); print f[c[col]] + 0 }' "$1" 2>/dev/null || echo 0; }
+succ() { stat_col "$1" "SuccessfulCall(C)"; }
 
 # The callee phones (every registered user's Contact is the UAS).
 sipp -sf "$SCEN/uas_callee.xml" -i "$UAS_IP" -p "$UAS_PORT" -nostdin -trace_stat -stf "$D/uas.stat.csv" \
@@ -132,13 +129,13 @@ t4=$(date +%s.%N)
 flood_ok=$(succ "$D/legit-flood.stat.csv")
 flood_rate=$(awk -v s="$flood_ok" -v a="$t2" -v b="$t3" 'BEGIN { printf "%.1f", s / (b - a) }')
 sent=0
-for s in "${srcs[@]}"; do sent=$((sent + $(created "$D/flood-$s.stat.csv" 2>/dev/null || echo 0))); done
+for s in "${srcs[@]}"; do sent=$((sent + $(stat_col "$D/flood-$s.stat.csv" TotalCallCreated))); done
 sent_rate=$(awk -v n="$sent" -v a="$t2" -v b="$t4" 'BEGIN { printf "%.0f", n / (b - a) }')
 
 say "waiting for the $HELD held calls to hang up"
 wait "$HELD_PID" || true
 held_ok=$(succ "$D/held.stat.csv")
-held_failed=$(failed "$D/held.stat.csv")
+held_failed=$(stat_col "$D/held.stat.csv" "FailedCall(C)")
 
 alive=yes
 for p in $WATCH billing redis; do kill -0 "$(pid "$p")" 2>/dev/null || alive="no ($p gone)"; done
