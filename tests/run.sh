@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole sipalias test suite on this machine: formatting, lints, unit tests and the
-# end-to-end tests (real redis-server, billing, dispatcher, processors and sipp on 127.0.0.x).
-# Installs redis-server, sipp (Debian package sip-tester) and baresip (baresip-core, the real
-# phone of tests/tests/e2e/phones.rs) when missing and running as root.
+# Runs the whole sipalias test suite on this machine: formatting, lints, unit tests, the
+# end-to-end tests (real redis-server, billing, dispatcher, processors and sipp on 127.0.0.x),
+# then the compose suite (tests/compose/run.sh: the images, built offline, as a docker-compose
+# cluster with phones in containers).
+# Installs redis-server, sipp (Debian package sip-tester), baresip (baresip-core, the real
+# phone of tests/tests/e2e/phones.rs) and debootstrap (the offline base images) when missing
+# and running as root. Needs a running Docker Engine and Docker Compose (the plugin or the
+# docker-compose package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +14,9 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 ||
+  need+=(docker-compose)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need[*]}"
@@ -21,11 +28,16 @@ if [ "${#need[@]}" -gt 0 ]; then
   fi
 fi
 
+if ! docker info >/dev/null 2>&1; then
+  echo "the compose suite needs a running Docker Engine (docker info failed):" \
+    "install docker.io and start it, or run as a user of the docker group" >&2
+  exit 1
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Fuzzing (docs/fuzzing.md): every cargo-fuzz target of fuzz/ for FUZZ_SECONDS (default 60)
-# each, on one core; fails if any crashes. Adds about 5–6 minutes. Before the tests, so that
-# the test runner's summary is the last thing printed.
+# each, on one core; fails if any crashes. Adds about 5–6 minutes.
 bash fuzz/run.sh "${FUZZ_SECONDS:-60}"
 # The end-to-end tests start the real binaries, so build them first.
 cargo build --workspace --bins --quiet
@@ -34,3 +46,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# The compose suite, time-bounded (it builds the release binaries and, the first time, the
+# base images: about 5 minutes cold, 1.5 minutes warm).
+timeout 900 bash tests/compose/run.sh

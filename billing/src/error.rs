@@ -90,4 +90,13 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+
+    /// `health`: the service did not answer, or answered that it is not serving.
+    #[error("billing at {url} is not healthy: {reason}")]
+    Unhealthy {
+        /// The URL asked.
+        url: String,
+        /// What it answered, or why there was no answer.
+        reason: String,
+    },
 }

@@ -306,6 +306,11 @@ impl Billing for BillingService {
     }
 }
 
+/// The name billing answers for in the gRPC health protocol (`grpc.health.v1.Health/Check`),
+/// besides the empty name of the whole server.
+pub const HEALTH_SERVICE: &str =
+    <BillingServer<BillingService> as tonic::server::NamedService>::NAME;
+
 /// Runs the billing gRPC server on `listener` until `shutdown` completes.
 ///
 /// Connects to Redis first (failing if it cannot be reached after a few retries), then logs
@@ -324,8 +329,14 @@ pub async fn serve(
     if config.link_secret.is_empty() {
         tracing::warn!("no link_secret: any local process can call billing (loopback only)");
     }
+    // The standard gRPC health protocol (grpc.health.v1), open without the link secret so
+    // that container and load-balancer probes need no secret: it tells only whether billing
+    // serves, which it does from here on (Redis was reached above).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
     info!("billing listening on {addr}");
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(BillingServer::with_interceptor(service, require))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

@@ -3,21 +3,13 @@
 //! and how much was routed to each. Pure formatting; the CLI does the call.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use sipalias_proto::edge::{BansResponse, StatusResponse};
 
-/// The URL to query a dispatcher whose `grpc_listen` is `addr`. A wildcard listen address is
-/// reached over loopback.
-pub fn url_for_listen(addr: SocketAddr) -> String {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
-}
+/// The URL to query a dispatcher whose `grpc_listen` is `addr` (a wildcard address is reached
+/// over loopback).
+pub use sipalias_proto::url_for_listen;
 
 /// `--grpc` as given: `http://ip:port`, or a bare `ip:port` (taken as `http://`).
 pub fn normalize_url(given: &str) -> String {
@@ -202,10 +194,6 @@ mod tests {
 
     #[test]
     fn urls() {
-        let listen = |s: &str| s.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(url_for_listen(listen("0.0.0.0:7070")), "http://127.0.0.1:7070");
-        assert_eq!(url_for_listen(listen("[::]:7070")), "http://[::1]:7070");
-        assert_eq!(url_for_listen(listen("10.0.0.5:7070")), "http://10.0.0.5:7070");
         assert_eq!(normalize_url("10.0.0.5:7070"), "http://10.0.0.5:7070");
         assert_eq!(normalize_url("https://d2:7070"), "https://d2:7070");
     }

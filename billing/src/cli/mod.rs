@@ -1,6 +1,7 @@
 //! The `sipalias-billing` command line: run the service, manage accounts and rate plans, read
 //! CDRs.
 
+mod health;
 mod report;
 mod time;
 
@@ -45,6 +46,13 @@ pub enum Command {
     /// Read call detail records.
     #[command(subcommand)]
     Cdr(CdrCommand),
+    /// Ask a running billing service whether it serves (gRPC health protocol); exit 0 if so.
+    /// The container image's HEALTHCHECK.
+    Health {
+        /// The service's URL; default: `billing.listen` (a wildcard address over loopback).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
 }
 
 /// `account ...` commands.
@@ -280,6 +288,12 @@ pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
         Command::Serve => serve(config).await,
         Command::Account(cmd) => account(&config, cmd).await,
         Command::RatePlan(cmd) => rate_plan(&config, cmd).await,
+        Command::Health { url } => {
+            let url = url.unwrap_or_else(|| sipalias_proto::url_for_listen(config.listen));
+            health::check(&url).await?;
+            println!("billing at {url}: serving");
+            Ok(())
+        }
         Command::Cdr(CdrCommand::List { limit, csv, aor, since, until }) => {
             let aor = aor.map(|a| Aor::parse(&a)).transpose()?.map(|a| a.to_string());
             let store = Store::connect(&config).await?;

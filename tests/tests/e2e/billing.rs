@@ -191,3 +191,20 @@ fn billing_outage_under_allow_policy_connects_a_registered_caller() -> Result<()
     );
     Ok(())
 }
+
+#[test]
+fn billing_health_says_serving_fails_while_billing_is_down_and_recovers() -> Result<()> {
+    let mut cluster = cluster()?;
+    let up = cluster.billing_cli(&["health"])?;
+    ensure!(up.contains("serving"), "health while up: {up}");
+
+    cluster.stop_billing()?;
+    let down =
+        cluster.billing_cli(&["health"]).expect_err("health must fail while billing is down");
+    ensure!(format!("{down:#}").contains("is not healthy"), "health while down: {down:#}");
+
+    cluster.start_billing()?;
+    let again = cluster.billing_cli(&["health"])?;
+    ensure!(again.contains("serving"), "health after the restart: {again}");
+    cluster.check_all_running()
+}
