@@ -54,14 +54,26 @@ import_rootfs() { # DIR IMAGE
   echo "built $image ($(docker image inspect -f '{{.Size}}' "$image" | numfmt --to=iec))"
 }
 
+# The two root file systems are bootstrapped side by side (mostly waiting on the mirror).
+# bootstrap NAME [DEBOOTSTRAP_ARGS...]: $work/NAME, its log in $work/NAME.log.
+bootstrap() {
+  local name=$1
+  shift
+  debootstrap --variant=minbase "$@" "$SUITE" "$work/$name" "$MIRROR" >"$work/$name.log" 2>&1 ||
+    { tail -20 "$work/$name.log" >&2; return 1; }
+}
+pids=()
 if [ "${FORCE:-0}" = 1 ] || ! have_image "$BASE_IMAGE"; then
-  debootstrap --variant=minbase "$SUITE" "$work/base" "$MIRROR" >"$work/base.log" 2>&1 ||
-    { tail -20 "$work/base.log" >&2; exit 1; }
-  import_rootfs "$work/base" "$BASE_IMAGE"
-  rm -rf "$work/base"
+  bootstrap base &
+  pids+=("$!:base:$BASE_IMAGE")
 fi
 if [ "${FORCE:-0}" = 1 ] || ! have_image "$TOOLS_IMAGE"; then
-  debootstrap --variant=minbase --include="$TOOLS_PACKAGES" "$SUITE" "$work/tools" "$MIRROR" \
-    >"$work/tools.log" 2>&1 || { tail -20 "$work/tools.log" >&2; exit 1; }
-  import_rootfs "$work/tools" "$TOOLS_IMAGE"
+  bootstrap tools --include="$TOOLS_PACKAGES" &
+  pids+=("$!:tools:$TOOLS_IMAGE")
 fi
+for entry in "${pids[@]}"; do
+  IFS=: read -r pid name image <<<"$entry"
+  wait "$pid" || { echo "base-image.sh: debootstrap of $image failed" >&2; exit 1; }
+  import_rootfs "$work/$name" "$image"
+  rm -rf "${work:?}/$name"
+done

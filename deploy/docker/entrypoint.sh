@@ -3,8 +3,8 @@
 #
 #   dispatcher [ARGS]   sipalias-dispatcher (SIP on the addresses of [dispatcher], edge link)
 #   processor [ARGS]    sipalias-processor; its cluster-unique id is the container's hostname
-#                       (unique per replica, so `--scale processor=N` needs no per-replica
-#                       setting) unless SIPALIAS_PROCESSOR__ID is set
+#                       (its first label; unique per replica, so `--scale processor=N` needs
+#                       no per-replica setting) unless SIPALIAS_PROCESSOR__ID is set
 #   billing [ARGS]      sipalias-billing serve
 #   demo-accounts       creates (or resets) the demo accounts 1001 and 1002 (passwords pw1001,
 #                       pw1002) in every realm of deploy/docker/compose.toml, then exits
@@ -19,11 +19,13 @@ set -eu
 
 ROLE_FILE=/tmp/sipalias-role
 
+# The first label of the hostname: a container's is its short id; a host's may be a FQDN.
 processor_id() {
   if [ -n "${SIPALIAS_PROCESSOR__ID:-}" ]; then
     printf '%s\n' "$SIPALIAS_PROCESSOR__ID"
   else
-    hostname
+    host=$(hostname)
+    printf '%s\n' "${host%%.*}"
   fi
 }
 

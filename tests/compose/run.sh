@@ -239,6 +239,31 @@ log "building images"
 bash deploy/docker/build.sh
 docker ps -aq --filter "label=sipalias-compose-test=$PROJECT" | xargs -r docker rm -f >/dev/null
 compose down -v --remove-orphans >/dev/null 2>&1 || true
+
+# ---- 0. the image on its own ------------------------------------------------------------------
+IMAGE=${SIPALIAS_IMAGE:-sipalias:latest}
+log "0. image $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec)"
+[ "$(docker run --rm "$IMAGE" id -u)" = 10001 ] || fail "the image does not run as uid 10001"
+# expect_refusal WHAT KEY DOCKER_RUN_ARGS...: the container must exit non-zero naming KEY.
+expect_refusal() {
+  local what=$1 key=$2 out
+  shift 2
+  if out=$(docker run --rm -v "$ROOT/deploy/docker/compose.toml:/etc/sipalias/sipalias.toml:ro" \
+    "$@" 2>&1); then
+    fail "$what: started anyway"
+  fi
+  case "$out" in *"$key"*) ;; *) fail "$what: the refusal does not name $key: $out" ;; esac
+}
+expect_refusal "a hostile processor id" processor.id \
+  -e 'SIPALIAS_PROCESSOR__ID=a.b;$(reboot)' "$IMAGE" processor
+expect_refusal "a hostname that is no id" processor.id --hostname 'bad_host' "$IMAGE" processor
+expect_refusal "a short link secret" billing.link_secret \
+  -e SIPALIAS_BILLING__LINK_SECRET=short "$IMAGE" billing
+expect_refusal "a health check without a role" "no role" "$IMAGE" health
+# A host's FQDN gives its first label as the id: valid, so the next key is the one refused.
+expect_refusal "a FQDN hostname" processor.redis_url --hostname p7.example.net \
+  -e SIPALIAS_PROCESSOR__REDIS_URL=nowhere "$IMAGE" processor
+
 log "starting the cluster (project $PROJECT)"
 compose up -d 2>"$OUT/up.log" || {
   cat "$OUT/up.log"
