@@ -35,8 +35,13 @@ for bin in sipalias-dispatcher sipalias-processor sipalias-billing; do
 done
 
 # The classic builder: the engines this runs on need not have BuildKit (buildx).
+previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build --quiet -f deploy/Dockerfile \
   --build-arg BASE="$BASE" -t "$IMAGE" . >/dev/null
+# The image this one replaces, now untagged, unless a container still uses it.
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 base_size=$(docker image inspect -f '{{.Size}}' "$BASE")
 echo "built $IMAGE from $BASE: $(numfmt --to=iec "$size") ($(numfmt --to=iec $((size - base_size))) over the base)"
