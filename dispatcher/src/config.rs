@@ -24,6 +24,7 @@ use sipmsg::net::Net;
 use sipmsg::scan::is_valid_node_id;
 
 use crate::error::Error;
+use crate::wire::transport_name;
 
 /// The TOML table this crate reads.
 const TABLE: &str = "dispatcher";
@@ -498,16 +499,6 @@ impl IpConfig {
             }
         }
         Ok(())
-    }
-}
-
-/// Lower-case transport name as used in config keys and logs.
-pub(crate) fn transport_name(transport: Transport) -> &'static str {
-    match transport {
-        Transport::Udp => "udp",
-        Transport::Tcp => "tcp",
-        Transport::Tls => "tls",
-        Transport::Unspecified => "unspecified",
     }
 }
 

@@ -18,20 +18,126 @@
 //! processor is told (`ConnectionClosed`).
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use sipalias_proto::edge::dispatcher_message::Kind as DKind;
-use sipalias_proto::edge::{ConnectionClosed, DispatcherMessage};
+use sipalias_proto::edge::{ConnectionClosed, DispatcherMessage, Transport};
 use sipmsg::framing::{Frame, frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::Context;
 use crate::ingress::{self, Outcome};
-use crate::stream::{Admitted, ConnInfo, Outgoing};
+use crate::wire::{Arrival, edge_error, transport_name};
+
+/// One connection as the rest of the dispatcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnInfo {
+    /// Dispatcher-unique, never 0.
+    pub(crate) id: u64,
+    /// The listening socket it belongs to (reported as the ingress local address).
+    pub(crate) socket: SocketAddr,
+    pub(crate) transport: Transport,
+    /// The phone (or its NAT).
+    pub(crate) remote: SocketAddr,
+    /// Accepted (true) or opened by the dispatcher (false).
+    pub(crate) inbound: bool,
+}
+
+impl ConnInfo {
+    /// How the connection's messages arrive at [`ingress`].
+    pub(crate) fn arrival(&self) -> Arrival {
+        Arrival {
+            local: self.socket,
+            transport: self.transport,
+            remote: self.remote,
+            connection_id: self.id,
+        }
+    }
+
+    /// `tcp` or `tls`, for log lines.
+    pub(crate) fn kind(&self) -> &'static str {
+        transport_name(self.transport)
+    }
+}
+
+/// Bytes for a connection's writer, and who to tell if they cannot be written.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) bytes: Bytes,
+    /// `None` for what the dispatcher sends on its own (pongs, `400`/`513`/`503`).
+    pub(crate) origin: Option<Origin>,
+}
+
+/// The processor `Send` some queued bytes came from.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub(crate) processor: Arc<str>,
+    pub(crate) send_id: u64,
+    /// The connection the send named (0 for none).
+    pub(crate) named: u64,
+    /// Where the processor's `EdgeError` goes (its link).
+    pub(crate) reply: mpsc::Sender<DispatcherMessage>,
+}
+
+impl Origin {
+    /// Tells the processor its send failed after it was accepted (connect or write failure).
+    pub(crate) fn fail(self, reason: &str, closed_connection_id: u64) {
+        warn!(send_id = self.send_id, "send from processor {} failed: {reason}", self.processor);
+        let _ =
+            self.reply.try_send(edge_error(self.send_id, reason.to_owned(), closed_connection_id));
+    }
+}
+
+/// Why a `Send` over a stream was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refused {
+    pub(crate) reason: String,
+    /// The connection the send named, when that connection is closed (0 otherwise).
+    pub(crate) closed_connection_id: u64,
+}
+
+impl Refused {
+    /// Refused for `reason`, naming no closed connection.
+    pub(crate) fn because(reason: String) -> Self {
+        Self { reason, closed_connection_id: 0 }
+    }
+}
+
+/// A connection that has its id and table entry, handed to the task that runs it.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub(crate) info: ConnInfo,
+    pub(crate) rx: mpsc::Receiver<Outgoing>,
+    pub(crate) tx: mpsc::Sender<Outgoing>,
+    pub(crate) entry: EntryGuard,
+}
+
+/// Removes a connection's table entry when dropped, so a task that ends early (or panics)
+/// frees its slot. Removing it earlier, explicitly, is fine too.
+#[derive(Debug)]
+pub(crate) struct EntryGuard {
+    pub(crate) ctx: Arc<Context>,
+    id: u64,
+}
+
+impl EntryGuard {
+    /// Guards the table entry of connection `id`.
+    pub(crate) fn new(ctx: Arc<Context>, id: u64) -> Self {
+        Self { ctx, id }
+    }
+}
+
+impl Drop for EntryGuard {
+    fn drop(&mut self) {
+        self.ctx.streams.remove(self.id);
+    }
+}
 
 /// How much is read at a time.
 const READ_CHUNK: usize = 8192;
@@ -129,7 +235,7 @@ fn notify_closed(ctx: &Context, info: &ConnInfo) {
             remote_port: u32::from(info.remote.port()),
         })),
     };
-    let missed = ctx.members.broadcast(&notice);
+    let missed = ctx.router.members.broadcast(&notice);
     if missed > 0 {
         debug!(connection_id = info.id, "closed notice not queued for {missed} busy processor(s)");
     }
@@ -205,7 +311,7 @@ where
                 }
                 Ok(Frame::Message(n)) => {
                     let message = buf.split_to(n);
-                    match ingress::handle(ctx, info.arrival(), &message) {
+                    match ingress::handle(&ctx.router, info.arrival(), &message) {
                         Outcome::Routed | Outcome::Dropped => {}
                         Outcome::Answer(reply) => {
                             if !answer(tx, Bytes::from(reply)).await {

@@ -12,7 +12,7 @@
 //! - **Scanners.** Requests outside dialogs whose `User-Agent` names a known scanner are dropped
 //!   without an answer.
 //! - **Admission.** New INVITEs and REGISTERs beyond `admission_rate` a second get the
-//!   dispatcher's own `503` (see [`crate::link::Membership::deliver`] for the other bound:
+//!   dispatcher's own `503` (see [`crate::membership::Membership::deliver`] for the other bound:
 //!   a processor whose queue is half full takes no new work).
 //!
 //! Everything here is decided on an explicit `now`, so tests run it on a virtual clock; one

@@ -4,29 +4,29 @@
 //! can take a request the dispatcher answers `503 Service Unavailable` itself; the caller sends
 //! that answer back the way the request came (same socket, or same connection).
 
-use std::net::SocketAddr;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use sipalias_proto::edge::dispatcher_message::Kind as DKind;
-use sipalias_proto::edge::{DispatcherMessage, Inbound, Ingress, Transport};
 use sipmsg::SipMessage;
 use sipmsg::scan::{NotSip, scan, uri_token};
 use tracing::{debug, trace};
 
-use crate::Context;
-use crate::link::Delivery;
+use crate::guard::Guard;
+use crate::membership::{Delivery, Membership};
 use crate::route;
+use crate::wire::{self, Arrival};
 
-/// Where one message came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Arrival {
-    /// The listening socket it arrived on (for a connection the dispatcher opened, the socket
-    /// the connection was opened for).
-    pub(crate) local: SocketAddr,
-    pub(crate) transport: Transport,
-    pub(crate) remote: SocketAddr,
-    /// Stream connection id; 0 for UDP.
-    pub(crate) connection_id: u64,
+/// What routing one message needs, and all that [`handle`] can reach: the guard, the
+/// membership table and two settings. The links share it through the dispatcher's context.
+#[derive(Debug)]
+pub(crate) struct Router {
+    /// Recorded in every `Inbound`.
+    pub(crate) dispatcher_id: String,
+    /// Sent in the dispatcher's own `503`s.
+    pub(crate) retry_after_secs: u32,
+    /// The processors to route to.
+    pub(crate) members: Membership,
+    /// Bans, rate limit, scanners, admission: what is dropped before routing.
+    pub(crate) guard: Guard,
 }
 
 /// What became of a message.
@@ -49,8 +49,8 @@ pub(crate) enum Outcome {
 /// the per-source rate, is dropped before the message is even scanned; a request outside any
 /// dialog from a known scanner is dropped unanswered; a new INVITE or REGISTER beyond the
 /// admission rate gets `503`.
-pub(crate) fn handle(ctx: &Context, from: Arrival, data: &[u8]) -> Outcome {
-    let Arrival { local, transport, remote, connection_id } = from;
+pub(crate) fn handle(ctx: &Router, from: Arrival, data: &[u8]) -> Outcome {
+    let Arrival { local, remote, connection_id, .. } = from;
     let now = Instant::now();
     if !ctx.guard.admit(remote.ip(), now) {
         return Outcome::Dropped;
@@ -76,21 +76,7 @@ pub(crate) fn handle(ctx: &Context, from: Arrival, data: &[u8]) -> Outcome {
     } else {
         false
     };
-    let msg = DispatcherMessage {
-        kind: Some(DKind::Inbound(Inbound {
-            ingress: Some(Ingress {
-                local_ip: local.ip().to_string(),
-                local_port: u32::from(local.port()),
-                transport: transport.into(),
-                remote_ip: remote.ip().to_string(),
-                remote_port: u32::from(remote.port()),
-                connection_id,
-                received_at_ms: unix_ms(),
-                dispatcher_id: ctx.dispatcher_id.clone(),
-            }),
-            message: data.to_vec(),
-        })),
-    };
+    let msg = wire::inbound(from, &ctx.dispatcher_id, data);
     let call_id = keys.call_id.unwrap_or_default();
     let unavailable = match ctx.members.deliver(&keys, msg, new_work) {
         Delivery::Queued(node) => {
@@ -151,14 +137,6 @@ pub(crate) fn stateless_response(
     let branch = req.top_via().ok().and_then(|v| v.branch().map(str::to_owned)).unwrap_or_default();
     let tag = format!("{:016x}", route::weight(&branch, call_id));
     Some(SipMessage::response_to(req, status, reason, Some(&tag)))
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

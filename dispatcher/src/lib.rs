@@ -29,6 +29,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
+mod clock;
 pub mod config;
 mod connection;
 mod destination;
@@ -36,7 +37,8 @@ mod egress;
 pub mod error;
 pub mod guard;
 mod ingress;
-pub mod link;
+mod link;
+pub mod membership;
 pub mod route;
 pub mod status;
 mod stream;
@@ -44,10 +46,11 @@ mod tls;
 
 pub use tls::AnyCertificate;
 mod udp;
+mod wire;
 
 pub use config::{DispatcherConfig, IpConfig, StreamLimits};
 pub use error::Error;
-pub use link::{Membership, ProcessorStatus};
+pub use membership::{Membership, ProcessorStatus};
 
 /// How often the gRPC server pings an idle processor link, and how long it waits for the
 /// answer: a processor whose host vanished without closing TCP leaves routing within ~10 s.
@@ -199,7 +202,7 @@ async fn serve(
     }
     let stream_entries: Vec<_> = entries.iter().filter(|e| e.transport != Transport::Udp).collect();
     for entry in &stream_entries {
-        let name = config::transport_name(entry.transport);
+        let name = wire::transport_name(entry.transport);
         match stream_listeners.get(&entry.addr) {
             Some((_, t)) if *t == entry.transport => {}
             _ => {
@@ -225,8 +228,12 @@ async fn serve(
     let (stop_tx, stop) = watch::channel(false);
     let stream_sockets = stream_listeners.iter().map(|(addr, (_, t))| (*addr, *t)).collect();
     let ctx = Arc::new(Context {
-        dispatcher_id: config.id.clone(),
-        retry_after_secs: config.retry_after_secs,
+        router: ingress::Router {
+            dispatcher_id: config.id.clone(),
+            retry_after_secs: config.retry_after_secs,
+            members: Membership::default(),
+            guard: guard::Guard::new(config.guard.clone(), Instant::now()),
+        },
         queue_depth: config.queue_depth,
         heartbeat_timeout: config.heartbeat_timeout,
         started: Instant::now(),
@@ -239,8 +246,6 @@ async fn serve(
             tls.servers,
             tls.client,
         ),
-        members: Membership::default(),
-        guard: guard::Guard::new(config.guard.clone(), Instant::now()),
         destinations: destination::Destinations::new(
             config.destination_deny_networks.clone(),
             entries.iter().map(|e| e.addr).chain([config.grpc_listen, grpc_addr]),
@@ -251,7 +256,7 @@ async fn serve(
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
     for entry in &entries {
         let (ctx2, stop, addr) = (Arc::clone(&ctx), stop.clone(), entry.addr);
-        let name = config::transport_name(entry.transport);
+        let name = wire::transport_name(entry.transport);
         if entry.transport == Transport::Udp {
             let Some(socket) = ctx.sockets.get(addr).cloned() else { continue };
             info!("sip udp listening on {addr}");
@@ -342,8 +347,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// What the receive loops and the links share.
 #[derive(Debug)]
 pub(crate) struct Context {
-    dispatcher_id: String,
-    retry_after_secs: u32,
+    /// What routing a received message needs (the id, the membership table, the guard).
+    router: ingress::Router,
     queue_depth: usize,
     /// Silence after which a processor's link is ended.
     heartbeat_timeout: Duration,
@@ -354,9 +359,6 @@ pub(crate) struct Context {
     sockets: udp::Sockets,
     /// TCP and TLS: listeners' sockets, open connections, certificates.
     streams: stream::Streams,
-    members: Membership,
-    /// Bans, rate limit, scanners, admission: what is dropped before routing.
-    guard: guard::Guard,
     /// Where sends may go.
     destinations: destination::Destinations,
     /// Turns true once at shutdown.

@@ -24,19 +24,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use sipalias_proto::edge::{DispatcherMessage, Transport};
+use sipalias_proto::edge::Transport;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{info, warn};
 
-use crate::config::{StreamLimits, transport_name};
-use crate::connection;
-use crate::link::edge_error;
+use crate::Context;
+use crate::config::StreamLimits;
+use crate::connection::{self, Admitted, ConnInfo, EntryGuard, Outgoing, Refused};
 use crate::tls;
-use crate::{Context, ingress};
+use crate::wire::transport_name;
 
 /// Messages queued for one connection's writer before a `Send` to it is refused.
 const WRITE_QUEUE: usize = 128;
@@ -44,79 +43,6 @@ const WRITE_QUEUE: usize = 128;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one "connection refused" warning per this interval; the rest are counted.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
-
-/// One connection as the rest of the dispatcher sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ConnInfo {
-    /// Dispatcher-unique, never 0.
-    pub(crate) id: u64,
-    /// The listening socket it belongs to (reported as the ingress local address).
-    pub(crate) socket: SocketAddr,
-    pub(crate) transport: Transport,
-    /// The phone (or its NAT).
-    pub(crate) remote: SocketAddr,
-    /// Accepted (true) or opened by the dispatcher (false).
-    pub(crate) inbound: bool,
-}
-
-impl ConnInfo {
-    /// How the connection's messages arrive at [`ingress`].
-    pub(crate) fn arrival(&self) -> ingress::Arrival {
-        ingress::Arrival {
-            local: self.socket,
-            transport: self.transport,
-            remote: self.remote,
-            connection_id: self.id,
-        }
-    }
-
-    /// `tcp` or `tls`, for log lines.
-    pub(crate) fn kind(&self) -> &'static str {
-        transport_name(self.transport)
-    }
-}
-
-/// Bytes for a connection's writer, and who to tell if they cannot be written.
-#[derive(Debug)]
-pub(crate) struct Outgoing {
-    pub(crate) bytes: Bytes,
-    /// `None` for what the dispatcher sends on its own (pongs, `400`/`513`/`503`).
-    pub(crate) origin: Option<Origin>,
-}
-
-/// The processor `Send` some queued bytes came from.
-#[derive(Debug)]
-pub(crate) struct Origin {
-    pub(crate) processor: Arc<str>,
-    pub(crate) send_id: u64,
-    /// The connection the send named (0 for none).
-    pub(crate) named: u64,
-    /// Where the processor's `EdgeError` goes (its link).
-    pub(crate) reply: mpsc::Sender<DispatcherMessage>,
-}
-
-impl Origin {
-    /// Tells the processor its send failed after it was accepted (connect or write failure).
-    pub(crate) fn fail(self, reason: &str, closed_connection_id: u64) {
-        warn!(send_id = self.send_id, "send from processor {} failed: {reason}", self.processor);
-        let _ =
-            self.reply.try_send(edge_error(self.send_id, reason.to_owned(), closed_connection_id));
-    }
-}
-
-/// Why a `Send` over a stream was not queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Refused {
-    pub(crate) reason: String,
-    /// The connection the send named, when that connection is closed (0 otherwise).
-    pub(crate) closed_connection_id: u64,
-}
-
-impl Refused {
-    fn new(reason: String) -> Self {
-        Self { reason, closed_connection_id: 0 }
-    }
-}
 
 /// Everything about TCP and TLS the dispatcher shares between tasks.
 #[derive(Debug)]
@@ -160,29 +86,6 @@ struct Entry {
     tx: mpsc::Sender<Outgoing>,
 }
 
-/// A connection that has its id and table entry, handed to the task that runs it.
-#[derive(Debug)]
-pub(crate) struct Admitted {
-    pub(crate) info: ConnInfo,
-    pub(crate) rx: mpsc::Receiver<Outgoing>,
-    pub(crate) tx: mpsc::Sender<Outgoing>,
-    pub(crate) entry: EntryGuard,
-}
-
-/// Removes a connection's table entry when dropped, so a task that ends early (or panics)
-/// frees its slot. Removing it earlier, explicitly, is fine too.
-#[derive(Debug)]
-pub(crate) struct EntryGuard {
-    pub(crate) ctx: Arc<Context>,
-    id: u64,
-}
-
-impl Drop for EntryGuard {
-    fn drop(&mut self) {
-        self.ctx.streams.remove(self.id);
-    }
-}
-
 impl Streams {
     pub(crate) fn new(
         dispatcher_id: &str,
@@ -204,7 +107,7 @@ impl Streams {
             // the other after a failover finds no connection (and fails) instead of another
             // phone's.
             id_prefix: id_prefix(dispatcher_id) << ID_COUNTER_BITS,
-            next_id: AtomicU64::new(ingress::unix_ms().saturating_mul(1000)),
+            next_id: AtomicU64::new(crate::clock::unix_ms().saturating_mul(1000)),
             refusals: RefusalLog::default(),
         }
     }
@@ -250,7 +153,7 @@ impl Streams {
         let info = ConnInfo { id, socket, transport, remote, inbound };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         table.by_id.insert(id, Entry { info, tx: tx.clone() });
-        Ok(Admitted { info, rx, tx, entry: EntryGuard { ctx: Arc::clone(ctx), id } })
+        Ok(Admitted { info, rx, tx, entry: EntryGuard::new(Arc::clone(ctx), id) })
     }
 
     /// Removes a connection from the table (no more `Send`s reach it). Returns whether it was
@@ -310,7 +213,7 @@ pub(crate) fn send(
         && !entry.tx.is_closed()
     {
         if entry.info.socket != socket || entry.info.transport != transport {
-            return Err(Refused::new(format!(
+            return Err(Refused::because(format!(
                 "connection {named} belongs to {}/{}, not {socket}/{kind}",
                 entry.info.socket,
                 entry.info.kind()
@@ -320,7 +223,7 @@ pub(crate) fn send(
     }
     if flow_only {
         return Err(if named == 0 {
-            Refused::new("flow_only send names no connection (connection_id 0)".to_owned())
+            Refused::because("flow_only send names no connection (connection_id 0)".to_owned())
         } else {
             Refused { reason: format!("connection {named} is closed"), closed_connection_id: named }
         });
@@ -335,7 +238,7 @@ pub(crate) fn send(
     }
     let admitted = streams
         .admit(&mut table, ctx, socket, transport, remote, false)
-        .map_err(|why| Refused::new(format!("cannot open a {kind} connection: {why}")))?;
+        .map_err(|why| Refused::because(format!("cannot open a {kind} connection: {why}")))?;
     // The new queue is empty, so this cannot fail.
     let _ = admitted.tx.try_send(out);
     // Released before anything can drop `admitted` (whose drop takes the lock).
@@ -347,7 +250,7 @@ pub(crate) fn send(
 fn queue(tx: &mpsc::Sender<Outgoing>, id: u64, out: Outgoing) -> Result<(), Refused> {
     tx.try_send(out).map_err(|e| match e {
         mpsc::error::TrySendError::Full(_) => {
-            Refused::new(format!("connection {id}: write queue full ({WRITE_QUEUE} messages)"))
+            Refused::because(format!("connection {id}: write queue full ({WRITE_QUEUE} messages)"))
         }
         mpsc::error::TrySendError::Closed(_) => {
             Refused { reason: format!("connection {id} is closed"), closed_connection_id: id }
@@ -380,7 +283,7 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let admitted = if ctx.guard.banned(peer.ip(), Instant::now()) {
+        let admitted = if ctx.router.guard.banned(peer.ip(), Instant::now()) {
             Err(format!("{} is banned", peer.ip()))
         } else {
             let mut table = ctx.streams.table();

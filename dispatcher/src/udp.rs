@@ -12,7 +12,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::Context;
-use crate::ingress::{self, Arrival, Outcome};
+use crate::ingress::{self, Outcome};
+use crate::wire::Arrival;
 
 /// Largest UDP payload; a bigger SIP message cannot arrive over UDP at all.
 const MAX_DATAGRAM: usize = 65_535;
@@ -61,7 +62,7 @@ pub(crate) async fn serve(
         };
         let data = &buf[..len];
         let from = Arrival { local, transport: Transport::Udp, remote: peer, connection_id: 0 };
-        match ingress::handle(&ctx, from, data) {
+        match ingress::handle(&ctx.router, from, data) {
             Outcome::Routed | Outcome::Dropped => {}
             Outcome::Answer(reply) => {
                 if let Err(e) = socket.send_to(&reply, peer).await {
