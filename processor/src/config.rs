@@ -8,7 +8,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::destination::Net;
+use sipmsg::net::Net;
+
 use crate::error::Error;
 
 /// Everything a processor reads at start.
@@ -349,6 +350,15 @@ impl ProcessorConfig {
     /// The digest algorithms to offer, in order (validated at load).
     pub fn algorithms(&self) -> Vec<sipmsg::digest::Algorithm> {
         self.digest_algorithms.iter().filter_map(|a| sipmsg::digest::Algorithm::parse(a)).collect()
+    }
+
+    /// The URLs of the cluster's own services this processor talks to (dispatchers, billing,
+    /// Redis): where SIP must never be sent.
+    pub fn service_urls(&self) -> impl Iterator<Item = &str> {
+        self.dispatchers
+            .iter()
+            .map(String::as_str)
+            .chain([self.billing_url.as_str(), self.redis_url.as_str()])
     }
 
     /// The transaction timers.

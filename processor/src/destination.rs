@@ -5,8 +5,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::config::ProcessorConfig;
-
 pub use sipmsg::net::Net;
 
 /// Why a destination is refused.
@@ -39,20 +37,20 @@ pub struct DestinationPolicy {
 }
 
 impl DestinationPolicy {
-    /// The policy of `config`: its `contact_deny_networks` (validated at load; an entry that
-    /// does not parse is skipped) and the addresses of its Redis, billing and dispatchers
-    /// (when their URLs name IP literals: a host name would need DNS, and is resolved by no
-    /// phone's Contact either).
-    pub fn new(config: &ProcessorConfig) -> Self {
-        let deny = config
-            .contact_deny_networks
+    /// A policy refusing `deny_networks` (validated at load; an entry that does not parse is
+    /// skipped) and the cluster's own services at `service_urls` (the Redis, billing and
+    /// dispatcher URLs; only those naming IP literals count: a host name would need DNS, and is
+    /// resolved by no phone's Contact either).
+    pub fn new<'a>(
+        deny_networks: &[String],
+        service_urls: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let deny = deny_networks
             .iter()
             .filter_map(|n| Net::parse(n).ok().map(|net| (n.clone(), net)))
             .collect();
-        let mut services: Vec<SocketAddr> =
-            config.dispatchers.iter().filter_map(|u| url_addr(u, 80)).collect();
-        services.extend(url_addr(&config.billing_url, 80));
-        services.extend(url_addr(&config.redis_url, 6379));
+        let services =
+            service_urls.into_iter().filter_map(|u| url_addr(u, default_port(u))).collect();
         DestinationPolicy { deny, services }
     }
 
@@ -91,6 +89,15 @@ fn same_ip(a: IpAddr, b: IpAddr) -> bool {
 }
 
 /// The `ip:port` of a URL (`scheme://[user@]ip[:port][/…]`) whose host is an IP literal.
+/// The port a URL without one means: Redis 6379, HTTPS 443, HTTP 80.
+fn default_port(url: &str) -> u16 {
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some(s) if s.starts_with("redis") => 6379,
+        Some("https") => 443,
+        _ => 80,
+    }
+}
+
 fn url_addr(url: &str, default_port: u16) -> Option<SocketAddr> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split(['/', '?']).next()?;
@@ -112,13 +119,14 @@ mod tests {
 
     #[test]
     fn the_defaults_refuse_unspecified_multicast_broadcast_link_local_and_cluster_services() {
-        let config = ProcessorConfig {
-            dispatchers: vec!["http://127.0.0.1:7070".into(), "https://[::1]:7071/".into()],
-            billing_url: "http://127.0.0.1:7080".into(),
-            redis_url: "redis://:secret@127.0.0.1/0".into(),
-            ..ProcessorConfig::default()
-        };
-        let p = DestinationPolicy::new(&config);
+        let deny = sipmsg::net::DEFAULT_DENY_NETWORKS.map(String::from);
+        let services = [
+            "http://127.0.0.1:7070",
+            "https://[::1]:7071/",
+            "http://127.0.0.1:7080",
+            "redis://:secret@127.0.0.1/0",
+        ];
+        let p = DestinationPolicy::new(&deny, services);
         let none = |_: SocketAddr| false;
         for denied in [
             "0.0.0.0:5060",
@@ -153,5 +161,9 @@ mod tests {
         assert_eq!(url_addr("http://billing.internal:7080", 80), None);
         assert_eq!(url_addr("http://127.0.0.1", 80), Some(addr("127.0.0.1:80")));
         assert_eq!(url_addr("garbage", 80), None);
+        assert_eq!(default_port("rediss://h"), 6379);
+        assert_eq!(default_port("https://h"), 443);
+        assert_eq!(default_port("http://h"), 80);
+        assert_eq!(default_port("no scheme"), 80);
     }
 }

@@ -96,7 +96,7 @@ impl DialogStore {
 
     async fn apply(&self, op: &Op) -> Result<(), Error> {
         match op {
-            Op::Save(r) => self.save(r, crate::node::wall_ms()).await,
+            Op::Save(r) => self.save(r, crate::clock::wall_ms()).await,
             Op::Delete(r) => self.delete(r).await,
         }
     }

@@ -10,87 +10,10 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::registrar::Update;
-use crate::transport::{Egress, Ingress, LocalAddr, Transport};
-
-/// Where a binding's phone is reached: the socket it registered through.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredIngress {
-    /// Local IP (main or alias).
-    pub ip: String,
-    /// Local port.
-    pub port: u16,
-    /// `udp`, `tcp` or `tls`.
-    pub transport: String,
-}
-
-/// One registered contact.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Binding {
-    /// Contact URI.
-    pub contact: String,
-    /// Expiry, Unix milliseconds.
-    pub expires_at_ms: u64,
-    /// `q` value, if given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub q: Option<String>,
-    /// Call-ID of the REGISTER that wrote it.
-    pub call_id: String,
-    /// CSeq of the REGISTER that wrote it.
-    pub cseq: u32,
-    /// Source address of the REGISTER (`ip:port`): where requests to the phone are sent.
-    pub received: String,
-    /// The socket it registered through.
-    pub ingress: StoredIngress,
-    /// Stream connection id (0 for UDP).
-    #[serde(default)]
-    pub connection_id: u64,
-    /// Dispatcher that received the REGISTER.
-    pub dispatcher: String,
-    /// User-Agent header, if any.
-    #[serde(default)]
-    pub user_agent: String,
-    /// `+sip.instance`, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-    /// `reg-id`, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reg_id: Option<u32>,
-    /// Behind NAT: requests go to `received`, otherwise to the Contact's address.
-    #[serde(default)]
-    pub nat: bool,
-}
-
-impl Binding {
-    /// How to send a request to this phone: from the socket it registered through (DESIGN.md
-    /// rule 2), to the address its REGISTER came from when it is behind NAT, else its Contact.
-    pub fn egress(&self) -> Option<Egress> {
-        let ip = self.ingress.ip.parse().ok()?;
-        let received = self.received.parse().ok()?;
-        let transport = Transport::parse(&self.ingress.transport)?;
-        // Over a stream the live connection is used whatever the address; the address only
-        // matters for reconnecting, and a phone listens on its Contact, not on the ephemeral
-        // port it connected from.
-        let remote = if self.nat && transport == Transport::Udp {
-            received
-        } else {
-            crate::registrar::contact_addr(&self.contact).unwrap_or(received)
-        };
-        Some(Egress {
-            local: LocalAddr { addr: std::net::SocketAddr::new(ip, self.ingress.port), transport },
-            remote,
-            connection_id: self.connection_id,
-            dispatcher_id: self.dispatcher.clone(),
-            // RFC 5626: a registration with reg-id and +sip.instance names its flow.
-            flow_only: transport != Transport::Udp
-                && self.reg_id.is_some()
-                && self.instance.is_some(),
-        })
-    }
-}
+use crate::registrar::{Binding, StoredIngress, Update};
+use crate::transport::Ingress;
 
 /// What the REGISTER itself contributes to every binding it writes.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 //! call setup) in tasks, posting their results back into the core.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use sipmsg::SipMessage;
 use sipmsg::digest::{Algorithm, Credentials};
@@ -18,16 +18,17 @@ use crate::auth::{
 use crate::b2bua::{CallPlan, Target, Work};
 use crate::bans::{Bans, is_scanner, source_key};
 use crate::billing::{Billing, CallRequest};
+use crate::clock::wall_ms;
 use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
 use crate::core::Core;
 use crate::core::Keepalive;
 use crate::destination::DestinationPolicy;
 use crate::dialogs::{DialogStore, Op as DialogOp};
-use crate::edge::Links;
 use crate::error::Error;
 use crate::ids::Ids;
 use crate::keepalive::{Due, Schedule};
+use crate::links::Links;
 use crate::location::{Location, RegisterMeta};
 use crate::registrar::{self, Limits};
 use crate::replay::{Claim, NonceCounts};
@@ -38,11 +39,6 @@ use crate::transport::Transport;
 
 /// The reason dispatchers list for bans of sources over `auth_failures_per_minute`.
 const AUTH_BAN_REASON: &str = "auth-failures";
-
-/// Wall clock in Unix milliseconds.
-pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 /// One running processor.
 pub struct Node {
@@ -119,7 +115,10 @@ impl Node {
                 config.auth_failures_per_minute,
                 config.ban_secs,
             ),
-            destinations: DestinationPolicy::new(&config),
+            destinations: DestinationPolicy::new(
+                &config.contact_deny_networks,
+                config.service_urls(),
+            ),
             scanners: config.scanner_user_agents.iter().map(|s| s.to_ascii_lowercase()).collect(),
             algorithms: config.algorithms(),
             core: Mutex::new({

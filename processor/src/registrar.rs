@@ -3,9 +3,86 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use serde::{Deserialize, Serialize};
 use sipmsg::SipMessage;
 
-use crate::location::Binding;
+use crate::transport::{Egress, LocalAddr, Transport};
+
+/// Where a binding's phone is reached: the socket it registered through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredIngress {
+    /// Local IP (main or alias).
+    pub ip: String,
+    /// Local port.
+    pub port: u16,
+    /// `udp`, `tcp` or `tls`.
+    pub transport: String,
+}
+
+/// One registered contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Contact URI.
+    pub contact: String,
+    /// Expiry, Unix milliseconds.
+    pub expires_at_ms: u64,
+    /// `q` value, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Call-ID of the REGISTER that wrote it.
+    pub call_id: String,
+    /// CSeq of the REGISTER that wrote it.
+    pub cseq: u32,
+    /// Source address of the REGISTER (`ip:port`): where requests to the phone are sent.
+    pub received: String,
+    /// The socket it registered through.
+    pub ingress: StoredIngress,
+    /// Stream connection id (0 for UDP).
+    #[serde(default)]
+    pub connection_id: u64,
+    /// Dispatcher that received the REGISTER.
+    pub dispatcher: String,
+    /// User-Agent header, if any.
+    #[serde(default)]
+    pub user_agent: String,
+    /// `+sip.instance`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// `reg-id`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reg_id: Option<u32>,
+    /// Behind NAT: requests go to `received`, otherwise to the Contact's address.
+    #[serde(default)]
+    pub nat: bool,
+}
+
+impl Binding {
+    /// How to send a request to this phone: from the socket it registered through (DESIGN.md
+    /// rule 2), to the address its REGISTER came from when it is behind NAT, else its Contact.
+    pub fn egress(&self) -> Option<Egress> {
+        let ip = self.ingress.ip.parse().ok()?;
+        let received = self.received.parse().ok()?;
+        let transport = Transport::parse(&self.ingress.transport)?;
+        // Over a stream the live connection is used whatever the address; the address only
+        // matters for reconnecting, and a phone listens on its Contact, not on the ephemeral
+        // port it connected from.
+        let remote = if self.nat && transport == Transport::Udp {
+            received
+        } else {
+            contact_addr(&self.contact).unwrap_or(received)
+        };
+        Some(Egress {
+            local: LocalAddr { addr: std::net::SocketAddr::new(ip, self.ingress.port), transport },
+            remote,
+            connection_id: self.connection_id,
+            dispatcher_id: self.dispatcher.clone(),
+            // RFC 5626: a registration with reg-id and +sip.instance names its flow.
+            flow_only: transport != Transport::Udp
+                && self.reg_id.is_some()
+                && self.instance.is_some(),
+        })
+    }
+}
 
 /// Registration interval limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +288,35 @@ mod tests {
 
     const LIMITS: Limits = Limits { min: 60, max: 3600, default: 1800 };
 
+    /// A binding exactly as processors have written it to Redis since the location store
+    /// began (docs/redis-data-model.md): whatever the type becomes, it must still read this.
+    const STORED_BINDING: &str = r#"{"contact":"sip:alice@192.0.2.7:5062;transport=tcp","expires_at_ms":1796668800000,"q":"0.5","call_id":"reg-1@192.0.2.7","cseq":7,"received":"198.51.100.9:40123","ingress":{"ip":"127.0.0.2","port":5060,"transport":"tcp"},"connection_id":281474976710657,"dispatcher":"d1","user_agent":"Yealink SIP-T46S","instance":"<urn:uuid:00000000-0000-1000-8000-000000000001>","reg_id":1,"nat":true}"#;
+
+    #[test]
+    fn a_binding_stored_in_the_original_format_still_reads_and_routes() {
+        let b: Binding = serde_json::from_str(STORED_BINDING).expect("the stored format parses");
+        assert_eq!(
+            b.ingress,
+            StoredIngress { ip: "127.0.0.2".into(), port: 5060, transport: "tcp".into() }
+        );
+        assert_eq!((b.cseq, b.reg_id, b.nat, b.q.as_deref()), (7, Some(1), true, Some("0.5")));
+        let egress = b.egress().expect("an egress");
+        assert_eq!(egress.local.addr, "127.0.0.2:5060".parse().expect("addr"));
+        assert_eq!(egress.local.transport, Transport::Tcp);
+        // Over a stream the Contact's address is where to reconnect; the flow is named.
+        assert_eq!(egress.remote, "192.0.2.7:5062".parse().expect("addr"));
+        assert_eq!(egress.connection_id, 281_474_976_710_657);
+        assert!(egress.flow_only);
+        // And what is written back is the same document.
+        let again: serde_json::Value = serde_json::to_value(&b).expect("serializes");
+        let stored: serde_json::Value = serde_json::from_str(STORED_BINDING).expect("json");
+        assert_eq!(again, stored);
+        // Fields added later are optional: a minimal old record reads too.
+        let minimal = r#"{"contact":"sip:b@192.0.2.8","expires_at_ms":1,"call_id":"c","cseq":1,"received":"192.0.2.8:5060","ingress":{"ip":"127.0.0.1","port":5060,"transport":"udp"},"dispatcher":"d1"}"#;
+        let b: Binding = serde_json::from_str(minimal).expect("a minimal binding parses");
+        assert_eq!((b.connection_id, b.nat, b.user_agent.as_str()), (0, false, ""));
+    }
+
     fn register(extra: &str) -> SipMessage {
         let text = format!(
             "REGISTER sip:h SIP/2.0\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1\r\nFrom: <sip:u@h>;tag=1\r\nTo: <sip:u@h>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n{extra}\r\n"
@@ -258,11 +364,7 @@ mod tests {
             call_id: "c".into(),
             cseq: 1,
             received: "10.0.0.1:40000".into(),
-            ingress: crate::location::StoredIngress {
-                ip: "127.0.0.2".into(),
-                port: 5060,
-                transport: "tcp".into(),
-            },
+            ingress: StoredIngress { ip: "127.0.0.2".into(), port: 5060, transport: "tcp".into() },
             connection_id: 7,
             dispatcher: "d1".into(),
             user_agent: String::new(),

@@ -47,7 +47,7 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Frame, Error> {
                 });
             }
             let value = std::str::from_utf8(trim(&line[colon + 1..])).unwrap_or("x");
-            length = Some(crate::parse::parse_length(value).ok_or_else(|| Error::BadHeader {
+            length = Some(crate::lex::parse_length(value).ok_or_else(|| Error::BadHeader {
                 name: "Content-Length",
                 detail: value.to_owned(),
             })?);

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use crate::error::Error;
-use crate::parse::{is_token_char, trim_lws};
+use crate::lex::{is_token_char, trim_lws};
 use crate::uri::{Uri, split_host_port};
 
 /// Generic parameters of a header (`;name=value`), in order.

@@ -15,6 +15,7 @@ pub mod digest;
 pub mod error;
 pub mod framing;
 pub mod headers;
+mod lex;
 pub mod message;
 pub mod net;
 pub mod parse;

@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use crate::error::Error;
 use crate::headers::{CSeq, NameAddr, Via, split_list};
-use crate::parse::parse_length;
+use crate::lex::parse_length;
 use crate::uri::Uri;
 
 /// The RFC 3261 branch prefix (§8.1.1.7); a branch that is nothing but this identifies nothing.

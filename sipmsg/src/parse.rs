@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use crate::error::Error;
+use crate::lex::{is_sip_version, is_token_char, parse_length, trim_lws};
 use crate::message::{Header, SipMessage, StartLine};
 
 /// Parses one SIP message (a datagram, or one message cut out by [`crate::framing::frame`]).
@@ -133,20 +134,6 @@ fn frame_body(headers: &[Header], rest: &[u8]) -> Result<Bytes, Error> {
     Ok(Bytes::copy_from_slice(&rest[..want]))
 }
 
-/// A Content-Length value: `1*DIGIT` (no sign, unlike `str::parse`) that fits a `usize`.
-pub(crate) fn parse_length(value: &str) -> Option<usize> {
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
-
-/// Trims SIP linear whitespace (SP and HTAB) from both ends. Unicode whitespace is content: a
-/// header value may legitimately start or end with, say, a no-break space.
-pub(crate) fn trim_lws(s: &str) -> &str {
-    s.trim_matches([' ', '\t'])
-}
-
 /// Returns (length of the head without the blank line, offset of the body).
 fn find_head_end(input: &[u8]) -> Option<(usize, usize)> {
     let mut from = 0;
@@ -159,19 +146,6 @@ fn find_head_end(input: &[u8]) -> Option<(usize, usize)> {
         }
     }
     None
-}
-
-/// RFC 3261 §25.1 `token` characters.
-pub(crate) fn is_token_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
-}
-
-/// `SIP-Version = "SIP" "/" 1*DIGIT "." 1*DIGIT`, "SIP" in any case (RFC 3261 §7.1).
-pub(crate) fn is_sip_version(v: &str) -> bool {
-    let Some((name, number)) = v.split_once('/') else { return false };
-    let Some((major, minor)) = number.split_once('.') else { return false };
-    name.eq_ignore_ascii_case("SIP")
-        && [major, minor].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The start line, and the request's SIP-Version when it is not exactly `SIP/2.0`.

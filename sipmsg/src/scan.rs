@@ -85,9 +85,9 @@ pub fn scan(buf: &[u8]) -> Result<Scan<'_>, NotSip> {
         let mut parts = first.split(' ');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some(m), Some(uri), Some(version), None)
-                if crate::parse::is_sip_version(version)
+                if crate::lex::is_sip_version(version)
                     && !m.is_empty()
-                    && m.bytes().all(crate::parse::is_token_char) =>
+                    && m.bytes().all(crate::lex::is_token_char) =>
             {
                 out.method = Some(m);
                 out.request_uri = Some(uri);

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use crate::error::Error;
-use crate::parse::trim_lws;
+use crate::lex::trim_lws;
 
 /// A parsed URI. `sip:`/`sips:` URIs are split into parts; other schemes (`tel:` …) keep the
 /// text after the scheme in `host` and have no user or port.
