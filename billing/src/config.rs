@@ -151,35 +151,7 @@ fn key_error(key: &str, msg: &str) -> Error {
 /// Turns figment's errors into one message that names each offending key as the operator
 /// wrote it (`billing.listen`), plus where the value came from.
 fn describe(err: figment::Error) -> Error {
-    let messages: Vec<String> = err
-        .into_iter()
-        .map(|e| {
-            let mut path: Vec<&str> = e.path.iter().map(String::as_str).collect();
-            if let figment::error::Kind::UnknownField(field, _) = &e.kind
-                && path.last() != Some(&field.as_str())
-            {
-                path.push(field);
-            }
-            // Figment's messages may end in a newline (TOML syntax errors), which would split
-            // the line we are building.
-            let kind = e.kind.to_string();
-            let kind = kind.trim_end();
-            let origin = e.metadata.as_ref().map(|md| match &md.source {
-                Some(source) => source.to_string(),
-                None => md.name.to_string(),
-            });
-            match (path.is_empty(), origin) {
-                // Not about a key: unreadable file, TOML syntax error, ...
-                (true, Some(origin)) => format!("{origin}: {kind}"),
-                (true, None) => kind.to_owned(),
-                (false, Some(origin)) => {
-                    format!("{TABLE}.{}: {kind} (from {origin})", path.join("."))
-                }
-                (false, None) => format!("{TABLE}.{}: {kind}", path.join(".")),
-            }
-        })
-        .collect();
-    Error::Config(messages.join("; "))
+    Error::Config(sipalias_startup::config_error(TABLE, err))
 }
 
 #[cfg(test)]

@@ -15,23 +15,18 @@ fn main() -> ExitCode {
     let outcome = cli::config(&cli).and_then(|config| {
         // One-shot commands need no more than one thread.
         let threads = if cli::is_serve(&cli) { config.worker_threads } else { 1 };
-        let mut builder = match threads {
-            1 => tokio::runtime::Builder::new_current_thread(),
-            n => {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                if n > 1 {
-                    b.worker_threads(n);
-                }
-                b
-            }
-        };
-        builder.enable_all().build()?.block_on(cli::run(cli, config))
+        sipalias_startup::runtime(threads)?.block_on(cli::run(cli, config))
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        // `serve` logs through tracing, but a startup error must reach the operator even
+        // when logging is filtered, so it is printed as well. A bad configuration exits 2,
+        // as the dispatcher's and the processor's do.
+        Err(e @ sipalias_billing::Error::Config(_)) => {
+            eprintln!("sipalias-billing: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
-            // `serve` logs through tracing, but a startup error must reach the operator even
-            // when logging is filtered, so it is printed as well.
             eprintln!("sipalias-billing: {e}");
             ExitCode::FAILURE
         }

@@ -813,54 +813,7 @@ impl RawIp {
 /// Turns figment's errors into one message naming each offending key as the operator wrote it
 /// (`dispatcher.aliases[1].realm`), plus where the value came from.
 fn describe(err: figment::Error) -> Error {
-    let messages: Vec<String> = err
-        .into_iter()
-        .map(|e| {
-            let mut path = e.path.clone();
-            match &e.kind {
-                figment::error::Kind::UnknownField(field, _) if path.last() != Some(field) => {
-                    path.push(field.clone());
-                }
-                figment::error::Kind::MissingField(field)
-                    if path.last().map(String::as_str) != Some(field.as_ref()) =>
-                {
-                    path.push(field.to_string());
-                }
-                _ => {}
-            }
-            let origin = match e.metadata.as_ref() {
-                Some(md) => match &md.source {
-                    Some(source) => format!(" (in {source})"),
-                    None => format!(" (from {})", md.name),
-                },
-                None => String::new(),
-            };
-            // Some messages (I/O, TOML syntax) end in a newline.
-            let kind = e.kind.to_string();
-            let kind = kind.trim_end();
-            if path.is_empty() {
-                // Not about a key: unreadable file, TOML syntax error, ...
-                format!("{kind}{origin}")
-            } else {
-                format!("{TABLE}{}: {kind}{origin}", key_path(&path))
-            }
-        })
-        .collect();
-    Error::Config(messages.join("; "))
-}
-
-/// `["aliases", "1", "ip"]` → `.aliases[1].ip`.
-fn key_path(path: &[String]) -> String {
-    let mut out = String::new();
-    for part in path {
-        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
-            out.push_str(&format!("[{part}]"));
-        } else {
-            out.push('.');
-            out.push_str(part);
-        }
-    }
-    out
+    Error::Config(sipalias_startup::config_error(TABLE, err))
 }
 
 #[cfg(test)]

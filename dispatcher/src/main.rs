@@ -15,7 +15,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,8 +25,7 @@ use sipalias_dispatcher::{DispatcherConfig, status};
 use sipalias_proto::edge::edge_client::EdgeClient;
 use sipalias_proto::edge::{BansRequest, LiftBanRequest, StatusRequest};
 use tonic::transport::Endpoint;
-use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing::{error, info};
 
 /// The file read when neither `--config` nor `SIPALIAS_CONFIG` names one.
 const DEFAULT_CONFIG: &str = "sipalias.toml";
@@ -105,14 +103,7 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Plain text when logging to a file or a pipe (the e2e harness reads these lines).
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    sipalias_startup::init_logging();
 
     let config = match DispatcherConfig::load(path.as_deref()) {
         Ok(config) => config,
@@ -142,20 +133,11 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
-    let mut builder = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 1 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
-    let runtime = builder.enable_all().build().context("cannot start the tokio runtime")?;
+    let runtime = sipalias_startup::runtime(config.worker_threads)
+        .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         info!(id = %config.id, "sipalias-dispatcher starting");
-        match sipalias_dispatcher::run(config, shutdown_signal()).await {
+        match sipalias_dispatcher::run(config, sipalias_startup::signal()).await {
             // Kept as is (no context) so main can tell a configuration error by its type.
             Err(e @ sipalias_dispatcher::Error::Config(_)) => Err(anyhow::Error::new(e)),
             other => other.context("dispatcher failed"),
@@ -241,30 +223,4 @@ async fn ask(url: &str, secret: &str, query: &Query) -> anyhow::Result<String> {
             }
         }
     })
-}
-
-/// Completes on SIGTERM or Ctrl-C (SIGINT).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => info!("SIGTERM: shutting down"),
-                    _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
-                }
-                return;
-            }
-            Err(e) => warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the dispatcher"),
-        }
-    }
-    match tokio::signal::ctrl_c().await {
-        Ok(()) => info!("interrupt: shutting down"),
-        // Without any signal handler the process runs until killed.
-        Err(e) => {
-            warn!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    }
 }

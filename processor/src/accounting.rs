@@ -120,8 +120,13 @@ impl Accounting {
         Ok(delivered)
     }
 
-    /// Drains the queue every `every` for as long as the processor runs.
-    pub async fn run_drain(self, every: Duration) {
+    /// Drains the queue every `every`, until stopped (a delivery under way finishes: what is
+    /// not delivered stays queued in Redis for the next processor).
+    pub async fn run_drain(self, every: Duration, mut stopping: sipalias_startup::Stopping) {
+        stopping.run_until(self.drain_loop(every)).await;
+    }
+
+    async fn drain_loop(self, every: Duration) {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;

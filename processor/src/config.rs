@@ -226,7 +226,7 @@ impl ProcessorConfig {
         let cfg: ProcessorConfig = Figment::from(Serialized::defaults(ProcessorConfig::default()))
             .merge(fig.focus("processor"))
             .extract()
-            .map_err(|e| Error::Config(format!("processor.{e}")))?;
+            .map_err(|e| Error::Config(sipalias_startup::config_error("processor", e)))?;
         cfg.validate()?;
         Ok(cfg)
     }

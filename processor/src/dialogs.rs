@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::b2bua::DialogRecord;
 use crate::error::Error;
+use sipalias_startup::Stopping;
 
 /// How long a stored call outlives its last update when it has no cut-off time: a safety net
 /// for calls whose end was never seen (both processors gone), not a call length limit.
@@ -102,26 +103,43 @@ impl DialogStore {
     }
 
     /// Applies writes in order for as long as the processor runs.
-    pub async fn run_writer(self, mut ops: mpsc::UnboundedReceiver<Op>) {
-        while let Some(op) = ops.recv().await {
-            let mut result = self.apply(&op).await;
-            // Right after a Redis restart the first command reports the old connection's
-            // failure and reconnects; one retry makes the write land.
-            if let Err(Error::Redis(e)) = &result
-                && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
-            {
-                result = self.apply(&op).await;
-            }
-            let what = match op {
-                Op::Save(_) => "save",
-                Op::Delete(_) => "delete",
+    pub async fn run_writer(self, mut ops: mpsc::UnboundedReceiver<Op>, mut stopping: Stopping) {
+        loop {
+            let op = tokio::select! {
+                biased;
+                op = ops.recv() => match op {
+                    Some(op) => op,
+                    None => return,
+                },
+                () = stopping.wait() => break,
             };
-            if let Err(e) = result {
-                let call_ref = match &op {
-                    Op::Save(r) | Op::Delete(r) => &r.call_ref,
-                };
-                tracing::warn!(%call_ref, error = %e, "dialog {what} failed: this call cannot be taken over");
-            }
+            self.write(op).await;
+        }
+        // Stopping: what the core queued before the stop is still written, so calls answered
+        // just before a shutdown can be taken over by the other processors.
+        while let Ok(op) = ops.try_recv() {
+            self.write(op).await;
+        }
+    }
+
+    async fn write(&self, op: Op) {
+        let mut result = self.apply(&op).await;
+        // Right after a Redis restart the first command reports the old connection's
+        // failure and reconnects; one retry makes the write land.
+        if let Err(Error::Redis(e)) = &result
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
+        {
+            result = self.apply(&op).await;
+        }
+        let what = match op {
+            Op::Save(_) => "save",
+            Op::Delete(_) => "delete",
+        };
+        if let Err(e) = result {
+            let call_ref = match &op {
+                Op::Save(r) | Op::Delete(r) => &r.call_ref,
+            };
+            tracing::warn!(%call_ref, error = %e, "dialog {what} failed: this call cannot be taken over");
         }
     }
 }

@@ -17,8 +17,13 @@ use crate::transport::Ingress;
 /// Outbound queue depth per dispatcher link.
 const QUEUE: usize = 8192;
 
-/// Keeps a link to the dispatcher at `url` open for as long as the processor runs.
-pub async fn maintain(node: Arc<Node>, url: String) {
+/// Keeps a link to the dispatcher at `url` open until stopped; then the link is closed, which
+/// the dispatcher sees at once.
+pub async fn maintain(node: Arc<Node>, url: String, mut stopping: sipalias_startup::Stopping) {
+    stopping.run_until(reconnect_loop(node, url)).await;
+}
+
+async fn reconnect_loop(node: Arc<Node>, url: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match run_link(&node, &url).await {

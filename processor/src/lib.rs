@@ -32,6 +32,9 @@ pub mod transport;
 use std::time::Duration;
 
 pub use config::ProcessorConfig;
+
+/// How long the tasks get to end after the stop (the dialog writer flushing its queue).
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub use error::Error;
 
 /// Runs a processor until `shutdown` completes.
@@ -42,18 +45,29 @@ pub async fn run(
     let timeout = Duration::from_millis(config.billing_timeout_ms.max(200));
     let location = connect_redis(&config, timeout).await?;
     let billing = billing::Billing::new(&config.billing_url, &config.link_secret, timeout)?;
-    let node = node::Node::new(config.clone(), location, billing);
+    let (node, dialog_writer) = node::Node::new(config.clone(), location, billing);
     tracing::info!(id = %config.id, "processor started");
+    let stop = sipalias_startup::Stop::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(node.clone().run_timers());
-    tasks.spawn(node.clone().run_keepalives());
-    tasks.spawn(node.accounting().clone().run_drain(Duration::from_secs(1)));
+    tasks.spawn(dialog_writer.run(stop.stopping()));
+    tasks.spawn(node.clone().run_timers(stop.stopping()));
+    tasks.spawn(node.clone().run_keepalives(stop.stopping()));
+    tasks.spawn(node.accounting().clone().run_drain(Duration::from_secs(1), stop.stopping()));
     for url in &config.dispatchers {
-        tasks.spawn(edge::maintain(node.clone(), url.clone()));
+        tasks.spawn(edge::maintain(node.clone(), url.clone(), stop.stopping()));
     }
     shutdown.await;
     drain(&node, Duration::from_secs(u64::from(config.drain_timeout_secs))).await;
-    tasks.abort_all();
+    // Every task ends at its next turn; the dialog writer first writes what is queued.
+    stop.trigger();
+    let ended =
+        tokio::time::timeout(STOP_TIMEOUT, async { while tasks.join_next().await.is_some() {} })
+            .await;
+    if ended.is_err() {
+        tracing::warn!("tasks still busy {STOP_TIMEOUT:?} after the stop; abandoning them");
+        tasks.shutdown().await;
+    }
+    tracing::info!(id = %config.id, "processor stopped");
     Ok(())
 }
 

@@ -1,4 +1,9 @@
-//! `sipalias-processor [--config FILE]`: runs one processor replica.
+//! `sipalias-processor [--config FILE]`: runs one processor replica until SIGTERM or Ctrl-C,
+//! then drains (no new work; calls in setup finish, up to `drain_timeout_secs`) and stops.
+//!
+//! The configuration file is `--config`, else `$SIPALIAS_CONFIG`; `SIPALIAS_PROCESSOR__*`
+//! variables override it. Logs go to stderr, filtered by `RUST_LOG` (default `info`). Exit
+//! status: 0 after a clean shutdown, 2 for a configuration error, 1 for any other failure.
 
 /// mimalloc: far cheaper than glibc malloc for the many small, short-lived allocations of
 /// SIP messages (measured in docs/benchmarks.md).
@@ -6,80 +11,46 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
+use clap::Parser;
 use sipalias_processor::ProcessorConfig;
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let path = config_path()?;
-    let config = match ProcessorConfig::load(path.as_deref()) {
+/// One processor replica of a sipalias cluster: registrar, B2BUA, authentication.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sipalias-processor",
+    version,
+    after_help = "Any key can be set with SIPALIAS_PROCESSOR__<KEY>, e.g. SIPALIAS_PROCESSOR__ID=p2."
+)]
+struct Args {
+    /// TOML file whose [processor] table configures this process.
+    #[arg(long, short = 'c', value_name = "FILE", env = "SIPALIAS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    sipalias_startup::init_logging();
+    let config = match ProcessorConfig::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sipalias-processor: {e}");
-            std::process::exit(2);
+            return ExitCode::from(2);
         }
     };
-    let mut runtime = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 1 {
-                b.worker_threads(n);
-            }
-            b
+    let runtime = match sipalias_startup::runtime(config.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sipalias-processor: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    let runtime = runtime.enable_all().build()?;
-    runtime.block_on(sipalias_processor::run(config, shutdown_signal()))?;
-    Ok(())
-}
-
-fn config_path() -> anyhow::Result<Option<PathBuf>> {
-    let mut args = std::env::args().skip(1);
-    let mut path = std::env::var_os("SIPALIAS_CONFIG").map(PathBuf::from);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" | "-c" => {
-                path = Some(
-                    args.next().ok_or_else(|| anyhow::anyhow!("--config needs a file"))?.into(),
-                )
-            }
-            "--help" | "-h" => {
-                println!(
-                    "usage: sipalias-processor [--config FILE]\nAny key can be set with SIPALIAS_PROCESSOR__<KEY>."
-                );
-                std::process::exit(0);
-            }
-            other => anyhow::bail!("unknown argument {other:?}; see --help"),
+    match runtime.block_on(sipalias_processor::run(config, sipalias_startup::signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("processor failed: {e}");
+            ExitCode::FAILURE
         }
     }
-    Ok(path)
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -36,6 +36,7 @@ use crate::sockets::SocketTable;
 use crate::transaction::ServerKey;
 use crate::transport::Ingress;
 use crate::transport::Transport;
+use sipalias_startup::Stopping;
 
 /// The reason dispatchers list for bans of sources over `auth_failures_per_minute`.
 const AUTH_BAN_REASON: &str = "auth-failures";
@@ -100,14 +101,20 @@ struct Site {
 
 impl Node {
     /// A processor using these stores.
-    pub fn new(config: ProcessorConfig, location: Location, billing: Billing) -> Arc<Self> {
+    /// With it, the task that writes its dialogs to Redis, in order: the caller runs it
+    /// (`run_writer`) beside the node's other tasks.
+    pub fn new(
+        config: ProcessorConfig,
+        location: Location,
+        billing: Billing,
+    ) -> (Arc<Self>, DialogWriter) {
         let dialogs = DialogStore::new(location.redis(), &config.key_prefix);
         let (dialog_ops, ops) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(dialogs.clone().run_writer(ops));
+        let writer = DialogWriter { store: dialogs.clone(), ops };
         let ids = Arc::new(Ids::new(&config.id));
         let nonces = NonceKey::new(config.auth_secret.as_bytes(), config.nonce_ttl_secs * 1000);
         let nonce_counts = NonceCounts::new(location.redis(), &config.key_prefix);
-        Arc::new(Node {
+        let node = Arc::new(Node {
             nonce_counts,
             bans: Bans::new(
                 location.redis(),
@@ -139,7 +146,8 @@ impl Node {
             billing,
             nonces,
             config,
-        })
+        });
+        (node, writer)
     }
 
     /// Accounting delivery (and its outage queue).
@@ -251,8 +259,12 @@ impl Node {
         self.with_core(|core, now, wall| core.handle_flow_failed(now, wall, connection_id));
     }
 
-    /// Sends the keepalives that fall to this processor, for as long as it runs.
-    pub async fn run_keepalives(self: Arc<Self>) {
+    /// Sends the keepalives that fall to this processor, until stopped.
+    pub async fn run_keepalives(self: Arc<Self>, mut stopping: Stopping) {
+        stopping.run_until(self.keepalive_loop()).await;
+    }
+
+    async fn keepalive_loop(self: Arc<Self>) {
         let interval_ms = u64::from(self.config.keepalive_interval_secs) * 1000;
         if interval_ms == 0 {
             return;
@@ -316,8 +328,12 @@ impl Node {
             && self.lock().calls_in_setup() == 0
     }
 
-    /// Drives the transaction timers until the process ends.
-    pub async fn run_timers(self: Arc<Self>) {
+    /// Drives the transaction timers until stopped.
+    pub async fn run_timers(self: Arc<Self>, mut stopping: Stopping) {
+        stopping.run_until(self.timer_loop()).await;
+    }
+
+    async fn timer_loop(self: Arc<Self>) {
         loop {
             let next = self.lock().poll_timeout();
             match next {
@@ -826,5 +842,19 @@ fn deny_status(deny: i32) -> (u16, &'static str) {
         Ok(DenyReason::TooManyCalls) => (403, "Too Many Concurrent Calls"),
         Ok(DenyReason::NoRate) => (403, "No Rate For Destination"),
         _ => (403, "Forbidden"),
+    }
+}
+
+/// The writer of a node's dialogs to Redis ([`DialogStore::run_writer`]), to be run as one
+/// of its tasks.
+pub struct DialogWriter {
+    store: DialogStore,
+    ops: tokio::sync::mpsc::UnboundedReceiver<DialogOp>,
+}
+
+impl DialogWriter {
+    /// Writes until stopped, then writes what was queued before the stop.
+    pub async fn run(self, stopping: Stopping) {
+        self.store.run_writer(self.ops, stopping).await;
     }
 }

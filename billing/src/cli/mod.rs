@@ -8,7 +8,6 @@ mod time;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::{info, warn};
 
 use crate::account::{AccountSettings, Aor, Kind, Status};
 use crate::config::BillingConfig;
@@ -310,41 +309,17 @@ pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
 }
 
 async fn serve(config: BillingConfig) -> Result<(), Error> {
-    init_tracing();
+    sipalias_startup::init_logging();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Bind { addr: config.listen, source })?;
-    // Registered before connecting to Redis so a SIGTERM during startup is not lost.
-    let shutdown = shutdown_signal()?;
-    service::serve(config, listener, shutdown).await
-}
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // `try_init`: an embedding program may already have installed a subscriber.
-    // Colours only on a terminal: logs captured to a file or journal stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
-}
-fn shutdown_signal() -> Result<impl Future<Output = ()>, Error> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(async move {
-        let ctrl_c = async {
-            if let Err(e) = tokio::signal::ctrl_c().await {
-                // Without a SIGINT handler, wait for SIGTERM only rather than stop at once.
-                warn!(error = %e, "cannot listen for ctrl-c");
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received, shutting down"),
-            () = ctrl_c => info!("interrupt received, shutting down"),
-        }
+    // Listening for signals from before connecting to Redis, so a SIGTERM during start-up is
+    // not lost: the task registers the handlers at the first await below.
+    let signal = tokio::spawn(sipalias_startup::signal());
+    service::serve(config, listener, async move {
+        let _ = signal.await;
     })
+    .await
 }
 
 async fn account(config: &BillingConfig, cmd: AccountCommand) -> Result<(), Error> {

@@ -19,6 +19,7 @@ mod links;
 mod phones;
 mod registration;
 mod sipp;
+mod startup;
 mod streams;
 
 use std::net::SocketAddr;
