@@ -1,0 +1,327 @@
+//! The back-to-back user agent: one call = the caller's leg (A) and one or more callee legs (B,
+//! one per binding, forked in parallel). Sans-IO: driven by transaction events and plans from
+//! the async call-setup task, it talks to the [`TransactionLayer`] and queues transmits and
+//! accounting work; it never touches a socket, Redis or billing itself.
+//!
+//! DESIGN.md rules 1–3 are applied here: every B leg is sent from the socket its callee
+//! registered through, with the From/To host of that socket's domain (the alias IP for an
+//! alias), and our Via/Contact on that same socket.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sipalias_proto::billing::{AccountingStartRequest, AccountingStopRequest};
+use sipmsg::SipMessage;
+use sipmsg::headers::NameAddr;
+
+use crate::ids::Ids;
+use crate::transaction::{ClientKey, ServerKey, TransactionLayer};
+use crate::transport::{Egress, Ingress, Transmit};
+
+mod dialog;
+mod fork;
+mod relay;
+mod work;
+
+use dialog::Side;
+pub use dialog::{Dialog, DialogRecord};
+pub use relay::strip_auto_answer;
+pub use work::{CallPlan, Target, Work};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BranchState {
+    Calling,
+    Early,
+    Answered,
+    Done,
+}
+
+#[derive(Debug)]
+struct Branch {
+    /// The branch's INVITE transaction; `None` for a call adopted from Redis.
+    key: Option<ClientKey>,
+    dialog: Dialog,
+    state: BranchState,
+    cancel_pending: bool,
+    final_status: Option<SipMessage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    Setup,
+    Cancelled,
+    Answered,
+}
+
+#[derive(Debug)]
+struct Call {
+    call_ref: String,
+    state: CallState,
+    /// The caller's INVITE transaction and request; `None` for a call adopted from Redis after
+    /// its processor died (it is answered, so neither is needed any more).
+    a_key: Option<ServerKey>,
+    a_invite: Option<SipMessage>,
+    a: Dialog,
+    a_ingress_ip: String,
+    branches: Vec<Branch>,
+    winner: Option<usize>,
+    caller_aor: String,
+    callee_aor: String,
+    answered_at_ms: u64,
+    /// Longest the call may last once answered (billing's limit), if any.
+    max_duration: Option<std::time::Duration>,
+    /// When an answered call is cut off.
+    cutoff_at: Option<Instant>,
+    /// While ringing: when the call is given up (Timer C, or the no-answer limit if sooner);
+    /// its entry in `B2bua::deadlines`.
+    ring_deadline: Option<Instant>,
+    /// The absolute no-answer limit, if configured.
+    no_answer_at: Option<Instant>,
+    /// Why the call ended unanswered, when not the callee's own answer.
+    unanswered_cause: Option<&'static str>,
+}
+
+impl Call {
+    fn dialog_mut(&mut self, side: Side) -> &mut Dialog {
+        match side {
+            Side::A => &mut self.a,
+            Side::B(i) => &mut self.branches[i].dialog,
+        }
+    }
+
+    fn other(&self, side: Side) -> Option<Side> {
+        match side {
+            Side::A => self.winner.map(Side::B),
+            Side::B(_) => Some(Side::A),
+        }
+    }
+
+    fn dialog(&self, side: Side) -> &Dialog {
+        match side {
+            Side::A => &self.a,
+            Side::B(i) => &self.branches[i].dialog,
+        }
+    }
+}
+
+/// What a client transaction the B2BUA started is for.
+#[derive(Debug, Clone)]
+enum Pending {
+    /// The INVITE of branch `idx` of a call.
+    Branch { call: u64, idx: usize },
+    /// A request relayed from `origin`'s server transaction `key`.
+    Relay { call: u64, origin: ServerKey, method: String, target_side: Side },
+    /// A request whose answer does not matter (BYE we generate, CANCEL).
+    Ignore,
+}
+
+/// Everything the B2BUA needs from its caller for one step.
+pub struct Ctx<'a> {
+    /// The transaction layer.
+    pub tx: &'a mut TransactionLayer,
+    /// Transmits outside transactions (ACK for 2xx).
+    pub out: &'a mut Vec<Transmit>,
+    /// Async work for the shell.
+    pub work: &'a mut Vec<Work>,
+    /// Monotonic now.
+    pub now: Instant,
+    /// Wall clock, Unix ms.
+    pub wall_ms: u64,
+}
+
+/// Every call this processor holds.
+pub struct B2bua {
+    ids: std::sync::Arc<Ids>,
+    next_call: u64,
+    calls: HashMap<u64, Call>,
+    by_call_id: HashMap<String, (u64, Side)>,
+    by_server: HashMap<ServerKey, u64>,
+    by_client: HashMap<ClientKey, Pending>,
+    /// Cut-off deadlines of answered calls with a maximum duration, and ring deadlines of
+    /// calls in setup; each call has at most one entry.
+    deadlines: std::collections::BTreeSet<(Instant, u64)>,
+    /// Timer C.
+    timer_c: std::time::Duration,
+    /// `no_answer_timeout_secs`, if set.
+    no_answer: Option<std::time::Duration>,
+}
+
+/// Reason header of the BYEs sent when billing's maximum duration is reached.
+pub const CUTOFF_REASON: &str = "SIP;cause=200;text=\"Maximum call duration reached\"";
+
+impl B2bua {
+    /// An empty call table, ringing limited by `timers`' Timer C and no-answer limit.
+    pub fn new(ids: std::sync::Arc<Ids>, timers: &crate::transaction::Timers) -> Self {
+        B2bua {
+            timer_c: timers.timer_c,
+            no_answer: timers.no_answer,
+            ids,
+            next_call: 1,
+            calls: HashMap::new(),
+            by_call_id: HashMap::new(),
+            by_server: HashMap::new(),
+            by_client: HashMap::new(),
+            deadlines: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Number of calls held (in setup or answered).
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Calls still being set up (ringing, or finishing a cancel): what a draining processor
+    /// waits for.
+    pub fn in_setup(&self) -> usize {
+        self.calls.values().filter(|c| c.state != CallState::Answered).count()
+    }
+
+    /// Entries of each index (calls, Call-IDs, server and client transactions, deadlines), for
+    /// the tests that check a finished call leaves nothing behind.
+    #[cfg(test)]
+    pub(crate) fn index_sizes(&self) -> [usize; 5] {
+        [
+            self.calls.len(),
+            self.by_call_id.len(),
+            self.by_server.len(),
+            self.by_client.len(),
+            self.deadlines.len(),
+        ]
+    }
+
+    /// Whether no call is held.
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// The stored form of an answered call.
+    fn record(&self, call: u64, cx: &Ctx<'_>) -> Option<DialogRecord> {
+        let c = self.calls.get(&call)?;
+        let w = c.winner?;
+        let cutoff_at_ms = c.cutoff_at.map(|at| {
+            cx.wall_ms
+                + u64::try_from(at.saturating_duration_since(cx.now).as_millis()).unwrap_or(0)
+        });
+        Some(DialogRecord {
+            call_ref: c.call_ref.clone(),
+            caller_aor: c.caller_aor.clone(),
+            callee_aor: c.callee_aor.clone(),
+            a_ingress_ip: c.a_ingress_ip.clone(),
+            answered_at_ms: c.answered_at_ms,
+            cutoff_at_ms,
+            a: c.a.clone(),
+            b: c.branches[w].dialog.clone(),
+        })
+    }
+
+    fn save(&self, cx: &mut Ctx<'_>, call: u64) {
+        if let Some(r) = self.record(call, cx) {
+            cx.work.push(Work::SaveDialog(Box::new(r)));
+        }
+    }
+
+    /// Whether a call with this leg Call-ID is held here.
+    pub fn holds(&self, call_id: &str) -> bool {
+        self.by_call_id.contains_key(call_id)
+    }
+
+    /// Takes over an answered call from its stored record (its processor is gone). Requests on
+    /// either leg are then handled as if the call had been set up here; a cut-off deadline is
+    /// re-armed.
+    pub fn adopt(&mut self, cx: &mut Ctx<'_>, record: DialogRecord) {
+        if self.holds(&record.a.call_id) || self.holds(&record.b.call_id) {
+            return;
+        }
+        let id = self.next_call;
+        self.next_call += 1;
+        let cutoff_at = record
+            .cutoff_at_ms
+            .map(|ms| cx.now + std::time::Duration::from_millis(ms.saturating_sub(cx.wall_ms)));
+        if let Some(at) = cutoff_at {
+            self.deadlines.insert((at, id));
+        }
+        self.by_call_id.insert(record.a.call_id.clone(), (id, Side::A));
+        self.by_call_id.insert(record.b.call_id.clone(), (id, Side::B(0)));
+        tracing::info!(call_ref = %record.call_ref, "call taken over from redis");
+        self.calls.insert(
+            id,
+            Call {
+                call_ref: record.call_ref,
+                state: CallState::Answered,
+                a_key: None,
+                a_invite: None,
+                a: record.a,
+                a_ingress_ip: record.a_ingress_ip,
+                branches: vec![Branch {
+                    key: None,
+                    dialog: record.b,
+                    state: BranchState::Answered,
+                    cancel_pending: false,
+                    final_status: None,
+                }],
+                winner: Some(0),
+                caller_aor: record.caller_aor,
+                callee_aor: record.callee_aor,
+                answered_at_ms: record.answered_at_ms,
+                max_duration: None,
+                cutoff_at,
+                ring_deadline: None,
+                no_answer_at: None,
+                unanswered_cause: None,
+            },
+        );
+    }
+
+    /// When [`B2bua::handle_deadlines`] must next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Cuts off answered calls that reached their maximum duration: BYE to both legs with a
+    /// `Reason` header, and an accounting stop with cause `cut-off`.
+    pub fn handle_deadlines(&mut self, cx: &mut Ctx<'_>) {
+        while let Some(&(at, call)) = self.deadlines.first() {
+            if at > cx.now {
+                break;
+            }
+            self.deadlines.remove(&(at, call));
+            let Some(c) = self.calls.get(&call) else { continue };
+            if c.state == CallState::Setup && c.ring_deadline == Some(at) {
+                self.ring_timeout(cx, call);
+                continue;
+            }
+            if c.state != CallState::Answered || c.cutoff_at != Some(at) {
+                continue;
+            }
+            let Some(w) = c.winner else { continue };
+            tracing::info!(call_ref = %c.call_ref, "maximum call duration reached: cutting off");
+            self.send_bye(cx, call, Side::A, CUTOFF_REASON);
+            self.send_bye(cx, call, Side::B(w), CUTOFF_REASON);
+            self.end_call(cx, call, "cut-off");
+        }
+    }
+
+    fn remove_call(&mut self, call: u64) {
+        if let Some(c) = self.calls.remove(&call) {
+            for at in [c.ring_deadline, c.cutoff_at].into_iter().flatten() {
+                self.deadlines.remove(&(at, call));
+            }
+            self.by_call_id.remove(&c.a.call_id);
+            if let Some(k) = &c.a_key {
+                self.by_server.remove(k);
+            }
+            for b in &c.branches {
+                self.by_call_id.remove(&b.dialog.call_id);
+                if let Some(k) = &b.key
+                    && let Some(Pending::Branch { .. }) = self.by_client.get(k)
+                {
+                    self.by_client.remove(k);
+                }
+            }
+            self.by_client.retain(|_, p| match p {
+                Pending::Relay { call: id, .. } => *id != call,
+                _ => true,
+            });
+        }
+    }
+}
