@@ -11,6 +11,7 @@ use sipalias_proto::edge::{Heartbeat, Hello, ProcessorMessage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::error::Error;
 use crate::node::Node;
 use crate::transport::Ingress;
 
@@ -40,13 +41,14 @@ async fn reconnect_loop(node: Arc<Node>, url: String) {
     }
 }
 
-async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
-    let present = sipalias_proto::link_auth::Present::new(node.link_secret())?;
+async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), Error> {
+    let failed = |detail: String| Error::Link { url: url.to_owned(), detail };
+    let present = sipalias_proto::link_auth::Present::new(node.link_secret()).map_err(failed)?;
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| e.to_string())?
+        .map_err(|e| failed(e.to_string()))?
         .connect()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string()))?;
     let mut client = EdgeClient::with_interceptor(channel, present);
     let (tx, rx) = mpsc::channel(QUEUE);
     let hello = ProcessorMessage {
@@ -56,18 +58,18 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
             services: node.service_addrs(),
         })),
     };
-    tx.send(hello).await.map_err(|e| e.to_string())?;
+    tx.send(hello).await.map_err(|e| failed(e.to_string()))?;
     let mut inbound = client
         .link(ReceiverStream::new(rx))
         .await
-        .map_err(|e| e.message().to_owned())?
+        .map_err(|e| failed(e.message().to_owned()))?
         .into_inner();
-    let welcome = match inbound.message().await.map_err(|e| e.message().to_owned())? {
+    let welcome = match inbound.message().await.map_err(|e| failed(e.message().to_owned()))? {
         Some(m) => match m.kind {
             Some(DKind::Welcome(w)) => w,
-            other => return Err(format!("expected welcome, got {other:?}")),
+            other => return Err(failed(format!("expected welcome, got {other:?}"))),
         },
-        None => return Err("stream ended before welcome".into()),
+        None => return Err(failed("stream ended before welcome".into())),
     };
     let dispatcher_id = welcome.dispatcher_id.clone();
     node.sockets().learn(&welcome.sockets);
@@ -113,7 +115,7 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), String> {
                 None => {}
             },
             Ok(None) => break Ok(()),
-            Err(e) => break Err(e.message().to_owned()),
+            Err(e) => break Err(failed(e.message().to_owned())),
         }
     };
     heartbeat.abort();

@@ -305,11 +305,10 @@ impl Node {
         let stream = egress.local.transport != Transport::Udp;
         // A ping must never open a connection: it keeps the phone's own one alive.
         egress.flow_only |= stream;
-        let host = match self.sockets.get(egress.local.addr.ip()) {
-            Some(i) if i.alias => egress.local.addr.ip().to_string(),
-            Some(i) => i.domain,
-            None => due.aor.split('@').nth(1).unwrap_or_default().to_owned(),
-        };
+        let host = self
+            .sockets
+            .uri_host(egress.local.addr.ip())
+            .unwrap_or_else(|| due.aor.split('@').nth(1).unwrap_or_default().to_owned());
         let ka = Keepalive {
             aor: due.aor,
             field: due.field,
@@ -722,12 +721,8 @@ impl Node {
             .iter()
             .filter_map(|b| {
                 let egress = b.egress()?;
-                let local = self.sockets.get(egress.local.addr.ip());
-                let host = match local {
-                    Some(i) if i.alias => egress.local.addr.ip().to_string(),
-                    Some(i) => i.domain,
-                    None => domain.clone(),
-                };
+                let host =
+                    self.sockets.uri_host(egress.local.addr.ip()).unwrap_or_else(|| domain.clone());
                 Some(Target { contact: b.contact.clone(), egress, host })
             })
             .collect();

@@ -67,6 +67,14 @@ impl SocketTable {
         self.by_ip.read().unwrap_or_else(|p| p.into_inner()).get(&ip).cloned()
     }
 
+    /// The host our From/To URIs carry on a leg sent from local IP `ip` (DESIGN.md rule 3):
+    /// the IP itself for an alias — the old provider's server, as the phone knows it — and
+    /// the canonical domain for the main IP; `None` for an IP no dispatcher announced.
+    pub fn uri_host(&self, ip: IpAddr) -> Option<String> {
+        let info = self.get(ip)?;
+        Some(if info.alias { ip.to_string() } else { info.domain })
+    }
+
     /// The canonical domain a Request-URI host names: a local IP, or one of our domains.
     pub fn domain_of_host(&self, host: &str) -> Option<String> {
         let map = self.by_ip.read().unwrap_or_else(|p| p.into_inner());
@@ -91,6 +99,18 @@ mod tests {
             realm: String::new(),
             digest_algorithms: algorithms.iter().map(|a| (*a).to_owned()).collect(),
         }
+    }
+
+    #[test]
+    fn an_alias_leg_carries_the_alias_ip_and_the_main_ip_leg_the_domain() {
+        let table = SocketTable::default();
+        let main = LocalSocket { alias: false, ..socket("127.0.0.1", &[]) };
+        table.learn(&[main, socket("127.0.0.2", &[]), socket("::2", &[])]);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(table.uri_host(ip("127.0.0.1")).as_deref(), Some("sip.example.net"));
+        assert_eq!(table.uri_host(ip("127.0.0.2")).as_deref(), Some("127.0.0.2"));
+        assert_eq!(table.uri_host(ip("::2")).as_deref(), Some("::2"));
+        assert_eq!(table.uri_host(ip("192.0.2.1")), None, "an IP nobody announced");
     }
 
     #[test]
