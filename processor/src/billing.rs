@@ -13,7 +13,7 @@ use sipmsg::digest::{Algorithm, Credentials};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::Error;
+use crate::error::{BillingFailure, Error};
 
 /// A connection to billing, cheap to clone.
 #[derive(Clone)]
@@ -87,14 +87,22 @@ impl Billing {
         Ok(Billing { client, timeout })
     }
 
-    async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, Error>
+    async fn call<T, F>(&self, what: &'static str, fut: F) -> Result<T, Error>
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(Error::Billing(format!("{what}: {}", status.message()))),
-            Err(_) => Err(Error::Billing(format!("{what}: no answer within {:?}", self.timeout))),
+            Ok(Err(status)) => Err(Error::Billing {
+                call: what,
+                failure: BillingFailure::Status {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                },
+            }),
+            Err(_) => {
+                Err(Error::Billing { call: what, failure: BillingFailure::Timeout(self.timeout) })
+            }
         }
     }
 

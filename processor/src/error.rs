@@ -11,8 +11,13 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     /// Billing failed, timed out or is unreachable.
-    #[error("billing: {0}")]
-    Billing(String),
+    #[error("billing {call}: {failure}")]
+    Billing {
+        /// The RPC (`Authorize`, `AccountingStop`, ...).
+        call: &'static str,
+        /// What went wrong.
+        failure: BillingFailure,
+    },
     /// A stored value could not be decoded.
     #[error("corrupt stored data at {key}: {detail}")]
     Corrupt {
@@ -48,11 +53,27 @@ pub enum Error {
     Sip(#[from] sipmsg::Error),
 }
 
+/// How a billing RPC failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BillingFailure {
+    /// Billing answered with a gRPC error (unreachable, refused the link secret, failed).
+    #[error("{code:?}: {message}")]
+    Status {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// No answer within `billing_timeout_ms`.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
 impl Error {
     /// The SIP answer for a request that failed with this error (one place maps errors to codes).
     pub fn sip_status(&self) -> (u16, &'static str) {
         match self {
-            Error::Redis(_) | Error::Billing(_) | Error::Link { .. } => {
+            Error::Redis(_) | Error::Billing { .. } | Error::Link { .. } => {
                 (503, "Service Unavailable")
             }
             Error::OutOfOrder { .. } => (500, "Out Of Order Request"),
@@ -60,5 +81,36 @@ impl Error {
             Error::Sip(_) => (400, "Bad Request"),
             Error::Config(_) | Error::Corrupt { .. } => (500, "Server Internal Error"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn billing_failures_are_typed_and_answered_503() {
+        let timeout = Error::Billing {
+            call: "Authorize",
+            failure: BillingFailure::Timeout(std::time::Duration::from_millis(1000)),
+        };
+        assert_eq!(timeout.to_string(), "billing Authorize: no answer within 1s");
+        assert_eq!(timeout.sip_status(), (503, "Service Unavailable"));
+        let refused = Error::Billing {
+            call: "AccountingStop",
+            failure: BillingFailure::Status {
+                code: tonic::Code::Unauthenticated,
+                message: "bad link secret".into(),
+            },
+        };
+        assert!(matches!(
+            &refused,
+            Error::Billing {
+                failure: BillingFailure::Status { code: tonic::Code::Unauthenticated, .. },
+                ..
+            }
+        ));
+        assert_eq!(refused.to_string(), "billing AccountingStop: Unauthenticated: bad link secret");
+        assert_eq!(refused.sip_status(), (503, "Service Unavailable"));
     }
 }

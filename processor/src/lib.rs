@@ -35,7 +35,7 @@ pub use config::ProcessorConfig;
 
 /// How long the tasks get to end after the stop (the dialog writer flushing its queue).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-pub use error::Error;
+pub use error::{BillingFailure, Error};
 
 /// Runs a processor until `shutdown` completes.
 pub async fn run(
