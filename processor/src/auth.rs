@@ -21,6 +21,8 @@ use sha2::Sha256;
 use sipmsg::SipMessage;
 use sipmsg::digest::{Algorithm, Credentials};
 
+use crate::answer::{Answer, FORBIDDEN};
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of a decoded nonce: timestamp, salt, MAC.
@@ -281,9 +283,40 @@ pub fn credentials_for(req: &SipMessage, kind: ChallengeKind, realm: &str) -> Op
     first
 }
 
+/// What billing's digest verdict means for a request: `valid` (the response matches the
+/// stored HA1), `blocked` (the account may not be used).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// Authenticated.
+    User,
+    /// A wrong response: a failed authentication, counted against its source.
+    Failed,
+    /// Authenticated, but refused with this answer.
+    Refused(Answer),
+}
+
+/// Maps billing's digest verdict; a blocked account is refused only once its owner proved who
+/// they are, so a stranger cannot learn that an account is blocked.
+pub fn verified(valid: bool, blocked: bool) -> Verified {
+    match (valid, blocked) {
+        (false, _) => Verified::Failed,
+        (true, true) => Verified::Refused(FORBIDDEN),
+        (true, false) => Verified::User,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verdict_is_a_user_a_failure_or_403_for_a_blocked_account() {
+        assert_eq!(verified(true, false), Verified::User);
+        assert_eq!(verified(false, false), Verified::Failed);
+        // Wrong password on a blocked account: a failure like any other, no hint it is blocked.
+        assert_eq!(verified(false, true), Verified::Failed);
+        assert_eq!(verified(true, true), Verified::Refused(Answer::plain(403, "Forbidden")));
+    }
 
     #[test]
     fn nonce_is_verified_by_any_holder_of_the_secret() {

@@ -7,10 +7,12 @@
 //! async shell around it.
 
 pub mod accounting;
+pub mod answer;
 pub mod auth;
 pub mod b2bua;
 pub mod bans;
 pub mod billing;
+pub mod call_setup;
 pub mod clock;
 pub mod config;
 pub mod core;

@@ -9,15 +9,18 @@ use sipmsg::SipMessage;
 use sipmsg::digest::{Algorithm, Credentials};
 use tokio::sync::Notify;
 
-use sipalias_proto::billing::{AccountingStopRequest, DenyReason};
+use sipalias_proto::billing::AccountingStopRequest;
 
 use crate::accounting::{Accounting, Event};
+use crate::answer::{Answer, FORBIDDEN, UNKNOWN_SOCKET};
 use crate::auth::{
-    ChallengeKind, Expected, NonceKey, Refusal, challenge, check_presented, credentials_for,
+    ChallengeKind, Expected, NonceKey, Refusal, Verified, challenge, check_presented,
+    credentials_for, verified,
 };
-use crate::b2bua::{CallPlan, Target, Work};
+use crate::b2bua::{CallPlan, Work};
 use crate::bans::{Bans, is_scanner, source_key};
 use crate::billing::{Billing, CallRequest};
+use crate::call_setup::{self, Authorization};
 use crate::clock::wall_ms;
 use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
@@ -85,8 +88,8 @@ enum Auth {
     Ok(String),
     /// Send this challenge.
     Challenge(SipMessage),
-    /// Refuse with this status.
-    Refuse(u16, &'static str),
+    /// Refuse with this answer.
+    Refuse(Answer),
 }
 
 /// How requests arriving on one local IP are authenticated, and whose users they are.
@@ -451,8 +454,9 @@ impl Node {
         resp
     }
 
-    fn reply(&self, req: &SipMessage, status: u16, reason: &str) -> SipMessage {
-        SipMessage::response_to(req, status, reason, Some(&self.lock().tag()))
+    /// `answer` to `req`, To-tagged by this processor.
+    fn answer(&self, req: &SipMessage, answer: &Answer) -> SipMessage {
+        answer.to_response(req, &self.lock().tag())
     }
 
     /// How requests arriving on `ingress`'s local IP are authenticated; `None` for an IP no
@@ -488,7 +492,7 @@ impl Node {
         // let it through is told again (it may have restarted since the ban).
         if let Some(remaining_ms) = self.bans.known_banned(&source, now) {
             self.links.ban(&source, remaining_ms, AUTH_BAN_REASON);
-            return Ok(Presented::Answer(self.reply(req, 403, "Forbidden")));
+            return Ok(Presented::Answer(self.answer(req, &FORBIDDEN)));
         }
         let Some(creds) = credentials_for(req, kind, &site.realm) else {
             return Ok(Presented::Answer(self.challenge(req, site, false)));
@@ -506,7 +510,7 @@ impl Node {
             }
             Err(Refusal::BadRequest(reason)) => {
                 tracing::warn!(user = %creds.username, source = %ingress.remote, uri = %creds.uri, reason, "credentials refused");
-                return Ok(Presented::Answer(self.reply(req, 400, reason)));
+                return Ok(Presented::Answer(self.answer(req, &Answer::plain(400, reason))));
             }
         };
         let nc = creds.nc.as_deref().unwrap_or_default();
@@ -521,7 +525,7 @@ impl Node {
             Claim::Banned { remaining_ms } => {
                 self.bans.learn(&source, now, remaining_ms);
                 self.links.ban(&source, remaining_ms, AUTH_BAN_REASON);
-                Ok(Presented::Answer(self.reply(req, 403, "Forbidden")))
+                Ok(Presented::Answer(self.answer(req, &FORBIDDEN)))
             }
         }
     }
@@ -534,7 +538,7 @@ impl Node {
             Ok(Some(_)) => {
                 // From now on the dispatchers drop the source's traffic before any processor.
                 self.links.ban(&source, self.bans.ban_ms(), AUTH_BAN_REASON);
-                self.reply(req, 403, "Forbidden")
+                self.answer(req, &FORBIDDEN)
             }
             Ok(None) => self.challenge(req, site, false),
             Err(e) => {
@@ -578,15 +582,17 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
-        if !verdict.valid {
-            tracing::warn!(%aor, source = %ingress.remote, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
-            return Ok(Auth::Challenge(self.after_failure(req, ingress, site).await));
+        match verified(verdict.valid, verdict.blocked) {
+            Verified::User => Ok(Auth::Ok(creds.username)),
+            Verified::Failed => {
+                tracing::warn!(%aor, source = %ingress.remote, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
+                Ok(Auth::Challenge(self.after_failure(req, ingress, site).await))
+            }
+            Verified::Refused(answer) => {
+                tracing::info!(%aor, "blocked account refused");
+                Ok(Auth::Refuse(answer))
+            }
         }
-        if verdict.blocked {
-            tracing::info!(%aor, "blocked account refused");
-            return Ok(Auth::Refuse(403, "Forbidden"));
-        }
-        Ok(Auth::Ok(creds.username))
     }
 
     /// Billing is down (`error`) under the `allow` outage policy: a caller calling from the
@@ -614,20 +620,21 @@ impl Node {
     /// Handles a REGISTER (RFC 3261 §10.3).
     async fn register(&self, req: &SipMessage, ingress: &Ingress) -> Result<SipMessage, Error> {
         let Some(site) = self.site(ingress) else {
-            return Ok(self.reply(req, 500, "Unknown Local Socket"));
+            return Ok(self.answer(req, &UNKNOWN_SOCKET));
         };
         let to = req.to()?;
-        let Some(user) = to.uri.user_name().map(str::to_owned) else {
-            return Ok(self.reply(req, 400, "Missing User In To"));
+        let user = match registrar::registering_user(to.uri.user_name()) {
+            Ok(user) => user.to_owned(),
+            Err(answer) => return Ok(self.answer(req, &answer)),
         };
         let authed = match self.authenticate(req, ingress, &site).await? {
             Auth::Ok(u) => u,
             Auth::Challenge(c) => return Ok(c),
-            Auth::Refuse(s, r) => return Ok(self.reply(req, s, r)),
+            Auth::Refuse(a) => return Ok(self.answer(req, &a)),
         };
-        if authed != user {
+        if let Err(answer) = registrar::check_owner(&user, &authed) {
             tracing::warn!(%user, %authed, "REGISTER for another user's AOR refused");
-            return Ok(self.reply(req, 403, "Forbidden"));
+            return Ok(self.answer(req, &answer));
         }
         let limits = Limits {
             min: self.config.min_expires,
@@ -649,15 +656,11 @@ impl Node {
             Ok(u) => u,
             Err(reject) => return Ok(registrar::reject_response(req, &reject, &self.lock().tag())),
         };
-        if let registrar::Update::Contacts(contacts) = &update {
-            let local = |addr| self.sockets.is_local_socket(addr);
-            for c in contacts.iter().filter(|c| c.expires > 0) {
-                let Some(addr) = registrar::contact_addr(&c.contact) else { continue };
-                if let Err(why) = self.destinations.check(addr, local) {
-                    tracing::warn!(%user, source = %ingress.remote, contact = %c.contact, "REGISTER refused: contact is {}", why.describe());
-                    return Ok(self.reply(req, 403, "Contact Not Allowed"));
-                }
-            }
+        let local = |addr| self.sockets.is_local_socket(addr);
+        let allowed = |addr| self.destinations.check(addr, local);
+        if let Err((c, why)) = registrar::check_contacts(&update, allowed) {
+            tracing::warn!(%user, source = %ingress.remote, contact = %c.contact, "REGISTER refused: contact is {}", why.describe());
+            return Ok(self.answer(req, &registrar::CONTACT_NOT_ALLOWED));
         }
         let aor = format!("{user}@{}", site.domain);
         let meta = RegisterMeta {
@@ -692,7 +695,7 @@ impl Node {
         ingress: &Ingress,
     ) -> Result<Result<CallPlan, SipMessage>, Error> {
         let Some(site) = self.site(ingress) else {
-            return Ok(Err(self.reply(req, 500, "Unknown Local Socket")));
+            return Ok(Err(self.answer(req, &UNKNOWN_SOCKET)));
         };
         let (creds, alg) = match self.presented(req, ingress, &site).await? {
             Presented::Credentials(c, a) => (c, a),
@@ -700,50 +703,31 @@ impl Node {
         };
         let caller_aor = format!("{}@{}", creds.username, site.domain);
         // Refusals before billing saw the credentials: verify them first.
-        let refuse = async |creds: Credentials, status: u16, reason: &'static str| match self
+        let refuse = async |creds: Credentials, answer: Answer| match self
             .verify_presented(req, ingress, &site, creds, alg)
             .await?
         {
-            Auth::Ok(_) => Ok(Err(self.reply(req, status, reason))),
+            Auth::Ok(_) => Ok(Err(self.answer(req, &answer))),
             Auth::Challenge(c) => Ok(Err(c)),
-            Auth::Refuse(s, r) => Ok(Err(self.reply(req, s, r))),
+            Auth::Refuse(a) => Ok(Err(self.answer(req, &a))),
         };
-        let Some((user, domain)) = self.callee_of(req, &site.domain) else {
-            return refuse(creds, 404, "Not Found").await;
+        let callee = call_setup::callee(req.request_uri(), &site.domain, |host| {
+            self.sockets.domain_of_host(host)
+        });
+        let callee_aor = match callee.aor() {
+            Ok(aor) => aor,
+            Err(answer) => return refuse(creds, answer).await,
         };
-        let Some(user) = user else {
-            return refuse(creds, 416, "Unsupported URI Scheme").await;
-        };
-        let callee_aor = format!("{user}@{domain}");
+        let domain = callee_aor.split('@').nth(1).unwrap_or_default();
         // Locate before authorizing, so a call that cannot ring reserves nothing.
         let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
-        let targets: Vec<Target> = bindings
-            .iter()
-            .filter_map(|b| {
-                let egress = b.egress()?;
-                let host =
-                    self.sockets.uri_host(egress.local.addr.ip()).unwrap_or_else(|| domain.clone());
-                Some(Target { contact: b.contact.clone(), egress, host })
-            })
-            .collect();
+        let targets = call_setup::targets(&bindings, domain, |ip| self.sockets.uri_host(ip));
         let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
         if targets.is_empty() {
-            // 404 for a user billing does not know, 480 for one that is not registered.
-            let status = match self.billing.account(&callee_aor).await {
-                Ok(Some(_)) => 480,
-                Ok(None) => 404,
-                // Billing down: an unknown callee then simply has no binding.
-                Err(e) if outage_allowed => {
-                    tracing::warn!(error = %e, "billing down: callee not checked");
-                    480
-                }
-                Err(e) => return Err(e),
-            };
-            tracing::info!(%caller_aor, %callee_aor, status, "callee has no binding");
-            return match status {
-                404 => refuse(creds, 404, "Not Found").await,
-                _ => refuse(creds, 480, "Temporarily Unavailable").await,
-            };
+            let account = self.billing.account(&callee_aor).await.map(|a| a.is_some());
+            let answer = call_setup::unreachable(account, outage_allowed)?;
+            tracing::info!(%caller_aor, %callee_aor, status = answer.status, "callee has no binding");
+            return refuse(creds, answer).await;
         }
         let call_id = req.call_id()?;
         // Minted here, never taken from the caller: each authorized attempt is its own
@@ -757,30 +741,27 @@ impl Node {
             ingress_ip: &ingress_ip,
             call_ref: &call_ref,
         };
-        let max_duration_secs = match self
-            .billing
-            .authorize(&call, Some(("INVITE", &creds, alg)))
-            .await
-        {
-            Ok(auth) if auth.allowed => auth.max_duration_secs,
-            Ok(auth) if auth.deny == DenyReason::BadCredentials as i32 => {
-                tracing::warn!(aor = %caller_aor, source = %ingress.remote, reason = %auth.reason, alg = alg.as_str(), "digest authentication failed");
+        let (authorization, why) =
+            match self.billing.authorize(&call, Some(("INVITE", &creds, alg))).await {
+                Ok(auth) => (call_setup::authorization(&auth), auth.reason),
+                Err(e) if outage_allowed => {
+                    self.recognise_caller(&caller_aor, ingress, e).await?;
+                    tracing::warn!(%caller_aor, "billing down: call allowed with the outage limit");
+                    let max_duration_secs = self.config.billing_outage_max_duration_secs;
+                    (Authorization::Allowed { max_duration_secs }, String::new())
+                }
+                Err(e) => return Err(e),
+            };
+        let max_duration_secs = match authorization {
+            Authorization::Allowed { max_duration_secs } => max_duration_secs,
+            Authorization::BadCredentials => {
+                tracing::warn!(aor = %caller_aor, source = %ingress.remote, reason = %why, alg = alg.as_str(), "digest authentication failed");
                 return Ok(Err(self.after_failure(req, ingress, &site).await));
             }
-            Ok(auth) => {
-                let (status, reason) = deny_status(auth.deny);
-                tracing::info!(%caller_aor, %callee_aor, reason = %auth.reason, status, "billing denied the call");
-                let mut resp = self.reply(req, status, reason);
-                let text = auth.reason.replace(['"', '\\'], "'");
-                resp.push_header("Reason", format!("SIP;cause={status};text=\"{text}\""));
-                return Ok(Err(resp));
+            Authorization::Refused(answer) => {
+                tracing::info!(%caller_aor, %callee_aor, reason = %why, status = answer.status, "billing denied the call");
+                return Ok(Err(self.answer(req, &answer)));
             }
-            Err(e) if outage_allowed => {
-                self.recognise_caller(&caller_aor, ingress, e).await?;
-                tracing::warn!(%caller_aor, "billing down: call allowed with the outage limit");
-                self.config.billing_outage_max_duration_secs
-            }
-            Err(e) => return Err(e),
         };
         tracing::info!(%caller_aor, %callee_aor, call_id, %call_ref, branches = targets.len(), max_duration_secs, "call authorized");
         let auto_answer = self.config.trusts_auto_answer(&caller_aor, ingress.remote.ip());
@@ -794,49 +775,9 @@ impl Node {
         }))
     }
 
-    /// The callee of an INVITE: `(user, domain)` from its Request-URI, `user` `None` for a URI
-    /// scheme we do not serve; `None` for a domain (or user part) we do not serve. A tel:
-    /// number is a user of `ingress_domain`, the domain the call came in on.
-    fn callee_of(
-        &self,
-        req: &SipMessage,
-        ingress_domain: &str,
-    ) -> Option<(Option<String>, String)> {
-        let Some(ruri) = req.request_uri().and_then(|u| sipmsg::Uri::parse(u).ok()) else {
-            return Some((None, String::new()));
-        };
-        if ruri.is_sip() {
-            let user = ruri.user_name()?;
-            let domain = self.sockets.domain_of_host(&ruri.host)?;
-            Some((Some(user.to_owned()), domain))
-        } else if ruri.scheme == "tel" {
-            let number: String = ruri
-                .host
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .filter(|c| !"-.() ".contains(*c))
-                .collect();
-            Some((Some(number), ingress_domain.to_owned()))
-        } else {
-            Some((None, String::new()))
-        }
-    }
-
     /// Whether server transaction `key` is still waiting for an answer.
     pub fn is_pending(&self, key: &ServerKey) -> bool {
         !self.lock().is_final(key)
-    }
-}
-
-/// The SIP answer for a call billing refused.
-fn deny_status(deny: i32) -> (u16, &'static str) {
-    match DenyReason::try_from(deny) {
-        Ok(DenyReason::InsufficientFunds) => (402, "Payment Required"),
-        Ok(DenyReason::TooManyCalls) => (403, "Too Many Concurrent Calls"),
-        Ok(DenyReason::NoRate) => (403, "No Rate For Destination"),
-        _ => (403, "Forbidden"),
     }
 }
 

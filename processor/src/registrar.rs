@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 use sipmsg::SipMessage;
 
+use crate::answer::{Answer, FORBIDDEN};
+use crate::destination::Denied;
 use crate::transport::{Egress, LocalAddr, Transport};
 
 /// Where a binding's phone is reached: the socket it registered through.
@@ -238,6 +240,36 @@ pub fn plan(req: &SipMessage, limits: Limits) -> Result<Update, Reject> {
     Ok(Update::Contacts(out))
 }
 
+/// `400`: a REGISTER whose To URI names no user, so no AOR to update.
+pub const MISSING_USER: Answer = Answer::plain(400, "Missing User In To");
+/// `403`: a Contact the cluster may not send to ([`crate::destination`]).
+pub const CONTACT_NOT_ALLOWED: Answer = Answer::plain(403, "Contact Not Allowed");
+
+/// The user whose AOR a REGISTER updates: its To URI's user part (RFC 3261 §10.3 step 5).
+pub fn registering_user(to_user: Option<&str>) -> Result<&str, Answer> {
+    to_user.filter(|u| !u.is_empty()).ok_or(MISSING_USER)
+}
+
+/// Only a user's own credentials update its AOR (RFC 3261 §10.3 step 6): `403` otherwise.
+pub fn check_owner(user: &str, authenticated: &str) -> Result<(), Answer> {
+    if user == authenticated { Ok(()) } else { Err(FORBIDDEN) }
+}
+
+/// Every Contact a REGISTER adds or refreshes must be somewhere the cluster may send
+/// (`allowed`, the destination policy); the first that is not, with why. Removals are always
+/// allowed, and so is a Contact that is no IP address (it is reached at the REGISTER's source).
+pub fn check_contacts(
+    update: &Update,
+    allowed: impl Fn(SocketAddr) -> Result<(), Denied>,
+) -> Result<(), (&ContactUpdate, Denied)> {
+    let Update::Contacts(contacts) = update else { return Ok(()) };
+    for c in contacts.iter().filter(|c| c.expires > 0) {
+        let Some(addr) = contact_addr(&c.contact) else { continue };
+        allowed(addr).map_err(|why| (c, why))?;
+    }
+    Ok(())
+}
+
 /// The `200 OK` listing every current binding with its remaining interval.
 pub fn ok_response(
     req: &SipMessage,
@@ -291,6 +323,61 @@ mod tests {
     /// A binding exactly as processors have written it to Redis since the location store
     /// began (docs/redis-data-model.md): whatever the type becomes, it must still read this.
     const STORED_BINDING: &str = r#"{"contact":"sip:alice@192.0.2.7:5062;transport=tcp","expires_at_ms":1796668800000,"q":"0.5","call_id":"reg-1@192.0.2.7","cseq":7,"received":"198.51.100.9:40123","ingress":{"ip":"127.0.0.2","port":5060,"transport":"tcp"},"connection_id":281474976710657,"dispatcher":"d1","user_agent":"Yealink SIP-T46S","instance":"<urn:uuid:00000000-0000-1000-8000-000000000001>","reg_id":1,"nat":true}"#;
+
+    #[test]
+    fn a_register_without_a_user_in_to_is_400_missing_user() {
+        assert_eq!(registering_user(Some("alice")), Ok("alice"));
+        for to_user in [None, Some("")] {
+            assert_eq!(
+                registering_user(to_user),
+                Err(Answer::plain(400, "Missing User In To")),
+                "{to_user:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_authenticated_user_updates_its_aor() {
+        assert_eq!(check_owner("alice", "alice"), Ok(()));
+        assert_eq!(check_owner("alice", "bob"), Err(Answer::plain(403, "Forbidden")));
+        // No case folding: SIP user parts are case-sensitive (RFC 3261 §19.1.4).
+        assert_eq!(check_owner("alice", "Alice"), Err(FORBIDDEN));
+    }
+
+    fn contact(uri: &str, expires: u32) -> ContactUpdate {
+        ContactUpdate {
+            field: uri.into(),
+            contact: uri.into(),
+            expires,
+            q: None,
+            instance: None,
+            reg_id: None,
+            nat: false,
+        }
+    }
+
+    #[test]
+    fn a_contact_the_policy_denies_refuses_the_register_unless_it_is_removed() {
+        let deny_redis = |a: SocketAddr| {
+            if a.port() == 6379 { Err(Denied::ClusterService) } else { Ok(()) }
+        };
+        let update = Update::Contacts(vec![
+            contact("sip:a@192.0.2.1:5060", 300),
+            contact("sip:a@phone.example:6379", 300),
+            contact("sip:a@127.0.0.1:6379", 300),
+        ]);
+        let (refused, why) = check_contacts(&update, deny_redis).expect_err("redis denied");
+        assert_eq!(
+            (refused.contact.as_str(), why),
+            ("sip:a@127.0.0.1:6379", Denied::ClusterService)
+        );
+        assert_eq!(CONTACT_NOT_ALLOWED, Answer::plain(403, "Contact Not Allowed"));
+        // Removing such a binding (left by an older policy) is always allowed.
+        let removal = Update::Contacts(vec![contact("sip:a@127.0.0.1:6379", 0)]);
+        assert!(check_contacts(&removal, deny_redis).is_ok());
+        assert!(check_contacts(&Update::RemoveAll, deny_redis).is_ok());
+        assert!(check_contacts(&Update::Fetch, deny_redis).is_ok());
+    }
 
     #[test]
     fn a_binding_stored_in_the_original_format_still_reads_and_routes() {
