@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
-use sipalias_processor::core::{Core, Keepalive};
+use sipalias_processor::clock::Now;
+use sipalias_processor::core::{Core, Done, Keepalive};
 use sipalias_processor::ids::Ids;
 use sipalias_processor::registrar::{self, Limits};
 use sipalias_processor::registrar::{Binding, StoredIngress};
@@ -186,8 +187,7 @@ fn tx_lookup(c: &mut Criterion) {
 fn core_datagram(c: &mut Criterion) {
     let mut g = c.benchmark_group("core");
     for live in LIVE {
-        let now = Instant::now();
-        let wall = 1_767_225_600_000;
+        let now = Now { mono: Instant::now(), wall_ms: 1_767_225_600_000 };
         let mut core = Core::new(Timers::default(), Arc::new(Ids::new("p1")));
         let mut pings = Vec::with_capacity(live);
         for i in 0..live {
@@ -199,7 +199,7 @@ fn core_datagram(c: &mut Criterion) {
                 host: "127.0.0.2".into(),
                 options: true,
             };
-            core.send_keepalive(now, wall, ka);
+            core.handle_done(now, Done::Keepalive(ka));
             while let Some(t) = core.poll_transmit() {
                 pings.push(t.bytes);
             }
@@ -217,7 +217,7 @@ fn core_datagram(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("response_100_datagram", live), |b| {
             b.iter(|| {
                 k = (k + 1) % trying.len();
-                core.handle_datagram(now, wall, black_box(&trying[k]), from_phone.clone());
+                core.handle_datagram(now, black_box(&trying[k]), from_phone.clone());
                 black_box(core.poll_work())
             })
         });

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use sipmsg::SipMessage;
 
 use crate::b2bua::{CallPlan, Target, Work};
-use crate::core::{Core, Limits};
+use crate::clock::Now;
+use crate::core::{Core, Done, Limits};
 use crate::ids::Ids;
 use crate::transaction::{ServerKey, Timers};
 use crate::transport::{Egress, Ingress, LocalAddr, Transmit, Transport};
@@ -80,8 +81,8 @@ impl Harness {
 
     fn send(&mut self, text: &str, from: Ingress) {
         let msg = sipmsg::parse(text.as_bytes()).expect("test message parses");
-        let (now, wall) = (self.now, self.wall());
-        self.core.handle_message(now, wall, msg, from);
+        let now = self.clock();
+        self.core.handle_message(now, msg, from);
     }
 
     fn out(&mut self) -> Vec<(Transmit, SipMessage)> {
@@ -101,10 +102,21 @@ impl Harness {
         v
     }
 
+    /// Both clocks now.
+    fn clock(&self) -> Now {
+        Now { mono: self.now, wall_ms: self.wall() }
+    }
+
+    /// Completed async work, handed back at the current time.
+    fn done(&mut self, done: Done) {
+        let now = self.clock();
+        self.core.handle_done(now, done);
+    }
+
     fn advance_to(&mut self, at: Instant) {
         self.now = at;
-        let wall = self.wall();
-        self.core.handle_timeout(at, wall);
+        let now = self.clock();
+        self.core.handle_timeout(now);
     }
 
     /// Caller INVITE → setup work (the 100 Trying waits 200 ms for a response); then the plan
@@ -138,8 +150,7 @@ impl Harness {
             call_ref: "c1@caller;bt1".into(),
             auto_answer,
         };
-        let (now, wall) = (self.now, self.wall());
-        self.core.start_call(now, wall, key.clone(), plan, &i);
+        self.done(Done::Call { key: key.clone(), plan: Box::new(plan), ingress: i });
         key
     }
 }
@@ -483,8 +494,7 @@ fn callee_flow_gone_gives_the_caller_430() {
     let out = h.out();
     assert_eq!(out[0].0.egress.connection_id, 7);
     assert!(out[0].1.top_via().expect("via").transport == "TCP");
-    let (now, wall) = (h.now, h.wall());
-    h.core.handle_flow_failed(now, wall, 7);
+    h.done(Done::FlowFailed { connection_id: 7 });
     let out = h.out();
     let resp = out.iter().find(|(t, _)| t.egress.remote == addr(CALLER)).expect("final to caller");
     assert_eq!((resp.1.status(), resp.1.reason()), (Some(430), Some("Flow Failed")));
@@ -503,8 +513,7 @@ fn keepalive_options_leave_from_the_binding_socket_and_silence_is_reported() {
         host: "127.0.0.2".into(),
         options: true,
     };
-    let (now, wall) = (h.now, h.wall());
-    h.core.send_keepalive(now, wall, ka.clone());
+    h.done(Done::Keepalive(ka.clone()));
     let out = h.out();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].0.egress.local, local(ALIAS));
@@ -521,7 +530,7 @@ fn keepalive_options_leave_from_the_binding_socket_and_silence_is_reported() {
     stream.options = false;
     stream.egress.local.transport = Transport::Tcp;
     stream.egress.connection_id = 9;
-    h.core.send_keepalive(h.now, h.wall(), stream);
+    h.done(Done::Keepalive(stream));
     let t = h.core.poll_transmit().expect("ping");
     assert_eq!((t.bytes.as_slice(), t.egress.connection_id), (&b"\r\n\r\n"[..], 9));
 }
@@ -555,8 +564,7 @@ From: <sip:alice@127.0.0.2>;tag=at1\r\nTo: <sip:bob@127.0.0.2>;tag={}\r\nCall-ID
     p2.send(&bye, ingress(ALIAS, "127.0.0.30:6000"));
     assert!(p2.out().is_empty(), "nothing sent before the lookup");
     let Some(Work::LoadDialog { key, .. }) = p2.work().pop() else { panic!("lookup asked") };
-    let (now, wall) = (p2.now, p2.wall());
-    p2.core.adopt_and_handle(now, wall, Some(record), key);
+    p2.done(Done::Dialog { key, record: Some(Box::new(record)) });
     let out = p2.out();
     let ok = out.iter().find(|(t, _)| t.egress.remote == addr("127.0.0.30:6000")).expect("200");
     assert_eq!(ok.1.status(), Some(200));
@@ -580,8 +588,7 @@ fn in_dialog_request_for_a_call_nowhere_gets_481_after_the_lookup() {
         ingress(MAIN, CALLER),
     );
     let Some(Work::LoadDialog { key, .. }) = h.work().pop() else { panic!("lookup asked") };
-    let (now, wall) = (h.now, h.wall());
-    h.core.adopt_and_handle(now, wall, None, key);
+    h.done(Done::Dialog { key, record: None });
     assert_eq!(h.out()[0].1.status(), Some(481));
 }
 
@@ -601,8 +608,7 @@ fn many_finished_calls_leave_nothing_behind() {
         };
         let challenge =
             SipMessage::response_to(&request, 407, "Proxy Authentication Required", Some("ch1"));
-        let (now, wall) = (h.now, h.wall());
-        h.core.respond(now, wall, &key, challenge);
+        h.done(Done::Answer { key, response: challenge });
         assert_eq!(h.out().len(), 1, "the 407");
         let ack = format!(
             "ACK sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKc{n};rport\r\n\
@@ -623,8 +629,7 @@ Call-ID: {call_id}\r\nCSeq: 2 ACK\r\n\r\n"
             call_ref: format!("{call_id};bt1"),
             auto_answer: false,
         };
-        let (now, wall) = (h.now, h.wall());
-        h.core.start_call(now, wall, key, plan, &i);
+        h.done(Done::Call { key, plan: Box::new(plan), ingress: i });
         let (_, b_invite) = h.out().remove(0);
         h.send(&answer(&b_invite, 180, "Ringing", "at1", ""), callee.clone());
         h.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\n"), callee.clone());
@@ -738,15 +743,14 @@ fn stored_call_is_not_taken_over_for_a_request_with_foreign_tags() {
     let Some(Work::LoadDialog { key, .. }) = other.work().pop() else {
         panic!("looked up in Redis")
     };
-    let (now, wall) = (other.now, other.wall());
-    other.core.adopt_and_handle(now, wall, Some(record.clone()), key);
+    other.done(Done::Dialog { key, record: Some(Box::new(record.clone())) });
     let out = other.out();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].1.status(), Some(481));
     assert_eq!(other.core.load().2, 0, "nothing adopted");
     let ack = sipmsg::parse(caller_request("ACK", &a_contact, "bt1", "guessed", 2).as_bytes())
         .expect("ack");
-    other.core.adopt_and_ack(now, wall, record, &ack);
+    other.done(Done::DialogForAck { record: Box::new(record), ack });
     assert!(other.out().is_empty());
     assert_eq!(other.core.load().2, 0, "nothing adopted for a foreign ACK either");
 }
@@ -780,13 +784,19 @@ fn second_invite_with_a_live_calls_call_id_is_a_merged_request() {
         call_ref: call_ref.into(),
         auto_answer: false,
     };
-    let mut started = Vec::new();
     for (w, r) in works.into_iter().zip(["ref-1", "ref-2"]) {
         let Work::Invite { key, ingress: i, .. } = w else { panic!("setup work") };
-        let (now, wall) = (h.now, h.wall());
-        started.push(h.core.start_call(now, wall, key, plan(r), &i));
+        h.done(Done::Call { key, plan: Box::new(plan(r)), ingress: i });
     }
-    assert_eq!(started, vec![true, false], "the second is refused, its reservation released");
+    let released: Vec<String> = h
+        .work()
+        .into_iter()
+        .filter_map(|w| match w {
+            Work::AccountingStop(s) if s.cause == "cancelled" && !s.answered => Some(s.call_ref),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, ["ref-2"], "the second is refused, its reservation released");
     let out = h.out();
     assert!(out.iter().any(|(_, m)| m.status() == Some(482)));
     assert_eq!(

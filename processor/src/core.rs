@@ -2,14 +2,17 @@
 //! transmits and async work come out. Owns the transaction layer and the B2BUA, and decides
 //! what each request is for (RFC 3261 §8.2 checks, CANCEL and in-dialog matching).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use sipalias_proto::billing::AccountingStopRequest;
+
 use sipmsg::{SipMessage, Uri};
 
-use crate::b2bua::{B2bua, CallPlan, Ctx, Work};
+use crate::b2bua::{B2bua, CallPlan, Ctx, DialogRecord, Work};
+use crate::clock::Now;
 use crate::ids::Ids;
 use crate::transaction::{ClientKey, ServerKey, Timers, TransactionLayer, TxEvent};
 use crate::transport::{Egress, Ingress, Transmit};
@@ -26,8 +29,8 @@ pub struct Core {
     tx: TransactionLayer,
     b2bua: B2bua,
     ids: Arc<Ids>,
-    out: Vec<Transmit>,
-    work: Vec<Work>,
+    out: VecDeque<Transmit>,
+    work: VecDeque<Work>,
     /// Keepalive OPTIONS in flight: client transaction → (AOR, binding field).
     keepalives: HashMap<ClientKey, (String, String)>,
     /// Bounds on held work, past which new calls and registrations are turned away.
@@ -76,6 +79,51 @@ pub struct Keepalive {
     pub options: bool,
 }
 
+/// Async work the shell finished, handed back through [`Core::handle_done`]: the core's one
+/// input for everything that needed Redis or billing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    /// The final answer to a REGISTER, or to an INVITE that will not ring.
+    Answer {
+        /// The server transaction it answers.
+        key: ServerKey,
+        /// The response.
+        response: SipMessage,
+    },
+    /// An INVITE was authorized and located: ring its targets. If the caller gave up
+    /// meanwhile, the core releases billing's reservation instead ([`Work::AccountingStop`]).
+    Call {
+        /// The INVITE's server transaction.
+        key: ServerKey,
+        /// What setup decided.
+        plan: Box<CallPlan>,
+        /// Where the INVITE came from.
+        ingress: Ingress,
+    },
+    /// The stored call looked up for an in-dialog request ([`Work::LoadDialog`]); `None`: the
+    /// call is nowhere (the request gets `481`).
+    Dialog {
+        /// The request's server transaction.
+        key: ServerKey,
+        /// The call, if stored.
+        record: Option<Box<DialogRecord>>,
+    },
+    /// The stored call found for an ACK ([`Work::LoadDialogForAck`]): relay the ACK.
+    DialogForAck {
+        /// The call.
+        record: Box<DialogRecord>,
+        /// The ACK.
+        ack: SipMessage,
+    },
+    /// A binding is due its NAT keepalive.
+    Keepalive(Keepalive),
+    /// A flow-only send over connection `connection_id` found it closed: its branches get `430`.
+    FlowFailed {
+        /// The dispatcher's connection id.
+        connection_id: u64,
+    },
+}
+
 impl Core {
     /// A core for processor `ids.node()`.
     pub fn new(timers: Timers, ids: Arc<Ids>) -> Self {
@@ -83,8 +131,8 @@ impl Core {
             tx: TransactionLayer::new(timers),
             b2bua: B2bua::new(ids.clone(), &timers),
             ids,
-            out: Vec::new(),
-            work: Vec::new(),
+            out: VecDeque::new(),
+            work: VecDeque::new(),
             keepalives: HashMap::new(),
             limits: Limits::default(),
             setup_in_flight: 0,
@@ -136,13 +184,7 @@ impl Core {
     /// transaction layer, with the status the error maps to: `400`, or `505` for another SIP
     /// version (ACK: dropped). A response that fails [`SipMessage::validate_response`] is dropped
     /// (RFC 4475 §3.1.2.5). See `docs/torture-tests.md`.
-    pub fn handle_message(
-        &mut self,
-        now: Instant,
-        wall_ms: u64,
-        mut msg: SipMessage,
-        ingress: Ingress,
-    ) {
+    pub fn handle_message(&mut self, now: Now, mut msg: SipMessage, ingress: Ingress) {
         if msg.is_request() {
             if let Err(e) = check_request(&msg) {
                 self.reject(&msg, &e, &ingress);
@@ -156,24 +198,24 @@ impl Core {
                 return;
             }
             stamp_received(&mut msg, &ingress);
-            self.tx.handle_request(now, msg, ingress);
+            self.tx.handle_request(now.mono, msg, ingress);
         } else {
             if let Err(e) = msg.validate_response() {
                 tracing::info!(error = %e, remote = %ingress.remote, "bad response dropped");
                 return;
             }
-            self.tx.handle_response(now, msg, ingress);
+            self.tx.handle_response(now.mono, msg, ingress);
         }
-        self.process_events(now, wall_ms);
+        self.process_events(now);
     }
 
     /// Bytes from a dispatcher: what parses goes to [`Core::handle_message`]. A request whose
     /// body cannot be framed (Content-Length beyond the datagram, negative or repeated: RFC 4475
     /// clerr, ncl, mcl01) is answered `400` from its head, as RFC 3261 §18.3 asks; anything else
     /// that does not parse is dropped, since there is nothing to answer it from.
-    pub fn handle_datagram(&mut self, now: Instant, wall_ms: u64, bytes: &[u8], ingress: Ingress) {
+    pub fn handle_datagram(&mut self, now: Now, bytes: &[u8], ingress: Ingress) {
         match sipmsg::parse(bytes) {
-            Ok(msg) => self.handle_message(now, wall_ms, msg, ingress),
+            Ok(msg) => self.handle_message(now, msg, ingress),
             Err(e) => match sipmsg::parse::parse_head(bytes) {
                 Ok(head) if head.is_request() => self.reject(&head, &e, &ingress),
                 _ => {
@@ -193,7 +235,7 @@ impl Core {
         }
         let resp =
             SipMessage::response_to(req, e.status(), &e.reason_phrase(), Some(&self.ids.tag()));
-        self.out.push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
+        self.out.push_back(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
     }
 
     /// Turns a new INVITE or REGISTER away while overloaded: `503` with `Retry-After`, sent
@@ -204,7 +246,7 @@ impl Core {
         let mut resp =
             SipMessage::response_to(req, 503, "Service Unavailable", Some(&self.ids.tag()));
         resp.push_header("Retry-After", self.limits.retry_after_secs.to_string());
-        self.out.push(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
+        self.out.push_back(Transmit { egress: ingress.reply_egress(), bytes: resp.to_bytes() });
     }
 
     /// Calls still being set up.
@@ -213,13 +255,38 @@ impl Core {
     }
 
     /// Timers due at `now`: transaction timers and call cut-offs.
-    pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
-        self.tx.handle_timeout(now);
-        self.process_events(now, wall_ms);
-        let mut cx =
-            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
-        self.b2bua.handle_deadlines(&mut cx);
-        self.process_events(now, wall_ms);
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.tx.handle_timeout(now.mono);
+        self.process_events(now);
+        let (b2bua, mut cx) = self.parts(now);
+        b2bua.handle_deadlines(&mut cx);
+        self.process_events(now);
+    }
+
+    /// Completed async work: the answer, call plan or stored call it produced.
+    pub fn handle_done(&mut self, now: Now, done: Done) {
+        match done {
+            Done::Answer { key, response } => {
+                if let Err(e) = self.tx.respond(now.mono, &key, response) {
+                    tracing::debug!(?e, "response for a finished transaction dropped");
+                }
+            }
+            Done::Call { key, plan, ingress } => self.start_call(now, key, *plan, &ingress),
+            Done::Dialog { key, record } => self.adopt_and_handle(now, record.map(|r| *r), key),
+            Done::DialogForAck { record, ack } => self.adopt_and_ack(now, *record, &ack),
+            Done::Keepalive(ka) => self.send_keepalive(now, ka),
+            Done::FlowFailed { connection_id } => {
+                let (b2bua, mut cx) = self.parts(now);
+                b2bua.flow_failed(&mut cx, connection_id);
+            }
+        }
+        self.process_events(now);
+    }
+
+    /// The B2BUA and the context its handlers work in, for one step at `now`.
+    fn parts(&mut self, now: Now) -> (&mut B2bua, Ctx<'_>) {
+        let cx = Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now };
+        (&mut self.b2bua, cx)
     }
 
     /// When [`Core::handle_timeout`] must next be called.
@@ -228,14 +295,6 @@ impl Core {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
-    }
-
-    /// Answers server transaction `key` (from async REGISTER/INVITE handling).
-    pub fn respond(&mut self, now: Instant, wall_ms: u64, key: &ServerKey, resp: SipMessage) {
-        if let Err(e) = self.tx.respond(now, key, resp) {
-            tracing::debug!(?e, "response for a finished transaction dropped");
-        }
-        self.process_events(now, wall_ms);
     }
 
     /// The original request of a server transaction still held, until it sends a final response.
@@ -248,35 +307,28 @@ impl Core {
         self.tx.server_is_final(key)
     }
 
-    /// Starts the B legs of an authorized call; `false` if the caller gave up meanwhile.
-    pub fn start_call(
-        &mut self,
-        now: Instant,
-        wall_ms: u64,
-        key: ServerKey,
-        plan: CallPlan,
-        ingress: &Ingress,
-    ) -> bool {
-        let mut cx =
-            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
-        let started = self.b2bua.start_call(&mut cx, key, plan, ingress);
-        self.process_events(now, wall_ms);
-        started
-    }
-
-    /// A flow-only send over connection `connection_id` failed: its branches get `430`.
-    pub fn handle_flow_failed(&mut self, now: Instant, wall_ms: u64, connection_id: u64) {
-        let mut cx =
-            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
-        self.b2bua.flow_failed(&mut cx, connection_id);
-        self.process_events(now, wall_ms);
+    /// Starts the B legs of an authorized call. If the caller gave up while it was being
+    /// authorized, billing's reservation for it is released instead.
+    fn start_call(&mut self, now: Now, key: ServerKey, plan: CallPlan, ingress: &Ingress) {
+        let call_ref = plan.call_ref.clone();
+        let (b2bua, mut cx) = self.parts(now);
+        if !b2bua.start_call(&mut cx, key, plan, ingress) {
+            self.work.push_back(Work::AccountingStop(AccountingStopRequest {
+                idempotency_key: format!("{call_ref};stop"),
+                call_ref,
+                ended_at_ms: now.wall_ms,
+                cause: "cancelled".into(),
+                answered: false,
+                start: None,
+            }));
+        }
     }
 
     /// Pings a binding: an OPTIONS (a transaction, so a silent phone is noticed through Timer
     /// F) or a double-CRLF keepalive (RFC 5626 §3.5.1), from the binding's own socket.
-    pub fn send_keepalive(&mut self, now: Instant, wall_ms: u64, ka: Keepalive) {
+    fn send_keepalive(&mut self, now: Now, ka: Keepalive) {
         if !ka.options {
-            self.out.push(Transmit { egress: ka.egress, bytes: b"\r\n\r\n".to_vec() });
+            self.out.push_back(Transmit { egress: ka.egress, bytes: b"\r\n\r\n".to_vec() });
             return;
         }
         let mut req = SipMessage::request("OPTIONS", ka.contact.clone());
@@ -294,32 +346,25 @@ impl Core {
         req.push_header("To", format!("<{}>", ka.contact));
         req.push_header("Call-ID", self.ids.call_id());
         req.push_header("CSeq", "1 OPTIONS");
-        let key = self.tx.start_client(now, req, ka.egress);
+        let key = self.tx.start_client(now.mono, req, ka.egress);
         self.keepalives.insert(key, (ka.aor, ka.field));
-        self.process_events(now, wall_ms);
     }
 
     /// Takes over a stored call and handles the in-dialog request that found it; `None` for a
     /// request whose call is nowhere (481).
-    pub fn adopt_and_handle(
-        &mut self,
-        now: Instant,
-        wall_ms: u64,
-        record: Option<crate::b2bua::DialogRecord>,
-        key: ServerKey,
-    ) {
-        let mut cx =
-            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+    fn adopt_and_handle(&mut self, now: Now, record: Option<DialogRecord>, key: ServerKey) {
+        let ids = Arc::clone(&self.ids);
+        let (b2bua, mut cx) = self.parts(now);
         // Only a request with one leg's full dialog id takes the call over: a stranger who
         // knows a Call-ID gets 481 and moves nothing.
         let owned = |r: &crate::b2bua::DialogRecord| {
             cx.tx.server_request(&key).is_some_and(|req| r.owns(req))
         };
         if let Some(r) = record.filter(owned) {
-            self.b2bua.adopt(&mut cx, r);
+            b2bua.adopt(&mut cx, r);
         }
         let handled = match cx.tx.server_request(&key).cloned() {
-            Some(req) => self.b2bua.handle_in_dialog(&mut cx, key.clone(), &req),
+            Some(req) => b2bua.handle_in_dialog(&mut cx, key.clone(), &req),
             None => true,
         };
         if !handled && let Some(req) = cx.tx.server_request(&key).cloned() {
@@ -327,40 +372,31 @@ impl Core {
                 &req,
                 481,
                 "Call/Transaction Does Not Exist",
-                Some(&self.ids.tag()),
+                Some(&ids.tag()),
             );
-            let _ = cx.tx.respond(now, &key, resp);
+            let _ = cx.tx.respond(now.mono, &key, resp);
         }
-        self.process_events(now, wall_ms);
     }
 
     /// Takes over a stored call found for an ACK and relays the ACK.
-    pub fn adopt_and_ack(
-        &mut self,
-        now: Instant,
-        wall_ms: u64,
-        record: crate::b2bua::DialogRecord,
-        ack: &SipMessage,
-    ) {
+    fn adopt_and_ack(&mut self, now: Now, record: DialogRecord, ack: &SipMessage) {
         if !record.owns(ack) {
             tracing::info!(call_ref = %record.call_ref, "ACK with another dialog's tags dropped");
             return;
         }
-        let mut cx =
-            Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
-        self.b2bua.adopt(&mut cx, record);
-        self.b2bua.handle_ack(&mut cx, ack);
-        self.process_events(now, wall_ms);
+        let (b2bua, mut cx) = self.parts(now);
+        b2bua.adopt(&mut cx, record);
+        b2bua.handle_ack(&mut cx, ack);
     }
 
     /// Next message to put on the wire.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.tx.poll_transmit().or_else(|| (!self.out.is_empty()).then(|| self.out.remove(0)))
+        self.tx.poll_transmit().or_else(|| self.out.pop_front())
     }
 
     /// Next piece of async work for the shell.
     pub fn poll_work(&mut self) -> Option<Work> {
-        if self.work.is_empty() { None } else { Some(self.work.remove(0)) }
+        self.work.pop_front()
     }
 
     /// A fresh tag for responses generated outside a call (challenges, registrar).
@@ -368,10 +404,9 @@ impl Core {
         self.ids.tag()
     }
 
-    fn process_events(&mut self, now: Instant, wall_ms: u64) {
+    fn process_events(&mut self, now: Now) {
         while let Some(ev) = self.tx.poll_event() {
-            let mut cx =
-                Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now, wall_ms };
+            let mut cx = Ctx { tx: &mut self.tx, out: &mut self.out, work: &mut self.work, now };
             match ev {
                 TxEvent::Request { key, request, ingress } => {
                     route_request(&mut self.b2bua, &mut cx, &self.ids, key, request, ingress);
@@ -379,14 +414,14 @@ impl Core {
                 TxEvent::Ack { request, .. } => {
                     if !self.b2bua.handle_ack(&mut cx, &request) {
                         // Perhaps the call of a processor that died or drained after its 200.
-                        cx.work.push(Work::LoadDialogForAck { request });
+                        cx.work.push_back(Work::LoadDialogForAck { request });
                     }
                 }
                 TxEvent::Response { key, response } => {
                     if let Some((aor, field)) = self.keepalives.get(&key).cloned() {
                         if response.status().unwrap_or(0) >= 200 {
                             self.keepalives.remove(&key);
-                            cx.work.push(Work::KeepaliveResult { aor, field, ok: true });
+                            cx.work.push_back(Work::KeepaliveResult { aor, field, ok: true });
                         }
                         continue;
                     }
@@ -394,7 +429,7 @@ impl Core {
                 }
                 TxEvent::Timeout { key } => {
                     if let Some((aor, field)) = self.keepalives.remove(&key) {
-                        cx.work.push(Work::KeepaliveResult { aor, field, ok: false });
+                        cx.work.push_back(Work::KeepaliveResult { aor, field, ok: false });
                         continue;
                     }
                     self.b2bua.handle_timeout(&mut cx, key)
@@ -421,7 +456,7 @@ fn route_request(
         if let Some((n, v)) = extra {
             resp.push_header(n, v);
         }
-        let _ = cx.tx.respond(cx.now, &key, resp);
+        let _ = cx.tx.respond(cx.now.mono, &key, resp);
     };
     // RFC 3261 §8.2.2.1 (RFC 4475 §3.3.2–3): we route sip:, sips: and tel: only.
     let scheme = req.request_uri().and_then(|u| Uri::parse(u).ok()).map(|u| u.scheme);
@@ -456,7 +491,7 @@ fn route_request(
                             "Request Terminated",
                             Some(&ids.tag()),
                         );
-                        let _ = cx.tx.respond(cx.now, &target, resp);
+                        let _ = cx.tx.respond(cx.now.mono, &target, resp);
                     }
                 }
             }
@@ -469,7 +504,7 @@ fn route_request(
             // Not ours: perhaps a call whose processor died; look for it in Redis.
             let unknown = req.call_id().is_ok_and(|id| !b2bua.holds(id));
             if unknown && method != "ACK" {
-                cx.work.push(Work::LoadDialog { key, request: Arc::unwrap_or_clone(req) });
+                cx.work.push_back(Work::LoadDialog { key, request: Arc::unwrap_or_clone(req) });
             } else {
                 reply(cx, 481, "Call/Transaction Does Not Exist", None);
             }
@@ -477,14 +512,16 @@ fn route_request(
         // Async work owns its request while the server transaction still shares this one: these
         // (and LoadDialog above) copy it, as the transaction layer used to for every request.
         "REGISTER" => {
-            cx.work.push(Work::Register { key, request: Arc::unwrap_or_clone(req), ingress })
+            cx.work.push_back(Work::Register { key, request: Arc::unwrap_or_clone(req), ingress })
         }
         // A new INVITE whose Call-ID a live call already has (RFC 3261 §8.2.2.2, merged
         // request): refused before any authorization; it never rides that call's legs.
         "INVITE" if req.call_id().is_ok_and(|id| b2bua.holds(id)) => {
             reply(cx, 482, "Loop Detected", None)
         }
-        "INVITE" => cx.work.push(Work::Invite { key, request: Arc::unwrap_or_clone(req), ingress }),
+        "INVITE" => {
+            cx.work.push_back(Work::Invite { key, request: Arc::unwrap_or_clone(req), ingress })
+        }
         "OPTIONS" => reply(cx, 200, "OK", Some(("Allow", ALLOW))),
         m if KNOWN_METHODS.contains(&m) => {
             reply(cx, 405, "Method Not Allowed", Some(("Allow", ALLOW)))

@@ -103,7 +103,7 @@ impl DialogStore {
     }
 
     /// Applies writes in order for as long as the processor runs.
-    pub async fn run_writer(self, mut ops: mpsc::UnboundedReceiver<Op>, mut stopping: Stopping) {
+    pub async fn run_writer(self, mut ops: mpsc::Receiver<Op>, mut stopping: Stopping) {
         loop {
             let op = tokio::select! {
                 biased;

@@ -9,8 +9,6 @@ use sipmsg::SipMessage;
 use sipmsg::digest::{Algorithm, Credentials};
 use tokio::sync::Notify;
 
-use sipalias_proto::billing::AccountingStopRequest;
-
 use crate::accounting::{Accounting, Event};
 use crate::answer::{Answer, FORBIDDEN, UNKNOWN_SOCKET};
 use crate::auth::{
@@ -21,11 +19,10 @@ use crate::b2bua::{CallPlan, Work};
 use crate::bans::{Bans, is_scanner, source_key};
 use crate::billing::{Billing, CallRequest};
 use crate::call_setup::{self, Authorization};
-use crate::clock::wall_ms;
+use crate::clock::{Now, wall_ms};
 use crate::config::ProcessorConfig;
 use crate::config::{BillingOutage, DigestUriCheck, KeepaliveMethod};
-use crate::core::Core;
-use crate::core::Keepalive;
+use crate::core::{Core, Done, Keepalive};
 use crate::destination::DestinationPolicy;
 use crate::dialogs::{DialogStore, Op as DialogOp};
 use crate::error::Error;
@@ -44,6 +41,10 @@ use sipalias_startup::Stopping;
 /// The reason dispatchers list for bans of sources over `auth_failures_per_minute`.
 const AUTH_BAN_REASON: &str = "auth-failures";
 
+/// Dialog writes queued for Redis before new ones are dropped: minutes of answered calls at
+/// the rates this machine reaches, while Redis is slow.
+const DIALOG_QUEUE: usize = 65_536;
+
 /// One running processor.
 pub struct Node {
     config: ProcessorConfig,
@@ -56,7 +57,10 @@ pub struct Node {
     accounting: Accounting,
     schedule: Schedule,
     dialogs: DialogStore,
-    dialog_ops: tokio::sync::mpsc::UnboundedSender<DialogOp>,
+    /// Dialog writes, in order, to the [`DialogWriter`].
+    dialog_ops: tokio::sync::mpsc::Sender<DialogOp>,
+    /// Room for lookups besides call setups (stored calls, keepalive outcomes).
+    lookups: Arc<tokio::sync::Semaphore>,
     /// REGISTER and call-setup tasks running (Redis/billing round trips in flight).
     in_flight: std::sync::atomic::AtomicUsize,
     nonces: NonceKey,
@@ -112,7 +116,7 @@ impl Node {
         billing: Billing,
     ) -> (Arc<Self>, DialogWriter) {
         let dialogs = DialogStore::new(location.redis(), &config.key_prefix);
-        let (dialog_ops, ops) = tokio::sync::mpsc::unbounded_channel();
+        let (dialog_ops, ops) = tokio::sync::mpsc::channel(DIALOG_QUEUE);
         let writer = DialogWriter { store: dialogs.clone(), ops };
         let ids = Arc::new(Ids::new(&config.id));
         let nonces = NonceKey::new(config.auth_secret.as_bytes(), config.nonce_ttl_secs * 1000);
@@ -144,6 +148,7 @@ impl Node {
             schedule: Schedule::new(location.redis(), &config.key_prefix),
             dialogs,
             dialog_ops,
+            lookups: Arc::new(tokio::sync::Semaphore::new(config.max_setup_in_flight)),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             location,
             billing,
@@ -188,11 +193,11 @@ impl Node {
     }
 
     /// Runs `f` on the core, then sends what it produced and starts the work it asked for.
-    fn with_core(self: &Arc<Self>, f: impl FnOnce(&mut Core, Instant, u64)) {
+    fn with_core(self: &Arc<Self>, f: impl FnOnce(&mut Core, Now)) {
         let (transmits, work) = {
             let mut core = self.lock();
             core.set_setup_in_flight(self.in_flight.load(std::sync::atomic::Ordering::SeqCst));
-            f(&mut core, Instant::now(), wall_ms());
+            f(&mut core, Now::read());
             let mut t = Vec::new();
             while let Some(x) = core.poll_transmit() {
                 t.push(x);
@@ -207,19 +212,84 @@ impl Node {
             self.links.send(t);
         }
         for w in work {
-            let node = self.clone();
-            let setup = matches!(w, Work::Register { .. } | Work::Invite { .. });
-            if setup {
-                node.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            tokio::spawn(async move {
-                node.clone().run_work(w).await;
-                if setup {
-                    node.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            });
+            self.start_work(w);
         }
         self.timer.notify_one();
+    }
+
+    /// Hands finished async work back to the core.
+    fn done(self: &Arc<Self>, done: Done) {
+        self.with_core(|core, now| core.handle_done(now, done));
+    }
+
+    /// Starts one piece of work the core asked for. Dialog writes are queued in the order the
+    /// core made them (a save never overtakes the delete after it); the rest run as tasks, at
+    /// most `max_setup_in_flight` lookups besides the setups the core counts. Accounting is
+    /// never refused: it is bounded by the calls held, and a lost stop would be a lost charge.
+    fn start_work(self: &Arc<Self>, w: Work) {
+        let op = match w {
+            Work::SaveDialog(r) => DialogOp::Save(r),
+            Work::DeleteDialog(r) => DialogOp::Delete(r),
+            w => return self.spawn_work(w),
+        };
+        if let Err(e) = self.dialog_ops.try_send(op) {
+            // The record's TTL still ends it in Redis; only a takeover of this call by
+            // another processor is lost.
+            tracing::warn!(error = %e, "dialog store behind: write dropped");
+        }
+    }
+
+    /// Runs `w` as a task (see [`Node::start_work`]).
+    fn spawn_work(self: &Arc<Self>, w: Work) {
+        let setup = matches!(w, Work::Register { .. } | Work::Invite { .. });
+        let permit = if setup || matches!(w, Work::AccountingStop(_)) {
+            None
+        } else {
+            match Arc::clone(&self.lookups).try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => return self.refuse_work(w),
+            }
+        };
+        let node = Arc::clone(self);
+        if setup {
+            node.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        tokio::spawn(async move {
+            node.clone().run_work(w).await;
+            if setup {
+                node.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            drop(permit);
+        });
+    }
+
+    /// Work turned away because `max_setup_in_flight` lookups are already running: a request
+    /// waiting on it gets `503` with `Retry-After`; an ACK or a keepalive outcome is dropped
+    /// (the phone retransmits, the next keepalive counts again).
+    fn refuse_work(self: &Arc<Self>, w: Work) {
+        match w {
+            Work::LoadDialog { key, request } => {
+                let resp = self.overloaded_response(&request);
+                self.done(Done::Answer { key, response: resp });
+            }
+            Work::LoadDialogForAck { request } => {
+                tracing::warn!(
+                    call_id = request.call_id().unwrap_or("-"),
+                    "processor busy: ACK dropped"
+                )
+            }
+            Work::KeepaliveResult { aor, .. } => {
+                tracing::warn!(%aor, "processor busy: keepalive outcome dropped")
+            }
+            _ => {}
+        }
+    }
+
+    /// `503` with `Retry-After`, for a request the processor has no room for now.
+    fn overloaded_response(&self, req: &SipMessage) -> SipMessage {
+        let mut resp = self.answer(req, &Answer::plain(503, "Service Unavailable"));
+        resp.push_header("Retry-After", self.config.retry_after_secs.to_string());
+        resp
     }
 
     /// A message the dispatcher routed to us.
@@ -231,12 +301,8 @@ impl Node {
                 // Scanners get no answer at all: nothing to confirm a SIP server is here.
                 tracing::debug!(source = %ingress.remote, user_agent = msg.header("user-agent").unwrap_or(""), "scanner dropped");
             }
-            Ok(msg) => {
-                self.with_core(|core, now, wall| core.handle_message(now, wall, msg, ingress))
-            }
-            Err(_) => {
-                self.with_core(|core, now, wall| core.handle_datagram(now, wall, bytes, ingress))
-            }
+            Ok(msg) => self.with_core(|core, now| core.handle_message(now, msg, ingress)),
+            Err(_) => self.with_core(|core, now| core.handle_datagram(now, bytes, ingress)),
         }
     }
 
@@ -259,7 +325,7 @@ impl Node {
 
     /// The dispatcher reported that a flow-only send found its connection closed.
     pub fn handle_flow_failed(self: &Arc<Self>, connection_id: u64) {
-        self.with_core(|core, now, wall| core.handle_flow_failed(now, wall, connection_id));
+        self.done(Done::FlowFailed { connection_id });
     }
 
     /// Sends the keepalives that fall to this processor, until stopped.
@@ -320,7 +386,7 @@ impl Node {
             host,
             options: !stream && self.config.keepalive_method == KeepaliveMethod::Options,
         };
-        self.with_core(|core, now, wall| core.send_keepalive(now, wall, ka));
+        self.done(Done::Keepalive(ka));
     }
 
     /// Whether nothing is being set up: no REGISTER or call setup in flight and no call ringing.
@@ -340,7 +406,7 @@ impl Node {
             let next = self.lock().poll_timeout();
             match next {
                 Some(at) if at <= Instant::now() => {
-                    self.with_core(|core, now, wall| core.handle_timeout(now, wall));
+                    self.with_core(|core, now| core.handle_timeout(now));
                 }
                 Some(at) => {
                     tokio::select! {
@@ -356,55 +422,33 @@ impl Node {
     async fn run_work(self: Arc<Self>, work: Work) {
         match work {
             Work::Register { key, request, ingress } => {
-                let resp = match self.register(&request, &ingress).await {
+                let response = match self.register(&request, &ingress).await {
                     Ok(r) => r,
                     Err(e) => self.error_response(&request, &e, "REGISTER failed"),
                 };
-                self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
+                self.done(Done::Answer { key, response });
             }
             Work::Invite { key, request, ingress } => {
-                match self.setup_call(&request, &ingress).await {
-                    Ok(Ok(plan)) => {
-                        let call_ref = plan.call_ref.clone();
-                        let mut started = false;
-                        self.with_core(|core, now, wall| {
-                            started = core.start_call(now, wall, key, plan, &ingress);
-                        });
-                        if !started {
-                            // The caller gave up while we were authorizing: release the
-                            // reservation billing made for this call.
-                            let stop = AccountingStopRequest {
-                                idempotency_key: format!("{call_ref};stop"),
-                                call_ref,
-                                ended_at_ms: wall_ms(),
-                                cause: "cancelled".into(),
-                                answered: false,
-                                start: None,
-                            };
-                            self.accounting.deliver(Event::Stop(stop)).await;
-                        }
-                    }
-                    Ok(Err(resp)) => {
-                        self.with_core(|core, now, wall| core.respond(now, wall, &key, resp))
-                    }
+                let done = match self.setup_call(&request, &ingress).await {
+                    Ok(Ok(plan)) => Done::Call { key, plan: Box::new(plan), ingress },
+                    Ok(Err(response)) => Done::Answer { key, response },
                     Err(e) => {
-                        let resp = self.error_response(&request, &e, "call setup failed");
-                        self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
+                        let response = self.error_response(&request, &e, "call setup failed");
+                        Done::Answer { key, response }
                     }
-                }
+                };
+                self.done(done);
             }
-            Work::SaveDialog(r) => {
-                let _ = self.dialog_ops.send(DialogOp::Save(r));
-            }
-            Work::DeleteDialog(r) => {
-                let _ = self.dialog_ops.send(DialogOp::Delete(r));
+            // Queued in order by `start_work`, never run as tasks.
+            Work::SaveDialog(r) | Work::DeleteDialog(r) => {
+                tracing::error!(call_ref = %r.call_ref, "dialog write run as a task: dropped")
             }
             Work::LoadDialogForAck { request } => {
                 let call_id = request.call_id().unwrap_or_default().to_owned();
                 match self.dialogs.load(&call_id).await {
-                    Ok(Some(record)) => self.with_core(|core, now, wall| {
-                        core.adopt_and_ack(now, wall, record, &request)
-                    }),
+                    Ok(Some(record)) => {
+                        self.done(Done::DialogForAck { record: Box::new(record), ack: request })
+                    }
                     Ok(None) => tracing::debug!(%call_id, "ACK for no known call dropped"),
                     Err(e) => {
                         tracing::warn!(%call_id, error = %e, "ACK dropped: dialog lookup failed")
@@ -414,11 +458,10 @@ impl Node {
             Work::LoadDialog { key, request } => {
                 let call_id = request.call_id().unwrap_or_default().to_owned();
                 match self.dialogs.load(&call_id).await {
-                    Ok(record) => self
-                        .with_core(|core, now, wall| core.adopt_and_handle(now, wall, record, key)),
+                    Ok(record) => self.done(Done::Dialog { key, record: record.map(Box::new) }),
                     Err(e) => {
-                        let resp = self.error_response(&request, &e, "dialog lookup failed");
-                        self.with_core(|core, now, wall| core.respond(now, wall, &key, resp));
+                        let response = self.error_response(&request, &e, "dialog lookup failed");
+                        self.done(Done::Answer { key, response });
                     }
                 }
             }
@@ -447,7 +490,7 @@ impl Node {
     fn error_response(&self, req: &SipMessage, e: &Error, what: &str) -> SipMessage {
         let (status, reason) = e.sip_status();
         tracing::warn!(call_id = req.call_id().unwrap_or("-"), error = %e, status, "{what}");
-        let mut resp = SipMessage::response_to(req, status, reason, Some(&self.lock().tag()));
+        let mut resp = self.answer(req, &Answer::plain(status, reason));
         if status == 503 {
             resp.push_header("Retry-After", self.config.retry_after_secs.to_string());
         }
@@ -785,7 +828,7 @@ impl Node {
 /// of its tasks.
 pub struct DialogWriter {
     store: DialogStore,
-    ops: tokio::sync::mpsc::UnboundedReceiver<DialogOp>,
+    ops: tokio::sync::mpsc::Receiver<DialogOp>,
 }
 
 impl DialogWriter {

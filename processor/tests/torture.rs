@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sipalias_processor::b2bua::Work;
-use sipalias_processor::core::Core;
+use sipalias_processor::clock::Now;
+use sipalias_processor::core::{Core, Done};
 use sipalias_processor::ids::Ids;
 use sipalias_processor::transaction::Timers;
 use sipalias_processor::transport::{Ingress, LocalAddr, Transmit, Transport};
@@ -62,10 +63,10 @@ fn core() -> Core {
 /// Feeds `bytes` to a fresh core the way the shell does and collects what comes out.
 fn deliver(bytes: &[u8]) -> (Vec<(Transmit, SipMessage)>, Vec<Work>) {
     let mut core = core();
-    let now = Instant::now();
+    let now = Now { mono: Instant::now(), wall_ms: 1_000_000 };
     match sipmsg::parse(bytes) {
-        Ok(msg) => core.handle_message(now, 1_000_000, msg, ingress()),
-        Err(_) => core.handle_datagram(now, 1_000_000, bytes, ingress()),
+        Ok(msg) => core.handle_message(now, msg, ingress()),
+        Err(_) => core.handle_datagram(now, bytes, ingress()),
     }
     let mut sent = Vec::new();
     while let Some(t) = core.poll_transmit() {
@@ -78,7 +79,7 @@ fn deliver(bytes: &[u8]) -> (Vec<(Transmit, SipMessage)>, Vec<Work>) {
             // An in-dialog request for a call this core does not hold is looked up in Redis;
             // here there is none, as for a dialog that never existed.
             Work::LoadDialog { key, .. } => {
-                core.adopt_and_handle(now, 1_000_000, None, key);
+                core.handle_done(now, Done::Dialog { key, record: None });
                 while let Some(t) = core.poll_transmit() {
                     let m = sipmsg::parse(&t.bytes).expect("we send parseable SIP");
                     sent.push((t, m));

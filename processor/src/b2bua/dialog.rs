@@ -26,7 +26,7 @@ impl B2bua {
         if let Some(r) = reason {
             bye.push_header("Reason", r.to_owned());
         }
-        let k = cx.tx.start_client(cx.now, bye, egress);
+        let k = cx.tx.start_client(cx.now.mono, bye, egress);
         self.by_client.insert(k, Pending::Ignore);
     }
 
@@ -34,7 +34,7 @@ impl B2bua {
     /// the stop only releases what authorization reserved.
     pub(super) fn end_call(&mut self, cx: &mut Ctx<'_>, call: u64, cause: &str) {
         if let Some(r) = self.record(call, cx) {
-            cx.work.push(Work::DeleteDialog(Box::new(r)));
+            cx.work.push_back(Work::DeleteDialog(Box::new(r)));
         }
         if let Some(c) = self.calls.get(&call) {
             let answered = c.state == CallState::Answered;
@@ -49,9 +49,9 @@ impl B2bua {
                 callee_ingress_ip: c.branches[w].dialog.egress.local.addr.ip().to_string(),
                 caller_ingress_ip: c.a_ingress_ip.clone(),
             });
-            cx.work.push(Work::AccountingStop(AccountingStopRequest {
+            cx.work.push_back(Work::AccountingStop(AccountingStopRequest {
                 call_ref: c.call_ref.clone(),
-                ended_at_ms: cx.wall_ms,
+                ended_at_ms: cx.now.wall_ms,
                 cause: cause.to_owned(),
                 idempotency_key: format!("{};stop", c.call_ref),
                 answered,

@@ -30,7 +30,7 @@ impl B2bua {
             // merged request (RFC 3261 §8.2.2.2). It never shares the other call's legs.
             let resp =
                 SipMessage::response_to(&invite, 482, "Loop Detected", Some(&self.ids.tag()));
-            let _ = cx.tx.respond(cx.now, &key, resp);
+            let _ = cx.tx.respond(cx.now.mono, &key, resp);
             return false;
         }
         let local_tag = self.ids.tag();
@@ -89,7 +89,7 @@ impl B2bua {
                 strip_auto_answer(&mut req);
             }
             req.set_header("Max-Forwards", max_forwards.to_string());
-            let key = cx.tx.start_client(cx.now, req, t.egress.clone());
+            let key = cx.tx.start_client(cx.now.mono, req, t.egress.clone());
             self.by_client.insert(key.clone(), Pending::Branch { call: id, idx });
             self.by_call_id.insert(b_call_id, (id, Side::B(idx)));
             branches.push(Branch {
@@ -102,8 +102,8 @@ impl B2bua {
         }
         self.by_call_id.insert(call_id.to_owned(), (id, Side::A));
         self.by_server.insert(key.clone(), id);
-        let no_answer_at = self.no_answer.map(|d| cx.now + d);
-        let ring_deadline = ring_deadline(cx.now + self.timer_c, no_answer_at);
+        let no_answer_at = self.no_answer.map(|d| cx.now.mono + d);
+        let ring_deadline = ring_deadline(cx.now.mono + self.timer_c, no_answer_at);
         self.deadlines.insert((ring_deadline, id));
         self.calls.insert(
             id,
@@ -156,7 +156,7 @@ impl B2bua {
             let mut resp =
                 SipMessage::response_to(invite, 408, "Request Timeout", Some(&c.a.local_tag));
             resp.push_header("Reason", "SIP;cause=408;text=\"No answer\"");
-            let _ = cx.tx.respond(cx.now, key, resp);
+            let _ = cx.tx.respond(cx.now.mono, key, resp);
         }
         for i in 0..c.branches.len() {
             self.cancel_branch(cx, call, i);
@@ -222,7 +222,7 @@ impl B2bua {
                 }
                 if c.state == CallState::Setup {
                     // Each provisional restarts Timer C; the no-answer limit stays put.
-                    let at = ring_deadline(cx.now + self.timer_c, c.no_answer_at);
+                    let at = ring_deadline(cx.now.mono + self.timer_c, c.no_answer_at);
                     self.set_ring_deadline(call, Some(at));
                 }
                 let Some(c) = self.calls.get_mut(&call) else { return };
@@ -250,7 +250,7 @@ impl B2bua {
                 if c.winner == Some(idx) {
                     // A retransmitted 2xx: our ACK was lost (RFC 3261 §13.2.2.4).
                     if let Some(ack) = c.branches[idx].dialog.last_ack.clone() {
-                        cx.out.push(ack);
+                        cx.out.push_back(ack);
                     }
                     return;
                 }
@@ -270,7 +270,7 @@ impl B2bua {
                     b.state = BranchState::Done;
                     let d = b.dialog.clone();
                     let ack = build_ack(&ids, &d, d.invite_cseq, &SipMessage::response(200, ""));
-                    cx.out.push(Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() });
+                    cx.out.push_back(Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() });
                     self.send_bye(
                         cx,
                         call,
@@ -282,12 +282,12 @@ impl B2bua {
                 b.state = BranchState::Answered;
                 c.winner = Some(idx);
                 c.state = CallState::Answered;
-                c.answered_at_ms = cx.wall_ms;
+                c.answered_at_ms = cx.now.wall_ms;
                 if let Some(old) = c.ring_deadline.take() {
                     self.deadlines.remove(&(old, call));
                 }
                 if let Some(max) = c.max_duration {
-                    let at = cx.now + max;
+                    let at = cx.now.mono + max;
                     c.cutoff_at = Some(at);
                     self.deadlines.insert((at, call));
                 }
@@ -335,7 +335,7 @@ impl B2bua {
                 None => {
                     let resp =
                         SipMessage::response_to(&req, 480, "Temporarily Unavailable", Some(&tag));
-                    let _ = cx.tx.respond(cx.now, &key, resp);
+                    let _ = cx.tx.respond(cx.now.mono, &key, resp);
                 }
             }
         }
@@ -358,9 +358,9 @@ impl B2bua {
                 if let Some(invite) = b.key.clone()
                     && let Some((cancel, egress)) = cx.tx.cancel_request(&invite)
                 {
-                    let k = cx.tx.start_client(cx.now, cancel, egress);
+                    let k = cx.tx.start_client(cx.now.mono, cancel, egress);
                     self.by_client.insert(k, Pending::Ignore);
-                    cx.tx.cancel_sent(cx.now, &invite);
+                    cx.tx.cancel_sent(cx.now.mono, &invite);
                 }
             }
             _ => {}
@@ -403,7 +403,7 @@ impl B2bua {
         if let Some(invite) = &c.a_invite {
             let resp =
                 SipMessage::response_to(invite, 487, "Request Terminated", Some(&c.a.local_tag));
-            let _ = cx.tx.respond(cx.now, key, resp);
+            let _ = cx.tx.respond(cx.now.mono, key, resp);
         }
         for i in 0..c.branches.len() {
             self.cancel_branch(cx, call, i);

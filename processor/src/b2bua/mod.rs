@@ -7,13 +7,14 @@
 //! registered through, with the From/To host of that socket's domain (the alias IP for an
 //! alias), and our Via/Contact on that same socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use sipalias_proto::billing::{AccountingStartRequest, AccountingStopRequest};
 use sipmsg::SipMessage;
 use sipmsg::headers::NameAddr;
 
+use crate::clock::Now;
 use crate::ids::Ids;
 use crate::transaction::{ClientKey, ServerKey, TransactionLayer};
 use crate::transport::{Egress, Ingress, Transmit};
@@ -120,13 +121,11 @@ pub struct Ctx<'a> {
     /// The transaction layer.
     pub tx: &'a mut TransactionLayer,
     /// Transmits outside transactions (ACK for 2xx).
-    pub out: &'a mut Vec<Transmit>,
+    pub out: &'a mut VecDeque<Transmit>,
     /// Async work for the shell.
-    pub work: &'a mut Vec<Work>,
-    /// Monotonic now.
-    pub now: Instant,
-    /// Wall clock, Unix ms.
-    pub wall_ms: u64,
+    pub work: &'a mut VecDeque<Work>,
+    /// Both clocks, read once for the step.
+    pub now: Now,
 }
 
 /// Every call this processor holds.
@@ -199,8 +198,8 @@ impl B2bua {
         let c = self.calls.get(&call)?;
         let w = c.winner?;
         let cutoff_at_ms = c.cutoff_at.map(|at| {
-            cx.wall_ms
-                + u64::try_from(at.saturating_duration_since(cx.now).as_millis()).unwrap_or(0)
+            cx.now.wall_ms
+                + u64::try_from(at.saturating_duration_since(cx.now.mono).as_millis()).unwrap_or(0)
         });
         Some(DialogRecord {
             call_ref: c.call_ref.clone(),
@@ -216,7 +215,7 @@ impl B2bua {
 
     fn save(&self, cx: &mut Ctx<'_>, call: u64) {
         if let Some(r) = self.record(call, cx) {
-            cx.work.push(Work::SaveDialog(Box::new(r)));
+            cx.work.push_back(Work::SaveDialog(Box::new(r)));
         }
     }
 
@@ -234,9 +233,9 @@ impl B2bua {
         }
         let id = self.next_call;
         self.next_call += 1;
-        let cutoff_at = record
-            .cutoff_at_ms
-            .map(|ms| cx.now + std::time::Duration::from_millis(ms.saturating_sub(cx.wall_ms)));
+        let cutoff_at = record.cutoff_at_ms.map(|ms| {
+            cx.now.mono + std::time::Duration::from_millis(ms.saturating_sub(cx.now.wall_ms))
+        });
         if let Some(at) = cutoff_at {
             self.deadlines.insert((at, id));
         }
@@ -281,7 +280,7 @@ impl B2bua {
     /// `Reason` header, and an accounting stop with cause `cut-off`.
     pub fn handle_deadlines(&mut self, cx: &mut Ctx<'_>) {
         while let Some(&(at, call)) = self.deadlines.first() {
-            if at > cx.now {
+            if at > cx.now.mono {
                 break;
             }
             self.deadlines.remove(&(at, call));

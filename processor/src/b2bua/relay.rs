@@ -83,7 +83,7 @@ impl B2bua {
             }
         }
         out.body = resp.body.clone();
-        if let Err(e) = cx.tx.respond(cx.now, key, out) {
+        if let Err(e) = cx.tx.respond(cx.now.mono, key, out) {
             tracing::debug!(?e, status, "could not relay response");
         }
     }
@@ -108,7 +108,7 @@ impl B2bua {
         }
         if method == "BYE" {
             let ok = SipMessage::response_to(req, 200, "OK", None);
-            let _ = cx.tx.respond(cx.now, &key, ok);
+            let _ = cx.tx.respond(cx.now.mono, &key, ok);
             let cause = if side == Side::A { "caller-bye" } else { "callee-bye" };
             let reason = req.header("reason").map(str::to_owned);
             self.send_bye_with(cx, call, other, reason.as_deref(), Some(req));
@@ -119,7 +119,7 @@ impl B2bua {
         else {
             return false;
         };
-        let k = cx.tx.start_client(cx.now, out, egress);
+        let k = cx.tx.start_client(cx.now.mono, out, egress);
         self.by_client.insert(k, Pending::Relay { call, origin: key, method, target_side: other });
         // The CSeq (and maybe the target) changed: keep the stored call current for takeover.
         self.save(cx, call);
@@ -179,7 +179,7 @@ impl B2bua {
         let ack = build_ack(&ids, d, d.invite_cseq, req);
         let t = Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() };
         d.last_ack = Some(t.clone());
-        cx.out.push(t);
+        cx.out.push_back(t);
         true
     }
 
