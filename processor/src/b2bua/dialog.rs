@@ -16,6 +16,9 @@ impl B2bua {
         reason: Option<&str>,
         source: Option<&SipMessage>,
     ) {
+        if let Side::B(idx) = side {
+            self.ack_before_bye(cx, call, idx);
+        }
         let empty = SipMessage::request("BYE", "");
         let Some((mut bye, egress)) =
             self.new_request(call, side, "BYE", source.unwrap_or(&empty), &[])
@@ -28,6 +31,25 @@ impl B2bua {
         }
         let k = cx.tx.start_client(cx.now.mono, bye, egress);
         self.by_client.insert(k, Pending::Ignore);
+    }
+
+    /// Before a BYE on the answered B leg whose 2xx no ACK has followed yet (the caller's ACK
+    /// lost, or overtaken by its BYE): our own ACK, so the callee stops retransmitting its 2xx
+    /// (RFC 3261 §13.2.2.4: an ACK for each 2xx). A caller's ACK arriving later finds no call.
+    fn ack_before_bye(&mut self, cx: &mut Ctx<'_>, call: u64, idx: usize) {
+        let ids = self.ids.clone();
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        if c.winner != Some(idx) || c.state != CallState::Answered {
+            return;
+        }
+        let d = &mut c.branches[idx].dialog;
+        if d.last_ack.is_some() {
+            return;
+        }
+        let ack = build_ack(&ids, d, d.invite_cseq, &SipMessage::response(200, ""));
+        let t = Transmit { egress: d.egress.clone(), bytes: ack.to_bytes() };
+        d.last_ack = Some(t.clone());
+        cx.out.push_back(t);
     }
 
     /// Removes a call and tells billing: an answered call is charged; for one that never was,
@@ -58,6 +80,7 @@ impl B2bua {
                 start,
             }));
         }
+        self.keep_late_ack(cx, call);
         self.remove_call(call);
     }
 }

@@ -178,7 +178,7 @@ impl B2bua {
                 self.by_client.remove(&key);
             }
             Some(Pending::Ignore) => {}
-            None => {}
+            None => self.late_ack(cx, &key, &resp),
         }
     }
 

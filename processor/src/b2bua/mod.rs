@@ -143,6 +143,14 @@ pub struct B2bua {
     timer_c: std::time::Duration,
     /// `no_answer_timeout_secs`, if set.
     no_answer: Option<std::time::Duration>,
+    /// ACKs of answered branches whose call ended within 64·T1 of the answer, by the branch's
+    /// client transaction: a 2xx the callee retransmits after the BYE (our ACK was lost) is
+    /// still acknowledged (RFC 3261 §13.2.2.4), until the transaction's Timer M would end.
+    late_acks: HashMap<ClientKey, Transmit>,
+    /// When each late ACK expires, oldest first.
+    late_ack_expiry: VecDeque<(Instant, ClientKey)>,
+    /// 64·T1: how long after its first 2xx an INVITE client transaction passes 2xx up.
+    ack_window: std::time::Duration,
 }
 
 /// Reason header of the BYEs sent when billing's maximum duration is reached.
@@ -161,6 +169,9 @@ impl B2bua {
             by_server: HashMap::new(),
             by_client: HashMap::new(),
             deadlines: std::collections::BTreeSet::new(),
+            late_acks: HashMap::new(),
+            late_ack_expiry: VecDeque::new(),
+            ack_window: 64 * timers.t1,
         }
     }
 
@@ -297,6 +308,40 @@ impl B2bua {
             self.send_bye(cx, call, Side::A, CUTOFF_REASON);
             self.send_bye(cx, call, Side::B(w), CUTOFF_REASON);
             self.end_call(cx, call, "cut-off");
+        }
+    }
+
+    /// Keeps the ACK of a call's answered branch while its 2xx may still be retransmitted.
+    fn keep_late_ack(&mut self, cx: &Ctx<'_>, call: u64) {
+        self.expire_late_acks(cx.now.mono);
+        let Some(c) = self.calls.get(&call) else { return };
+        let Some(b) = c.winner.and_then(|w| c.branches.get(w)) else { return };
+        let (Some(key), Some(ack)) = (&b.key, &b.dialog.last_ack) else { return };
+        let window_ms = u64::try_from(self.ack_window.as_millis()).unwrap_or(u64::MAX);
+        if cx.now.wall_ms >= c.answered_at_ms.saturating_add(window_ms) {
+            return;
+        }
+        self.late_acks.insert(key.clone(), ack.clone());
+        self.late_ack_expiry.push_back((cx.now.mono + self.ack_window, key.clone()));
+    }
+
+    /// A 2xx for a branch whose call has ended: its ACK again, if kept.
+    fn late_ack(&mut self, cx: &mut Ctx<'_>, key: &ClientKey, resp: &SipMessage) {
+        self.expire_late_acks(cx.now.mono);
+        if resp.status().is_some_and(|s| (200..300).contains(&s))
+            && let Some(ack) = self.late_acks.get(key)
+        {
+            cx.out.push_back(ack.clone());
+        }
+    }
+
+    fn expire_late_acks(&mut self, now: Instant) {
+        while let Some((at, key)) = self.late_ack_expiry.front() {
+            if *at > now {
+                break;
+            }
+            self.late_acks.remove(key);
+            self.late_ack_expiry.pop_front();
         }
     }
 
