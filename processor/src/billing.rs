@@ -43,7 +43,7 @@ pub struct CallRequest<'a> {
     /// Call-ID of the caller's leg.
     pub call_id: &'a str,
     /// Local IP the call came in on.
-    pub ingress_ip: &'a str,
+    pub ingress_ip: std::net::IpAddr,
     /// The processor's id for the call (reused by the accounting start and stop).
     pub call_ref: &'a str,
 }
@@ -146,7 +146,7 @@ impl Billing {
             caller: call.caller.to_owned(),
             callee: call.callee.to_owned(),
             call_id: call.call_id.to_owned(),
-            ingress_ip: call.ingress_ip.to_owned(),
+            ingress_ip: call.ingress_ip.to_string(),
             call_ref: call.call_ref.to_owned(),
             credentials: credentials
                 .map(|(method, creds, alg)| digest_request(call.caller, method, creds, alg)),

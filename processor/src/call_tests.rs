@@ -551,6 +551,11 @@ fn another_processor_takes_over_an_answered_call_from_its_stored_record() {
         })
         .expect("answered call stored");
     assert_eq!(record.b.call_id, b_invite.call_id().expect("cid"));
+    // Stored as JSON with its addresses in text form (docs/redis-data-model.md), and read back
+    // the same by whichever processor takes the call over.
+    let json = serde_json::to_string(&record).expect("serializes");
+    assert!(json.contains(r#""a_ingress_ip":"127.0.0.1""#), "{json}");
+    let record: crate::b2bua::DialogRecord = serde_json::from_str(&json).expect("reads back");
 
     // p1 is gone; the callee's BYE reaches p2, which finds the call in Redis.
     let mut p2 = Harness::for_node("p2");

@@ -648,11 +648,9 @@ impl Node {
         error: Error,
     ) -> Result<(), Error> {
         let bindings = self.location.lookup(aor, wall_ms()).await?;
-        let known = bindings.iter().any(|b| {
-            b.received == ingress.remote.to_string()
-                && b.ingress.ip == ingress.local.addr.ip().to_string()
-                && b.ingress.port == ingress.local.addr.port()
-        });
+        let known = bindings
+            .iter()
+            .any(|b| b.received == ingress.remote && b.ingress.local() == ingress.local);
         if !known {
             return Err(error);
         }
@@ -776,12 +774,11 @@ impl Node {
         // Minted here, never taken from the caller: each authorized attempt is its own
         // reservation and its own charge, whatever Call-ID and From tag it reuses.
         let call_ref = self.ids.call_ref();
-        let ingress_ip = ingress.local.addr.ip().to_string();
         let call = CallRequest {
             caller: &caller_aor,
             callee: &callee_aor,
             call_id,
-            ingress_ip: &ingress_ip,
+            ingress_ip: ingress.local.addr.ip(),
             call_ref: &call_ref,
         };
         let (authorization, why) =

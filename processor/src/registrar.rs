@@ -10,15 +10,29 @@ use crate::answer::{Answer, FORBIDDEN};
 use crate::destination::Denied;
 use crate::transport::{Egress, LocalAddr, Transport};
 
-/// Where a binding's phone is reached: the socket it registered through.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a binding's phone is reached: the socket it registered through. Stored as
+/// `{"ip":"127.0.0.2","port":5060,"transport":"udp"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredIngress {
     /// Local IP (main or alias).
-    pub ip: String,
+    pub ip: IpAddr,
     /// Local port.
     pub port: u16,
     /// `udp`, `tcp` or `tls`.
-    pub transport: String,
+    pub transport: Transport,
+}
+
+impl StoredIngress {
+    /// The socket as a typed local address.
+    pub fn local(self) -> LocalAddr {
+        LocalAddr { addr: SocketAddr::new(self.ip, self.port), transport: self.transport }
+    }
+}
+
+impl From<LocalAddr> for StoredIngress {
+    fn from(l: LocalAddr) -> Self {
+        StoredIngress { ip: l.addr.ip(), port: l.addr.port(), transport: l.transport }
+    }
 }
 
 /// One registered contact.
@@ -35,8 +49,9 @@ pub struct Binding {
     pub call_id: String,
     /// CSeq of the REGISTER that wrote it.
     pub cseq: u32,
-    /// Source address of the REGISTER (`ip:port`): where requests to the phone are sent.
-    pub received: String,
+    /// Source address of the REGISTER (stored as `ip:port`, `[v6]:port`): where requests to
+    /// the phone are sent.
+    pub received: SocketAddr,
     /// The socket it registered through.
     pub ingress: StoredIngress,
     /// Stream connection id (0 for UDP).
@@ -62,9 +77,8 @@ impl Binding {
     /// How to send a request to this phone: from the socket it registered through (DESIGN.md
     /// rule 2), to the address its REGISTER came from when it is behind NAT, else its Contact.
     pub fn egress(&self) -> Option<Egress> {
-        let ip = self.ingress.ip.parse().ok()?;
-        let received = self.received.parse().ok()?;
-        let transport = Transport::parse(&self.ingress.transport)?;
+        let local = self.ingress.local();
+        let (received, transport) = (self.received, local.transport);
         // Over a stream the live connection is used whatever the address; the address only
         // matters for reconnecting, and a phone listens on its Contact, not on the ephemeral
         // port it connected from.
@@ -74,7 +88,7 @@ impl Binding {
             contact_addr(&self.contact).unwrap_or(received)
         };
         Some(Egress {
-            local: LocalAddr { addr: std::net::SocketAddr::new(ip, self.ingress.port), transport },
+            local,
             remote,
             connection_id: self.connection_id,
             dispatcher_id: self.dispatcher.clone(),
@@ -384,8 +398,9 @@ mod tests {
         let b: Binding = serde_json::from_str(STORED_BINDING).expect("the stored format parses");
         assert_eq!(
             b.ingress,
-            StoredIngress { ip: "127.0.0.2".into(), port: 5060, transport: "tcp".into() }
+            StoredIngress { ip: [127, 0, 0, 2].into(), port: 5060, transport: Transport::Tcp }
         );
+        assert_eq!(b.received, "198.51.100.9:40123".parse().expect("addr"));
         assert_eq!((b.cseq, b.reg_id, b.nat, b.q.as_deref()), (7, Some(1), true, Some("0.5")));
         let egress = b.egress().expect("an egress");
         assert_eq!(egress.local.addr, "127.0.0.2:5060".parse().expect("addr"));
@@ -402,6 +417,38 @@ mod tests {
         let minimal = r#"{"contact":"sip:b@192.0.2.8","expires_at_ms":1,"call_id":"c","cseq":1,"received":"192.0.2.8:5060","ingress":{"ip":"127.0.0.1","port":5060,"transport":"udp"},"dispatcher":"d1"}"#;
         let b: Binding = serde_json::from_str(minimal).expect("a minimal binding parses");
         assert_eq!((b.connection_id, b.nat, b.user_agent.as_str()), (0, false, ""));
+        // IPv6 addresses round-trip in their usual text forms (RFC 5952, bracketed with port).
+        let v6 = minimal
+            .replace("192.0.2.8:5060", "[2001:db8::8]:5060")
+            .replace("\"ip\":\"127.0.0.1\"", "\"ip\":\"2001:db8::1\"");
+        let b: Binding = serde_json::from_str(&v6).expect("an IPv6 binding parses");
+        assert_eq!(b.received.to_string(), "[2001:db8::8]:5060");
+        let json = serde_json::to_string(&b).expect("serializes");
+        assert!(json.contains(r#""received":"[2001:db8::8]:5060""#), "{json}");
+        assert!(json.contains(r#""ip":"2001:db8::1""#), "{json}");
+    }
+
+    #[test]
+    fn a_binding_with_hostile_addresses_is_refused_as_a_whole() {
+        let good = r#"{"contact":"sip:b@192.0.2.8","expires_at_ms":1,"call_id":"c","cseq":1,"received":"192.0.2.8:5060","ingress":{"ip":"127.0.0.1","port":5060,"transport":"udp"},"dispatcher":"d1"}"#;
+        assert!(serde_json::from_str::<Binding>(good).is_ok());
+        for (what, from, to) in [
+            ("received without port", "192.0.2.8:5060", "192.0.2.8"),
+            ("received a host name", "192.0.2.8:5060", "evil.example:5060"),
+            ("received port overflow", "192.0.2.8:5060", "192.0.2.8:70000"),
+            (
+                "ingress ip not an ip",
+                r#""ip":"127.0.0.1""#,
+                r#""ip":"127.0.0.1
+X: y""#,
+            ),
+            ("unknown transport", r#""transport":"udp""#, r#""transport":"sctp""#),
+            ("transport in capitals", r#""transport":"udp""#, r#""transport":"UDP""#),
+        ] {
+            let hostile = good.replace(from, to);
+            assert_ne!(hostile, good, "{what}: substitution applied");
+            assert!(serde_json::from_str::<Binding>(&hostile).is_err(), "{what}: {hostile}");
+        }
     }
 
     fn register(extra: &str) -> SipMessage {
@@ -450,8 +497,12 @@ mod tests {
             q: None,
             call_id: "c".into(),
             cseq: 1,
-            received: "10.0.0.1:40000".into(),
-            ingress: StoredIngress { ip: "127.0.0.2".into(), port: 5060, transport: "tcp".into() },
+            received: "10.0.0.1:40000".parse().expect("addr"),
+            ingress: StoredIngress {
+                ip: [127, 0, 0, 2].into(),
+                port: 5060,
+                transport: Transport::Tcp,
+            },
             connection_id: 7,
             dispatcher: "d1".into(),
             user_agent: String::new(),

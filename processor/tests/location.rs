@@ -62,10 +62,10 @@ async fn binding_records_ingress_and_expires() {
         .expect("apply");
     assert_eq!(b.len(), 1);
     assert_eq!(
-        (b[0].ingress.ip.as_str(), b[0].ingress.port, b[0].ingress.transport.as_str()),
+        (b[0].ingress.ip.to_string().as_str(), b[0].ingress.port, b[0].ingress.transport.as_str()),
         ("127.0.0.2", 5060, "udp")
     );
-    assert_eq!(b[0].received, "192.0.2.10:40000");
+    assert_eq!(b[0].received.to_string(), "192.0.2.10:40000");
     assert_eq!(b[0].expires_at_ms, NOW + 300_000);
     let egress = b[0].egress().expect("egress");
     assert_eq!(egress.local.addr.to_string(), "127.0.0.2:5060");

@@ -69,7 +69,7 @@ impl B2bua {
                 callee: c.callee_aor.clone(),
                 answered_at_ms: c.answered_at_ms,
                 callee_ingress_ip: c.branches[w].dialog.egress.local.addr.ip().to_string(),
-                caller_ingress_ip: c.a_ingress_ip.clone(),
+                caller_ingress_ip: c.a_ingress_ip.to_string(),
             });
             cx.work.push_back(Work::AccountingStop(AccountingStopRequest {
                 call_ref: c.call_ref.clone(),
@@ -127,7 +127,7 @@ pub struct DialogRecord {
     /// Callee AOR.
     pub callee_aor: String,
     /// Local IP the caller came in on.
-    pub a_ingress_ip: String,
+    pub a_ingress_ip: std::net::IpAddr,
     /// Answer time, Unix ms.
     pub answered_at_ms: u64,
     /// When the call must be cut off, Unix ms, if it has a maximum duration.

@@ -113,7 +113,7 @@ impl B2bua {
                 a_key: Some(key),
                 a_invite: Some(invite),
                 a,
-                a_ingress_ip: ingress.local.addr.ip().to_string(),
+                a_ingress_ip: ingress.local.addr.ip(),
                 branches,
                 winner: None,
                 caller_aor: plan.caller_aor,
