@@ -332,15 +332,7 @@ impl Core {
             return;
         }
         let mut req = SipMessage::request("OPTIONS", ka.contact.clone());
-        req.push_header(
-            "Via",
-            format!(
-                "SIP/2.0/{} {};branch={};rport",
-                ka.egress.local.transport.via_token(),
-                ka.egress.local.addr,
-                self.ids.branch()
-            ),
-        );
+        req.push_header("Via", ka.egress.local.via(&self.ids.branch()));
         req.push_header("Max-Forwards", "70");
         req.push_header("From", format!("<sip:keepalive@{}>;tag={}", ka.host, self.ids.tag()));
         req.push_header("To", format!("<{}>", ka.contact));

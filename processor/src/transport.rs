@@ -80,6 +80,14 @@ pub struct LocalAddr {
     pub transport: Transport,
 }
 
+impl LocalAddr {
+    /// Our Via for a request leaving from this socket: its transport and address as sent-by
+    /// (RFC 3261 §18.1.1), a new `branch`, and `rport` asked for (RFC 3581).
+    pub fn via(&self, branch: &str) -> String {
+        format!("SIP/2.0/{} {};branch={branch};rport", self.transport.via_token(), self.addr)
+    }
+}
+
 impl fmt::Display for LocalAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.transport.as_str())

@@ -13,10 +13,17 @@ pub type Params = Vec<(String, Option<String>)>;
 /// Splits a header value on the commas that separate list elements (RFC 3261 §7.3.1), ignoring
 /// commas inside quoted strings and `<...>`.
 pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
-    let mut parts = Vec::new();
+    let (pieces, _) = split_outside_quotes(value, ',', true);
+    pieces.into_iter().map(str::trim).filter(|p| !p.is_empty())
+}
+
+/// Splits `s` on `sep` where it stands outside quoted strings (a quoted-pair `\"` does not end
+/// one) and, with `brackets`, outside `<...>`; also says whether a quoted string was left open.
+fn split_outside_quotes(s: &str, sep: char, brackets: bool) -> (Vec<&str>, bool) {
+    let mut pieces = Vec::new();
     let (mut quoted, mut angle, mut escaped) = (false, false, false);
     let mut start = 0;
-    for (i, c) in value.char_indices() {
+    for (i, c) in s.char_indices() {
         if escaped {
             escaped = false;
             continue;
@@ -24,17 +31,17 @@ pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
         match c {
             '\\' if quoted => escaped = true,
             '"' => quoted = !quoted,
-            '<' if !quoted => angle = true,
-            '>' if !quoted => angle = false,
-            ',' if !quoted && !angle => {
-                parts.push(value[start..i].trim());
-                start = i + 1;
+            '<' if brackets && !quoted => angle = true,
+            '>' if brackets && !quoted => angle = false,
+            c if c == sep && !quoted && !angle => {
+                pieces.push(&s[start..i]);
+                start = i + c.len_utf8();
             }
             _ => {}
         }
     }
-    parts.push(value[start..].trim());
-    parts.into_iter().filter(|p| !p.is_empty())
+    pieces.push(&s[start..]);
+    (pieces, quoted)
 }
 
 /// Parses `;a=b;c` (the text after the first `;`) into parameters, quoted values kept with their
@@ -62,29 +69,10 @@ fn parse_params(s: &str) -> Result<Params, String> {
 
 /// Splits on `sep` outside quoted strings, honouring quoted-pairs (`\"` does not end a quote).
 fn split_unquoted(s: &str, sep: char) -> Result<Vec<&str>, String> {
-    let mut pieces = Vec::new();
-    let (mut quoted, mut escaped) = (false, false);
-    let mut start = 0;
-    for (i, c) in s.char_indices() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match c {
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            c if c == sep && !quoted => {
-                pieces.push(&s[start..i]);
-                start = i + c.len_utf8();
-            }
-            _ => {}
-        }
+    match split_outside_quotes(s, sep, false) {
+        (_, true) => Err(format!("unterminated quoted string in {s:?}")),
+        (pieces, false) => Ok(pieces),
     }
-    if quoted {
-        return Err(format!("unterminated quoted string in {s:?}"));
-    }
-    pieces.push(&s[start..]);
-    Ok(pieces)
 }
 
 /// RFC 3261 `display-name = *(token LWS) / quoted-string`. Non-ASCII is tolerated in unquoted

@@ -180,15 +180,7 @@ pub(super) fn build_ack(ids: &Ids, d: &Dialog, cseq: u32, source: &SipMessage) -
 /// Via branch on the dialog's socket, its route set, From/To with tags, Call-ID and CSeq.
 pub(super) fn dialog_request(ids: &Ids, d: &Dialog, method: &str, cseq: u32) -> SipMessage {
     let mut req = SipMessage::request(method, d.remote_target.clone());
-    req.push_header(
-        "Via",
-        format!(
-            "SIP/2.0/{} {};branch={};rport",
-            d.egress.local.transport.via_token(),
-            d.egress.local.addr,
-            ids.branch()
-        ),
-    );
+    req.push_header("Via", d.egress.local.via(&ids.branch()));
     req.push_header("Max-Forwards", "70");
     for r in &d.route_set {
         req.push_header("Route", r.clone());
