@@ -117,7 +117,8 @@ pub struct ProcessorConfig {
     /// the processor's memory: a transaction holds its request and last response (≈ 2 KB).
     pub max_server_transactions: usize,
     /// Registrations and call setups waiting on Redis or billing at which new INVITEs and
-    /// REGISTERs get `503` + `Retry-After`: a slow Redis or billing cannot pile up work.
+    /// REGISTERs get `503` + `Retry-After`: a slow Redis or billing cannot pile up work. As
+    /// many other lookups (stored calls, keepalive outcomes) may run besides.
     pub max_setup_in_flight: usize,
 }
 
