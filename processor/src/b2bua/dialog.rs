@@ -33,13 +33,20 @@ impl B2bua {
         self.by_client.insert(k, Pending::Ignore);
     }
 
-    /// Before a BYE on the answered B leg whose 2xx no ACK has followed yet (the caller's ACK
-    /// lost, or overtaken by its BYE): our own ACK, so the callee stops retransmitting its 2xx
+    /// Before a BYE on the answered B leg of a call set up here whose 2xx no ACK has followed
+    /// yet (the caller's ACK lost, or overtaken by its BYE): our own ACK, so the callee stops retransmitting its 2xx
     /// (RFC 3261 §13.2.2.4: an ACK for each 2xx). A caller's ACK arriving later finds no call.
     fn ack_before_bye(&mut self, cx: &mut Ctx<'_>, call: u64, idx: usize) {
         let ids = self.ids.clone();
         let Some(c) = self.calls.get_mut(&call) else { return };
         if c.winner != Some(idx) || c.state != CallState::Answered {
+            return;
+        }
+        // Only for a call answered here: its INVITE transaction is local, so its 2xx was seen
+        // here and no ACK followed. A call taken over from Redis was ACKed by the processor
+        // that set it up (or the caller's ACK is on its way); a second ACK would be a stray
+        // one to a strict callee.
+        if c.branches[idx].key.is_none() {
             return;
         }
         let d = &mut c.branches[idx].dialog;
