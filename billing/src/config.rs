@@ -49,6 +49,11 @@ pub struct BillingConfig {
     /// account calls. Required unless `listen` is a loopback address.
     #[serde(default)]
     pub link_secret: String,
+    /// `ip:port` of the operations listener (`/metrics`, `/healthz`, `/readyz`;
+    /// `billing.metrics_listen`); empty (the default) opens none. Meant for a private address:
+    /// it has no authentication.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 impl Default for BillingConfig {
@@ -61,6 +66,7 @@ impl Default for BillingConfig {
             default_rate_plan: String::new(),
             worker_threads: 0,
             link_secret: String::new(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -113,6 +119,9 @@ impl BillingConfig {
         }
         if self.key_prefix.is_empty() {
             return Err(key_error("key_prefix", "must not be empty"));
+        }
+        if let Err(why) = sipalias_ops::parse_listen(&self.metrics_listen) {
+            return Err(key_error("metrics_listen", &why));
         }
         if self.key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(key_error(
@@ -300,6 +309,16 @@ mod tests {
             jail.set_env("SIPALIAS_BILLING__LISTEN", "not-an-address");
             let msg = config_error(BillingConfig::load(None));
             assert!(msg.contains("billing.listen"), "{msg}");
+            jail.set_env("SIPALIAS_BILLING__LISTEN", "127.0.0.1:7080");
+
+            for hostile in ["9090", "evil.example:9090", "127.0.0.1:9090;x", "127.0.0.1:-1"] {
+                jail.set_env("SIPALIAS_BILLING__METRICS_LISTEN", hostile);
+                let msg = config_error(BillingConfig::load(None));
+                assert!(msg.contains("billing.metrics_listen"), "{hostile}: {msg}");
+            }
+            jail.set_env("SIPALIAS_BILLING__METRICS_LISTEN", "127.0.0.1:9093");
+            let c = BillingConfig::load(None).expect("config");
+            assert_eq!(c.metrics_listen, "127.0.0.1:9093");
             Ok(())
         });
     }

@@ -6,6 +6,7 @@
 //! applied), so the processor can tell "no" from "cannot say right now".
 
 use std::future::Future;
+use std::sync::Arc;
 
 use sipalias_proto::billing::billing_server::{Billing, BillingServer};
 use sipalias_proto::billing::{
@@ -182,6 +183,7 @@ impl Billing for BillingService {
                 };
                 if let Err(reason) = checked {
                     debug!(caller = %req.caller, %reason, "call credentials rejected");
+                    authorization_outcome("bad-credentials");
                     return Ok(Response::new(AuthorizeResponse {
                         allowed: false,
                         reason,
@@ -235,6 +237,15 @@ impl Billing for BillingService {
                 }
             }
         };
+        authorization_outcome(match DenyReason::try_from(reply.deny) {
+            _ if reply.allowed => "allowed",
+            Ok(DenyReason::InsufficientFunds) => "insufficient-funds",
+            Ok(DenyReason::TooManyCalls) => "too-many-calls",
+            Ok(DenyReason::NoRate) => "no-rate",
+            Ok(DenyReason::Blocked) => "blocked",
+            Ok(DenyReason::UnknownAccount) => "unknown-account",
+            _ => "denied",
+        });
         Ok(Response::new(reply))
     }
 
@@ -306,6 +317,11 @@ impl Billing for BillingService {
     }
 }
 
+/// Counts one authorization by outcome (`sipalias_billing_authorizations_total{outcome}`).
+fn authorization_outcome(outcome: &'static str) {
+    metrics::counter!("sipalias_billing_authorizations_total", "outcome" => outcome).increment(1);
+}
+
 /// The name billing answers for in the gRPC health protocol (`grpc.health.v1.Health/Check`),
 /// besides the empty name of the whole server.
 pub const HEALTH_SERVICE: &str =
@@ -321,7 +337,33 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    // The operations listener answers from before Redis is reached: alive, not yet ready.
+    let connected: Arc<std::sync::OnceLock<Store>> = Arc::default();
+    let ops = match sipalias_ops::parse_listen(&config.metrics_listen)
+        .map_err(|why| Error::Config(format!("billing.metrics_listen: {why}")))?
+    {
+        Some(addr) => {
+            let listener =
+                TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+            let store = Arc::clone(&connected);
+            let ready = sipalias_ops::probe(move || {
+                let store = store.get().cloned();
+                async move {
+                    let store = store.ok_or("redis: not connected yet")?;
+                    store.ping().await.map_err(|e| format!("redis: {e}"))
+                }
+            });
+            let metrics = sipalias_ops::install_metrics();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let stopped = async move {
+                let _ = stopped.await;
+            };
+            Some((stop, tokio::spawn(sipalias_ops::serve(listener, metrics, ready, stopped))))
+        }
+        None => None,
+    };
     let store = Store::connect(&config).await?;
+    let _ = connected.set(store.clone());
     let addr = listener.local_addr()?;
     let service = BillingService::new(store);
     let require = sipalias_proto::link_auth::Require::new(&config.link_secret)
@@ -340,6 +382,10 @@ pub async fn serve(
         .add_service(BillingServer::with_interceptor(service, require))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    if let Some((stop, task)) = ops {
+        drop(stop);
+        let _ = task.await;
+    }
     info!("billing stopped");
     Ok(())
 }

@@ -112,6 +112,9 @@ pub struct DispatcherConfig {
     /// Networks never sent to (`dispatcher.destination_deny_networks`, default unspecified,
     /// multicast, broadcast, link-local), each with its text as configured.
     pub destination_deny_networks: Vec<(String, Net)>,
+    /// The operations listener (`/metrics`, `/healthz`, `/readyz`; `dispatcher.metrics_listen`,
+    /// default empty = none). Meant for a private address: it has no authentication.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
@@ -554,6 +557,8 @@ struct RawConfig {
     worker_threads: usize,
     #[serde(default)]
     link_secret: String,
+    #[serde(default)]
+    metrics_listen: String,
     #[serde(default = "default_source_rate_limit")]
     source_rate_limit: u32,
     #[serde(default = "default_source_rate_ban_secs")]
@@ -704,6 +709,8 @@ impl RawConfig {
             queue_depth: self.queue_depth,
             worker_threads: self.worker_threads,
             link_secret: self.link_secret,
+            metrics_listen: sipalias_ops::parse_listen(&self.metrics_listen)
+                .map_err(|why| key_error("metrics_listen", why))?,
             guard: crate::guard::GuardConfig {
                 source_rate_limit: self.source_rate_limit,
                 source_rate_ban: Duration::from_secs(self.source_rate_ban_secs),
@@ -1018,6 +1025,14 @@ mod tests {
                  loopback address",
             ),
             (minimal("link_secret = \"short\""), "dispatcher.link_secret: must be 16 to 256"),
+            (
+                minimal("metrics_listen = \"9090\""),
+                "dispatcher.metrics_listen: \"9090\" is not an ip:port",
+            ),
+            (
+                minimal("metrics_listen = \"evil.example:9090\""),
+                "dispatcher.metrics_listen: \"evil.example:9090\" is not an ip:port",
+            ),
             (
                 minimal("source_rate_ban_secs = 0"),
                 "dispatcher.source_rate_ban_secs: must be between 1 and 86400",

@@ -13,6 +13,7 @@ use tracing::{debug, trace};
 use crate::guard::Guard;
 use crate::membership::{Delivery, Membership};
 use crate::route;
+use crate::telemetry;
 use crate::wire::{self, Arrival};
 
 /// What routing one message needs, and all that [`handle`] can reach: the guard, the
@@ -59,6 +60,7 @@ pub(crate) fn handle(ctx: &Router, from: Arrival, data: &[u8]) -> Outcome {
         Ok(keys) => keys,
         Err(why) => return Outcome::NotSip(why),
     };
+    telemetry::received(local, from.transport, &keys);
     let new_work = if let Some(method) = keys.method
         && keys.request_uri.and_then(uri_token).is_none()
     {

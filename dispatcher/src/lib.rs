@@ -42,6 +42,7 @@ pub mod membership;
 pub mod route;
 pub mod status;
 mod stream;
+mod telemetry;
 mod tls;
 
 pub use tls::AnyCertificate;
@@ -254,6 +255,28 @@ async fn serve(
     });
 
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            Error::Listeners(format!("dispatcher.metrics_listen: cannot bind {addr}: {e}"))
+        })?;
+        let ready_ctx = Arc::clone(&ctx);
+        // Ready once SIP can be routed: the sockets are bound (above) and a processor that is
+        // not draining is linked.
+        let ready = sipalias_ops::probe(move || {
+            let linked = ready_ctx.router.members.status().iter().any(|p| !p.draining);
+            async move { if linked { Ok(()) } else { Err("no processor linked".into()) } }
+        });
+        let metrics = sipalias_ops::install_metrics();
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            sipalias_ops::serve(listener, metrics, ready, stopped)
+                .await
+                .map_err(|e| Error::Task(format!("ops listener: {e}")))
+        });
+    }
     for entry in &entries {
         let (ctx2, stop, addr) = (Arc::clone(&ctx), stop.clone(), entry.addr);
         let name = wire::transport_name(entry.transport);

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use crate::Context;
 use crate::egress;
 use crate::membership::{Join, LinkStats, Liveness, NewLink, liveness};
+use crate::telemetry;
 use crate::wire::edge_error;
 
 /// The `Edge` gRPC service.
@@ -202,7 +203,11 @@ async fn run_link(
         welcome,
         ctx.heartbeat_timeout,
     ) {
-        Join::Joined { session, replaced } => (session, replaced),
+        Join::Joined { session, replaced } => {
+            let accepting = ctx.router.members.status().iter().filter(|p| !p.draining).count();
+            telemetry::processors_linked(accepting);
+            (session, replaced)
+        }
         Join::Taken { peer: holder } => {
             let holder = holder.map_or_else(|| "an unknown peer".to_owned(), |p| p.to_string());
             let reason = format!(
@@ -266,6 +271,7 @@ async fn run_link(
                     Ok(Some(ProcessorMessage { kind: Some(PKind::Drain(_)) })) => {
                         if let Some(left) = ctx.router.members.drain(&id, session) {
                             info!(%peer, "processor {id} draining");
+                            telemetry::processors_linked(left.accepting);
                             if left.accepting == 0 {
                                 warn!(
                                     "every linked processor is draining: new requests are \
@@ -290,6 +296,7 @@ async fn run_link(
         }
     };
     let (removed, left) = ctx.router.members.leave(&id, session);
+    telemetry::processors_linked(left.accepting);
     info!(%peer, reason = %why, "processor {id} disconnected");
     if removed && left.linked == 0 {
         warn!("no processor connected: requests are answered with 503 until one links");

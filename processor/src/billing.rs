@@ -19,6 +19,8 @@ use crate::error::{BillingFailure, Error};
 #[derive(Clone)]
 pub struct Billing {
     client: BillingClient<InterceptedService<Channel, Present>>,
+    /// The same channel, for the gRPC health protocol (open without the link secret).
+    health: tonic_health::pb::health_client::HealthClient<Channel>,
     timeout: Duration,
 }
 
@@ -83,8 +85,28 @@ impl Billing {
             .map_err(|e| Error::Config(format!("processor.billing_url: {e}")))?
             .connect_timeout(timeout)
             .timeout(timeout);
-        let client = BillingClient::with_interceptor(endpoint.connect_lazy(), present);
-        Ok(Billing { client, timeout })
+        let channel = endpoint.connect_lazy();
+        let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let client = BillingClient::with_interceptor(channel, present);
+        Ok(Billing { client, health, timeout })
+    }
+
+    /// Whether billing says it serves (`grpc.health.v1` `Check` of the whole server).
+    pub async fn health(&self) -> Result<(), Error> {
+        let mut health = self.health.clone();
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let answer = self.call("Health", health.check(request)).await?;
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        if answer.status == serving {
+            return Ok(());
+        }
+        Err(Error::Billing {
+            call: "Health",
+            failure: BillingFailure::Status {
+                code: tonic::Code::Unavailable,
+                message: format!("status {}", answer.status),
+            },
+        })
     }
 
     async fn call<T, F>(&self, what: &'static str, fut: F) -> Result<T, Error>

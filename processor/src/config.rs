@@ -120,6 +120,9 @@ pub struct ProcessorConfig {
     /// REGISTERs get `503` + `Retry-After`: a slow Redis or billing cannot pile up work. As
     /// many other lookups (stored calls, keepalive outcomes) may run besides.
     pub max_setup_in_flight: usize,
+    /// `ip:port` of the operations listener (`/metrics`, `/healthz`, `/readyz`); empty (the
+    /// default) opens none. Meant for a private address: it has no authentication.
+    pub metrics_listen: String,
 }
 
 /// Longest `ban_secs` accepted: a week (a longer one belongs in a firewall).
@@ -201,6 +204,7 @@ impl Default for ProcessorConfig {
             scanner_user_agents: sipmsg::scan::KNOWN_SCANNERS.map(String::from).to_vec(),
             max_server_transactions: 200_000,
             max_setup_in_flight: 4096,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -254,6 +258,9 @@ impl ProcessorConfig {
         }
         if self.key_prefix.is_empty() {
             return bad("key_prefix", "must not be empty".into());
+        }
+        if let Err(why) = sipalias_ops::parse_listen(&self.metrics_listen) {
+            return bad("metrics_listen", why);
         }
         if self.auth_secret.len() < 16 {
             return bad(
@@ -475,6 +482,10 @@ mod tests {
             ("max_server_transactions=0", "processor.max_server_transactions"),
             ("max_server_transactions=-5", "max_server_transactions"),
             ("max_setup_in_flight=0", "processor.max_setup_in_flight"),
+            ("metrics_listen='9090'", "processor.metrics_listen"),
+            ("metrics_listen='localhost:9090'", "processor.metrics_listen"),
+            ("metrics_listen='127.0.0.1:65536'", "processor.metrics_listen"),
+            ("metrics_listen=9090", "metrics_listen"),
             ("link_secret='short'", "processor.link_secret"),
             ("link_secret=\"0123456789abcdef\\r\\nX: 1\"", "processor.link_secret"),
             ("auth_failures_per_minute='many'", "auth_failures_per_minute"),

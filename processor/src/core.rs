@@ -241,7 +241,8 @@ impl Core {
     /// Turns a new INVITE or REGISTER away while overloaded: `503` with `Retry-After`, sent
     /// statelessly (no transaction is created, nothing is retransmitted, so overload costs no
     /// memory and a spoofed flood is not reflected more than once per request).
-    fn shed(&mut self, req: &SipMessage, ingress: &Ingress, why: &str) {
+    fn shed(&mut self, req: &SipMessage, ingress: &Ingress, why: &'static str) {
+        crate::telemetry::shed(why);
         tracing::debug!(remote = %ingress.remote, "overloaded ({why}): 503 to a new request");
         let mut resp =
             SipMessage::response_to(req, 503, "Service Unavailable", Some(&self.ids.tag()));

@@ -28,9 +28,11 @@ pub mod node;
 pub mod registrar;
 pub mod replay;
 pub mod sockets;
+pub mod telemetry;
 pub mod transaction;
 pub mod transport;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use config::ProcessorConfig;
@@ -45,9 +47,37 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let timeout = Duration::from_millis(config.billing_timeout_ms.max(200));
+    // The operations listener answers from before Redis is reached: alive, not yet ready.
+    let started: Arc<OnceLock<Arc<node::Node>>> = Arc::default();
+    let ops_stop = sipalias_startup::Stop::new();
+    let ops = match sipalias_ops::parse_listen(&config.metrics_listen)
+        .map_err(|why| Error::Config(format!("processor.metrics_listen: {why}")))?
+    {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::Config(format!("processor.metrics_listen: cannot bind {addr}: {e}"))
+            })?;
+            let node = Arc::clone(&started);
+            let ready = sipalias_ops::probe(move || {
+                let node = node.get().cloned();
+                async move {
+                    match node {
+                        Some(node) => node.readiness().await,
+                        None => Err("redis: not connected yet".into()),
+                    }
+                }
+            });
+            let metrics = sipalias_ops::install_metrics();
+            let mut stopping = ops_stop.stopping();
+            let stopped = async move { stopping.wait().await };
+            Some(tokio::spawn(sipalias_ops::serve(listener, metrics, ready, stopped)))
+        }
+        None => None,
+    };
     let location = connect_redis(&config, timeout).await?;
     let billing = billing::Billing::new(&config.billing_url, &config.link_secret, timeout)?;
     let (node, dialog_writer) = node::Node::new(config.clone(), location, billing);
+    let _ = started.set(Arc::clone(&node));
     tracing::info!(id = %config.id, "processor started");
     let stop = sipalias_startup::Stop::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -69,13 +99,17 @@ pub async fn run(
         tracing::warn!("tasks still busy {STOP_TIMEOUT:?} after the stop; abandoning them");
         tasks.shutdown().await;
     }
+    ops_stop.trigger();
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     tracing::info!(id = %config.id, "processor stopped");
     Ok(())
 }
 
 /// Graceful drain: ask the dispatchers for no new work, let registrations and calls in setup
 /// finish (bounded by `timeout`), leave answered calls in Redis, and return.
-async fn drain(node: &std::sync::Arc<node::Node>, timeout: Duration) {
+async fn drain(node: &Arc<node::Node>, timeout: Duration) {
     tracing::info!(id = %node.id(), "processor draining");
     node.links().drain();
     let deadline = tokio::time::Instant::now() + timeout;

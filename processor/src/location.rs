@@ -116,6 +116,13 @@ impl Location {
         self.conn.clone()
     }
 
+    /// Whether Redis answers now (`PING`), for readiness.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
     /// The hash key of an AOR.
     pub fn key(&self, aor: &str) -> String {
         format!("{}loc:{{{aor}}}", self.prefix)

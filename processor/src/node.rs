@@ -33,6 +33,7 @@ use crate::location::{Location, RegisterMeta};
 use crate::registrar::{self, Limits};
 use crate::replay::{Claim, NonceCounts};
 use crate::sockets::SocketTable;
+use crate::telemetry;
 use crate::transaction::ServerKey;
 use crate::transport::Ingress;
 use crate::transport::Transport;
@@ -183,6 +184,16 @@ impl Node {
         &self.sockets
     }
 
+    /// Whether this processor can take work now: linked to a dispatcher, with Redis and billing
+    /// answering; else what it waits for.
+    pub async fn readiness(&self) -> Result<(), String> {
+        if self.links.is_empty() {
+            return Err("not linked to any dispatcher".into());
+        }
+        self.location.ping().await.map_err(|e| format!("redis: {e}"))?;
+        self.billing.health().await.map_err(|e| e.to_string())
+    }
+
     /// (client transactions, server transactions, calls).
     pub fn load(&self) -> (usize, usize, usize) {
         self.lock().load()
@@ -198,6 +209,9 @@ impl Node {
             let mut core = self.lock();
             core.set_setup_in_flight(self.in_flight.load(std::sync::atomic::Ordering::SeqCst));
             f(&mut core, Now::read());
+            let (client, server, calls) = core.load();
+            let setups = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            telemetry::load(client, server, calls, setups);
             let mut t = Vec::new();
             while let Some(x) = core.poll_transmit() {
                 t.push(x);
@@ -429,6 +443,7 @@ impl Node {
                 self.done(Done::Answer { key, response });
             }
             Work::Invite { key, request, ingress } => {
+                let (started, local) = (Instant::now(), ingress.local);
                 let done = match self.setup_call(&request, &ingress).await {
                     Ok(Ok(plan)) => Done::Call { key, plan: Box::new(plan), ingress },
                     Ok(Err(response)) => Done::Answer { key, response },
@@ -437,6 +452,7 @@ impl Node {
                         Done::Answer { key, response }
                     }
                 };
+                telemetry::call_setup(&local, started.elapsed());
                 self.done(done);
             }
             // Queued in order by `start_work`, never run as tasks.

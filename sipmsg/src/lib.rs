@@ -17,6 +17,7 @@ pub mod framing;
 pub mod headers;
 mod lex;
 pub mod message;
+pub mod methods;
 pub mod net;
 pub mod parse;
 pub mod scan;

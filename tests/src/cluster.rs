@@ -88,6 +88,20 @@ pub struct ClusterOptions {
     /// (alias, realm [`D2_ALIAS_REALM`]) over UDP and TCP, with its own port and gRPC port;
     /// every processor lists both dispatchers and is waited for on both. Off by default.
     pub second_dispatcher: bool,
+    /// Every service opens its operations listener (`metrics_listen`) on a free port of
+    /// 127.0.0.1: [`Cluster::ops_addr`]. Off by default.
+    pub metrics: bool,
+}
+
+/// A service of the cluster, for [`Cluster::ops_addr`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// The (first) dispatcher.
+    Dispatcher,
+    /// Processor `pN`.
+    Processor(usize),
+    /// Billing.
+    Billing,
 }
 
 impl Default for ClusterOptions {
@@ -102,6 +116,7 @@ impl Default for ClusterOptions {
             tls: true,
             redis_persistence: false,
             second_dispatcher: false,
+            metrics: false,
         }
     }
 }
@@ -188,7 +203,20 @@ pub struct Cluster {
     streams: StreamPorts,
     certs: Option<Certificates>,
     options: ClusterOptions,
+    /// Operations listeners, with `options.metrics`: each service's address.
+    ops: std::sync::Mutex<BTreeMap<ServiceKey, SocketAddr>>,
     dir: TempDir,
+}
+
+/// [`Service`] as a map key.
+type ServiceKey = (u8, usize);
+
+fn service_key(s: Service) -> ServiceKey {
+    match s {
+        Service::Dispatcher => (0, 0),
+        Service::Processor(n) => (1, n),
+        Service::Billing => (2, 0),
+    }
 }
 
 impl Cluster {
@@ -287,12 +315,23 @@ impl Cluster {
         });
         std::fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
 
-        let billing =
-            Process::spawn("billing", service_command(binary::BILLING, &config, &["serve"])?)?;
+        let mut ops = BTreeMap::new();
+        let mut billing_cmd = service_command(binary::BILLING, &config, &["serve"])?;
+        let mut dispatcher_cmd = service_command(binary::DISPATCHER, &config, &[])?;
+        if options.metrics {
+            for (service, cmd, var) in [
+                (Service::Billing, &mut billing_cmd, "SIPALIAS_BILLING__METRICS_LISTEN"),
+                (Service::Dispatcher, &mut dispatcher_cmd, "SIPALIAS_DISPATCHER__METRICS_LISTEN"),
+            ] {
+                let addr = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
+                cmd.env(var, addr.to_string());
+                ops.insert(service_key(service), addr);
+            }
+        }
+        let billing = Process::spawn("billing", billing_cmd)?;
         billing.wait_for_line("billing listening on", START_TIMEOUT)?;
 
-        let dispatcher =
-            Process::spawn("dispatcher", service_command(binary::DISPATCHER, &config, &[])?)?;
+        let dispatcher = Process::spawn("dispatcher", dispatcher_cmd)?;
         wait_dispatcher_listening(
             &dispatcher,
             &listening_sockets(sip_port, extra_port, &streams, certs.is_some()),
@@ -323,6 +362,7 @@ impl Cluster {
             streams,
             certs,
             options,
+            ops: std::sync::Mutex::new(ops),
             dir,
         };
         for n in 1..=cluster.options.processors {
@@ -699,7 +739,24 @@ impl Cluster {
     fn spawn_processor(&self, n: usize) -> Result<Process> {
         let mut cmd = service_command(binary::PROCESSOR, &self.config, &[])?;
         cmd.env("SIPALIAS_PROCESSOR__ID", format!("p{n}"));
+        if self.options.metrics {
+            let addr = SocketAddr::from((MAIN_IP, ports::free_tcp_port(MAIN_IP)?));
+            cmd.env("SIPALIAS_PROCESSOR__METRICS_LISTEN", addr.to_string());
+            self.ops
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(service_key(Service::Processor(n)), addr);
+        }
         Process::spawn(&format!("p{n}"), cmd)
+    }
+
+    /// The operations listener of `service` (`/metrics`, `/healthz`, `/readyz`); needs
+    /// [`ClusterOptions::metrics`].
+    pub fn ops_addr(&self, service: Service) -> Result<SocketAddr> {
+        let map = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&service_key(service)).copied().with_context(|| {
+            format!("no operations listener for {service:?} (ClusterOptions::metrics)")
+        })
     }
 
     // ----- billing ------------------------------------------------------------------------

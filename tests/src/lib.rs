@@ -18,6 +18,7 @@ pub mod baresip;
 pub mod binary;
 pub mod cdr;
 pub mod cluster;
+pub mod http;
 pub mod phone;
 pub mod ports;
 pub mod process;

@@ -92,6 +92,13 @@ impl Store {
         Ok(Self::from_connection(conn, config))
     }
 
+    /// Whether Redis answers now (`PING`), for readiness.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
     /// Wraps an existing connection manager, with the key prefix and authorization defaults of
     /// `config` (its `redis_url` is not used).
     pub fn from_connection(conn: ConnectionManager, config: &BillingConfig) -> Self {

@@ -190,6 +190,8 @@ impl ServerTx {
         self.trying_at = None;
         let bytes = response.to_bytes();
         if status >= 200 {
+            let method = self.request.as_ref().and_then(|r| r.method());
+            crate::telemetry::final_response(&self.reply.local, method, status);
             // The TU has answered: it reads the request no more (see `request`).
             self.request = None;
         }

@@ -16,6 +16,7 @@ mod failures;
 mod hostile;
 mod keepalive;
 mod links;
+mod operations;
 mod phones;
 mod registration;
 mod sipp;

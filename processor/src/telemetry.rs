@@ -1,0 +1,61 @@
+//! What a processor counts for its operations listener (`/metrics`): the final answer of every
+//! request per edge socket (REGISTERs by outcome and INVITEs by final status, per alias),
+//! call-setup latency, and what it holds. Label values come from fixed sets, and each
+//! counter is looked up once, not built per message.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::Counter;
+
+use crate::transport::LocalAddr;
+
+type Key = (LocalAddr, &'static str, u16);
+
+fn counters() -> &'static Mutex<HashMap<Key, Counter>> {
+    static COUNTERS: OnceLock<Mutex<HashMap<Key, Counter>>> = OnceLock::new();
+    COUNTERS.get_or_init(Mutex::default)
+}
+
+/// Counts the final response to a request received on `local`
+/// (`sipalias_sip_final_responses_total{ip, port, transport, method, status}`).
+pub fn final_response(local: &LocalAddr, method: Option<&str>, status: u16) {
+    let method = sipmsg::methods::label(method.unwrap_or_default());
+    // A status outside 200-699 is never sent; keep the label set fixed regardless.
+    let status = if (200..700).contains(&status) { status } else { 0 };
+    let key = (*local, method, status);
+    let mut map = counters().lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(key)
+        .or_insert_with(|| {
+            let labels = [
+                ("ip", local.addr.ip().to_string()),
+                ("port", local.addr.port().to_string()),
+                ("transport", local.transport.as_str().to_owned()),
+                ("method", method.to_owned()),
+                ("status", status.to_string()),
+            ];
+            metrics::counter!("sipalias_sip_final_responses_total", &labels)
+        })
+        .increment(1);
+}
+
+/// Records how long an INVITE arriving on `local` took from arrival to ringing its callee or
+/// to its refusal (Redis, billing and the processor's own work).
+pub fn call_setup(local: &LocalAddr, took: Duration) {
+    metrics::histogram!("sipalias_call_setup_seconds", "ip" => local.addr.ip().to_string())
+        .record(took.as_secs_f64());
+}
+
+/// What the processor holds: client and server transactions, calls, setups in flight.
+pub fn load(client: usize, server: usize, calls: usize, setups: usize) {
+    metrics::gauge!("sipalias_transactions", "side" => "client").set(client as f64);
+    metrics::gauge!("sipalias_transactions", "side" => "server").set(server as f64);
+    metrics::gauge!("sipalias_calls").set(calls as f64);
+    metrics::gauge!("sipalias_setups_in_flight").set(setups as f64);
+}
+
+/// Counts a new request turned away with `503` while overloaded, by why.
+pub fn shed(why: &'static str) {
+    metrics::counter!("sipalias_overload_503_total", "reason" => why).increment(1);
+}
