@@ -62,11 +62,13 @@ done
 pids+=($!)
 SIPALIAS_PROCESSOR__ID=p1 "$BIN/sipalias-processor" --config "$CONFIG" 2>"$RUN_DIR/p1.log" &
 pids+=($!)
-SIPALIAS_PROCESSOR__ID=p2 "$BIN/sipalias-processor" --config "$CONFIG" 2>"$RUN_DIR/p2.log" &
+SIPALIAS_PROCESSOR__ID=p2 SIPALIAS_PROCESSOR__METRICS_LISTEN=127.0.0.1:9092 \
+  "$BIN/sipalias-processor" --config "$CONFIG" 2>"$RUN_DIR/p2.log" &
 pids+=($!)
 
 echo "sipalias running: SIP on 127.0.0.1:5060 (main), 127.0.0.2:5060, 127.0.0.3:5060 and :5080 (aliases), UDP and TCP;"
 echo "  TLS on 127.0.0.1:5061, 127.0.0.3:5061 and :5081 (certificates in $TLS_DIR)"
 echo "accounts 1001/pw1001 and 1002/pw1002 @ sip.example.net; logs in $RUN_DIR; Ctrl-C to stop"
+echo "  /metrics, /healthz, /readyz: dispatcher 127.0.0.1:9090, p1 :9091, p2 :9092, billing :9093"
 wait -n "${pids[@]}" || true
 echo "a component exited; see $RUN_DIR" >&2
