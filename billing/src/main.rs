@@ -12,6 +12,15 @@ use sipalias_billing::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_some() == cli.check_config {
+        use clap::CommandFactory;
+        let why = if cli.check_config {
+            "--check-config takes no command"
+        } else {
+            "a command is required (or --check-config)"
+        };
+        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
+    }
     let outcome = cli::config(&cli).and_then(|config| {
         // One-shot commands need no more than one thread.
         let threads = if cli::is_serve(&cli) { config.worker_threads } else { 1 };

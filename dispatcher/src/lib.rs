@@ -126,6 +126,13 @@ pub async fn run(
     serve(config, tls, listeners, shutdown).await
 }
 
+/// Checks a configuration as start-up would, binding nothing: every value, and the
+/// certificates and keys it names (`--check-config`).
+pub fn check(config: &DispatcherConfig) -> Result<(), Error> {
+    config.validate()?;
+    Tls::load(config).map(|_| ())
+}
+
 /// Serves on already-bound `listeners` until `shutdown` completes.
 ///
 /// The UDP sockets and TCP/TLS listeners must match the configuration's socket table one to

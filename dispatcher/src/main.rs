@@ -1,4 +1,5 @@
 //! `sipalias-dispatcher [--config FILE]`: runs the dispatcher until SIGTERM or Ctrl-C.
+//! `sipalias-dispatcher --check-config [--config FILE]`: checks the configuration and exits.
 //! `sipalias-dispatcher status [--config FILE] [--grpc URL]...`: prints the cluster view of a
 //! running dispatcher (or of each one named) and exits.
 //! `sipalias-dispatcher bans [list | lift SOURCE] [--config FILE] [--grpc URL]...`: lists the
@@ -39,6 +40,10 @@ struct Args {
     /// TOML file whose [dispatcher] table configures this process.
     #[arg(long, value_name = "FILE", env = "SIPALIAS_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Check the configuration (values, certificates and keys) and exit: 0 if it is good, 2
+    /// naming the key if not. Binds nothing.
+    #[arg(long)]
+    check_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -118,6 +123,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check_config {
+        return match sipalias_dispatcher::check(&config) {
+            Ok(()) => {
+                println!("sipalias-dispatcher: configuration OK{}", shown(path.as_deref()));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sipalias-dispatcher: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         // A certificate that cannot be used is found at start-up, before anything is bound.
@@ -130,6 +147,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// ` (FILE)`, or nothing when no file was read.
+fn shown(path: Option<&Path>) -> String {
+    path.map(|p| format!(" ({})", p.display())).unwrap_or_default()
 }
 
 fn serve(config: DispatcherConfig) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! `sipalias-processor [--config FILE]`: runs one processor replica until SIGTERM or Ctrl-C,
 //! then drains (no new work; calls in setup finish, up to `drain_timeout_secs`) and stops.
+//! `sipalias-processor --check-config [--config FILE]` checks the configuration and exits.
 //!
 //! The configuration file is `--config`, else `$SIPALIAS_CONFIG`; `SIPALIAS_PROCESSOR__*`
 //! variables override it. Logs go to stderr, filtered by `RUST_LOG` (default `info`). Exit
@@ -27,6 +28,10 @@ struct Args {
     /// TOML file whose [processor] table configures this process.
     #[arg(long, short = 'c', value_name = "FILE", env = "SIPALIAS_CONFIG")]
     config: Option<PathBuf>,
+    /// Check the configuration and exit: 0 if it is good, 2 naming the key if not. Connects
+    /// to nothing and binds nothing.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -39,6 +44,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check_config {
+        let file = args.config.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default();
+        println!("sipalias-processor: configuration OK{file}");
+        return ExitCode::SUCCESS;
+    }
     let runtime = match sipalias_startup::runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {

@@ -26,9 +26,14 @@ pub struct Cli {
     #[arg(long, short = 'c', env = "SIPALIAS_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// What to do.
+    /// Check the configuration and exit: 0 if it is good, 2 naming the key if not. Connects
+    /// to nothing and binds nothing.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// What to do (required unless --check-config).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Top-level commands.
@@ -277,13 +282,19 @@ pub fn config(cli: &Cli) -> Result<BillingConfig, Error> {
 
 /// Whether the command line runs the service (the other commands are one-shot).
 pub fn is_serve(cli: &Cli) -> bool {
-    matches!(cli.command, Command::Serve)
+    matches!(cli.command, Some(Command::Serve))
 }
 
 /// Runs a parsed command line with its configuration. Output goes to stdout; the caller
 /// prints the error, if any, and exits non-zero.
 pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        // --check-config: the configuration was loaded and validated to get here.
+        let file = cli.config.map(|p| format!(" ({})", p.display())).unwrap_or_default();
+        println!("sipalias-billing: configuration OK{file}");
+        return Ok(());
+    };
+    match command {
         Command::Serve => serve(config).await,
         Command::Account(cmd) => account(&config, cmd).await,
         Command::RatePlan(cmd) => rate_plan(&config, cmd).await,
@@ -498,7 +509,7 @@ mod tests {
         ])
         .expect("parse");
         assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("/etc/sipalias.toml")));
-        match cli.command {
+        match cli.command.expect("a command") {
             Command::Account(AccountCommand::Add(a)) => {
                 assert_eq!(a.realms, ["a", "b"]);
                 assert!(a.force);
@@ -526,7 +537,7 @@ mod tests {
             "5",
         ])
         .expect("parse");
-        let Command::Account(AccountCommand::Add(a)) = cli.command else { panic!("not add") };
+        let Some(Command::Account(AccountCommand::Add(a))) = cli.command else { panic!("not add") };
         assert!(a.prepaid);
         assert_eq!(a.balance, Some(-5_500_000));
         assert_eq!(a.rate_plan.as_deref(), Some("retail"));
@@ -543,7 +554,7 @@ mod tests {
             "50.00",
         ])
         .expect("parse");
-        let Command::Account(AccountCommand::Add(a)) = cli.command else { panic!("not add") };
+        let Some(Command::Account(AccountCommand::Add(a))) = cli.command else { panic!("not add") };
         assert_eq!(a.credit_limit, Some(CreditLimit(Some(50_000_000))));
 
         // A prepaid account has no credit limit; amounts are exact decimals.
@@ -583,7 +594,7 @@ mod tests {
             "postpaid",
         ])
         .expect("parse");
-        let Command::Account(AccountCommand::Set(s)) = cli.command else { panic!("not set") };
+        let Some(Command::Account(AccountCommand::Set(s))) = cli.command else { panic!("not set") };
         assert_eq!(s.credit_limit, Some(CreditLimit(None)));
         assert_eq!(s.kind, Some(Kind::Postpaid));
         assert!(parse(&["account", "set", "--aor", "a@b", "--kind", "gold"]).is_err());
@@ -596,7 +607,9 @@ mod tests {
     #[test]
     fn topup_and_rate_plan_amounts() {
         let cli = parse(&["account", "topup", "--aor", "a@b", "--amount", "-0.25"]).expect("parse");
-        let Command::Account(AccountCommand::Topup(t)) = cli.command else { panic!("not topup") };
+        let Some(Command::Account(AccountCommand::Topup(t))) = cli.command else {
+            panic!("not topup")
+        };
         assert_eq!(t.amount, -250_000);
 
         let cli = parse(&[
@@ -610,7 +623,9 @@ mod tests {
             "0.10",
         ])
         .expect("parse");
-        let Command::RatePlan(RatePlanCommand::Set(r)) = cli.command else { panic!("not set") };
+        let Some(Command::RatePlan(RatePlanCommand::Set(r))) = cli.command else {
+            panic!("not set")
+        };
         assert_eq!((r.per_minute, r.fee, r.increments.as_str()), (100_000, 0, "60/60"));
     }
 
@@ -628,7 +643,8 @@ mod tests {
             "1764244800000",
         ])
         .expect("parse");
-        let Command::Cdr(CdrCommand::List { since, until, aor, csv, .. }) = cli.command else {
+        let Some(Command::Cdr(CdrCommand::List { since, until, aor, csv, .. })) = cli.command
+        else {
             panic!("not cdr list")
         };
         assert!(csv);
