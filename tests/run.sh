@@ -4,8 +4,9 @@
 # then the compose suite (tests/compose/run.sh: the images, built offline, as a docker-compose
 # cluster with phones in containers).
 # Installs redis-server, sipp (Debian package sip-tester), baresip (baresip-core, the real
-# phone of tests/tests/e2e/phones.rs) and debootstrap (the offline base images) when missing
-# and running as root. Needs a running Docker Engine and Docker Compose (the plugin or the
+# phone of tests/tests/e2e/phones.rs), debootstrap (the offline base images) and fail2ban (its
+# fail2ban-regex checks the shipped filter against real log lines) when missing and running as
+# root. Needs a running Docker Engine and Docker Compose (the plugin or the
 # docker-compose package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v fail2ban-regex >/dev/null 2>&1 || need+=(fail2ban)
 docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 ||
   need+=(docker-compose)
 if [ "${#need[@]}" -gt 0 ]; then

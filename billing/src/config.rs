@@ -54,6 +54,17 @@ pub struct BillingConfig {
     /// it has no authentication.
     #[serde(default)]
     pub metrics_listen: String,
+    /// `text` (default) or `json` log lines (`billing.log_format`).
+    #[serde(default)]
+    pub log_format: sipalias_startup::LogFormat,
+    /// Log filter (`billing.log_level`, `RUST_LOG` syntax, default `info`); `RUST_LOG`
+    /// overrides it at start, and SIGHUP re-reads it from the file.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_log_level() -> String {
+    sipalias_startup::DEFAULT_LOG_LEVEL.to_owned()
 }
 
 impl Default for BillingConfig {
@@ -67,6 +78,8 @@ impl Default for BillingConfig {
             worker_threads: 0,
             link_secret: String::new(),
             metrics_listen: String::new(),
+            log_format: sipalias_startup::LogFormat::Text,
+            log_level: default_log_level(),
         }
     }
 }
@@ -122,6 +135,9 @@ impl BillingConfig {
         }
         if let Err(why) = sipalias_ops::parse_listen(&self.metrics_listen) {
             return Err(key_error("metrics_listen", &why));
+        }
+        if let Err(why) = sipalias_startup::check_log_level(&self.log_level) {
+            return Err(key_error("log_level", &why));
         }
         if self.key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(key_error(

@@ -32,6 +32,10 @@ const TABLE: &str = "dispatcher";
 /// `SIPALIAS_DISPATCHER__ID=d2` or `SIPALIAS_DISPATCHER__MAIN__IP=10.0.0.1`.
 const ENV_PREFIX: &str = "SIPALIAS_";
 
+fn default_log_level() -> String {
+    sipalias_startup::DEFAULT_LOG_LEVEL.to_owned()
+}
+
 /// Default of `dispatcher.grpc_listen`.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7070";
 /// Default of `dispatcher.retry_after_secs`.
@@ -115,6 +119,11 @@ pub struct DispatcherConfig {
     /// The operations listener (`/metrics`, `/healthz`, `/readyz`; `dispatcher.metrics_listen`,
     /// default empty = none). Meant for a private address: it has no authentication.
     pub metrics_listen: Option<SocketAddr>,
+    /// `text` (default) or `json` log lines (`dispatcher.log_format`).
+    pub log_format: sipalias_startup::LogFormat,
+    /// Log filter (`dispatcher.log_level`, `RUST_LOG` syntax, default `info`); `RUST_LOG`
+    /// overrides it at start, and SIGHUP re-reads it from the file.
+    pub log_level: String,
 }
 
 /// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
@@ -559,6 +568,10 @@ struct RawConfig {
     link_secret: String,
     #[serde(default)]
     metrics_listen: String,
+    #[serde(default)]
+    log_format: sipalias_startup::LogFormat,
+    #[serde(default = "default_log_level")]
+    log_level: String,
     #[serde(default = "default_source_rate_limit")]
     source_rate_limit: u32,
     #[serde(default = "default_source_rate_ban_secs")]
@@ -711,6 +724,12 @@ impl RawConfig {
             link_secret: self.link_secret,
             metrics_listen: sipalias_ops::parse_listen(&self.metrics_listen)
                 .map_err(|why| key_error("metrics_listen", why))?,
+            log_format: self.log_format,
+            log_level: {
+                sipalias_startup::check_log_level(&self.log_level)
+                    .map_err(|why| key_error("log_level", why))?;
+                self.log_level
+            },
             guard: crate::guard::GuardConfig {
                 source_rate_limit: self.source_rate_limit,
                 source_rate_ban: Duration::from_secs(self.source_rate_ban_secs),

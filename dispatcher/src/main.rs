@@ -108,7 +108,6 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    sipalias_startup::init_logging();
 
     let config = match DispatcherConfig::load(path.as_deref()) {
         Ok(config) => config,
@@ -135,7 +134,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    match serve(config) {
+    let level = sipalias_startup::init_logging(config.log_format, &config.log_level);
+    match serve(config, level, path) {
         Ok(()) => ExitCode::SUCCESS,
         // A certificate that cannot be used is found at start-up, before anything is bound.
         Err(e) if matches!(e.downcast_ref(), Some(sipalias_dispatcher::Error::Config(_))) => {
@@ -154,16 +154,28 @@ fn shown(path: Option<&Path>) -> String {
     path.map(|p| format!(" ({})", p.display())).unwrap_or_default()
 }
 
-fn serve(config: DispatcherConfig) -> anyhow::Result<()> {
+fn serve(
+    config: DispatcherConfig,
+    level: Option<sipalias_startup::LogLevel>,
+    path: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let runtime = sipalias_startup::runtime(config.worker_threads)
         .context("cannot start the tokio runtime")?;
+    let stop = sipalias_startup::Stop::new();
     runtime.block_on(async {
+        let reread = move || {
+            let loaded = DispatcherConfig::load(path.as_deref());
+            loaded.map(|c| c.log_level).map_err(|e| e.to_string())
+        };
+        sipalias_startup::watch_log_level(level, reread, stop.stopping());
         info!(id = %config.id, "sipalias-dispatcher starting");
-        match sipalias_dispatcher::run(config, sipalias_startup::signal()).await {
+        let served = match sipalias_dispatcher::run(config, sipalias_startup::signal()).await {
             // Kept as is (no context) so main can tell a configuration error by its type.
             Err(e @ sipalias_dispatcher::Error::Config(_)) => Err(anyhow::Error::new(e)),
             other => other.context("dispatcher failed"),
-        }
+        };
+        stop.trigger();
+        served
     })
 }
 

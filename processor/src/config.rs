@@ -123,6 +123,11 @@ pub struct ProcessorConfig {
     /// `ip:port` of the operations listener (`/metrics`, `/healthz`, `/readyz`); empty (the
     /// default) opens none. Meant for a private address: it has no authentication.
     pub metrics_listen: String,
+    /// `text` (default) or `json` log lines.
+    pub log_format: sipalias_startup::LogFormat,
+    /// Log filter (`RUST_LOG` syntax, default `info`); `RUST_LOG` overrides it at start, and
+    /// SIGHUP re-reads it from the file.
+    pub log_level: String,
 }
 
 /// Longest `ban_secs` accepted: a week (a longer one belongs in a firewall).
@@ -205,6 +210,8 @@ impl Default for ProcessorConfig {
             max_server_transactions: 200_000,
             max_setup_in_flight: 4096,
             metrics_listen: String::new(),
+            log_format: sipalias_startup::LogFormat::Text,
+            log_level: sipalias_startup::DEFAULT_LOG_LEVEL.to_owned(),
         }
     }
 }
@@ -261,6 +268,9 @@ impl ProcessorConfig {
         }
         if let Err(why) = sipalias_ops::parse_listen(&self.metrics_listen) {
             return bad("metrics_listen", why);
+        }
+        if let Err(why) = sipalias_startup::check_log_level(&self.log_level) {
+            return bad("log_level", why);
         }
         if self.auth_secret.len() < 16 {
             return bad(
@@ -486,6 +496,9 @@ mod tests {
             ("metrics_listen='localhost:9090'", "processor.metrics_listen"),
             ("metrics_listen='127.0.0.1:65536'", "processor.metrics_listen"),
             ("metrics_listen=9090", "metrics_listen"),
+            ("log_format='xml'", "log_format"),
+            ("log_level='sipalias=loud'", "processor.log_level"),
+            ("log_level=\"info\\nX\"", "processor.log_level"),
             ("link_secret='short'", "processor.link_secret"),
             ("link_secret=\"0123456789abcdef\\r\\nX: 1\"", "processor.link_secret"),
             ("auth_failures_per_minute='many'", "auth_failures_per_minute"),

@@ -8,6 +8,7 @@
 
 pub mod accounting;
 pub mod answer;
+pub mod audit;
 pub mod auth;
 pub mod b2bua;
 pub mod bans;

@@ -36,7 +36,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    sipalias_startup::init_logging();
     let config = match ProcessorConfig::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -49,6 +48,7 @@ fn main() -> ExitCode {
         println!("sipalias-processor: configuration OK{file}");
         return ExitCode::SUCCESS;
     }
+    let level = sipalias_startup::init_logging(config.log_format, &config.log_level);
     let runtime = match sipalias_startup::runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
@@ -56,7 +56,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sipalias_processor::run(config, sipalias_startup::signal())) {
+    let stop = sipalias_startup::Stop::new();
+    let path = args.config.clone();
+    let served = runtime.block_on(async {
+        let reread = move || {
+            let loaded = ProcessorConfig::load(path.as_deref());
+            loaded.map(|c| c.log_level).map_err(|e| e.to_string())
+        };
+        sipalias_startup::watch_log_level(level, reread, stop.stopping());
+        let served = sipalias_processor::run(config, sipalias_startup::signal()).await;
+        stop.trigger();
+        served
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("processor failed: {e}");

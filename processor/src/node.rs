@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::accounting::{Accounting, Event};
 use crate::answer::{Answer, FORBIDDEN, UNKNOWN_SOCKET};
+use crate::audit;
 use crate::auth::{
     ChallengeKind, Expected, NonceKey, Refusal, Verified, challenge, check_presented,
     credentials_for, verified,
@@ -568,7 +569,8 @@ impl Node {
                 return Ok(Presented::Answer(self.challenge(req, site, stale)));
             }
             Err(Refusal::BadRequest(reason)) => {
-                tracing::warn!(user = %creds.username, source = %ingress.remote, uri = %creds.uri, reason, "credentials refused");
+                let aor = format!("{}@{}", creds.username, site.domain);
+                audit::auth_failure(ingress.remote, &ingress.local, &aor, reason);
                 return Ok(Presented::Answer(self.answer(req, &Answer::plain(400, reason))));
             }
         };
@@ -578,7 +580,8 @@ impl Node {
         match self.nonce_counts.claim(&ban_key, &creds.nonce, nc, ttl_ms).await? {
             Claim::Fresh => Ok(Presented::Credentials(creds, alg)),
             Claim::Replayed => {
-                tracing::warn!(user = %creds.username, source = %ingress.remote, nc, "digest nonce-count replayed: challenged");
+                let aor = format!("{}@{}", creds.username, site.domain);
+                audit::auth_failure(ingress.remote, &ingress.local, &aor, "nonce-count replayed");
                 Ok(Presented::Answer(self.challenge(req, site, true)))
             }
             Claim::Banned { remaining_ms } => {
@@ -595,6 +598,7 @@ impl Node {
         let source = source_key(ingress.remote.ip());
         match self.bans.record_failure(&source, wall_ms()).await {
             Ok(Some(_)) => {
+                audit::banned(&source, self.bans.ban_ms() / 1000, AUTH_BAN_REASON);
                 // From now on the dispatchers drop the source's traffic before any processor.
                 self.links.ban(&source, self.bans.ban_ms(), AUTH_BAN_REASON);
                 self.answer(req, &FORBIDDEN)
@@ -644,7 +648,7 @@ impl Node {
         match verified(verdict.valid, verdict.blocked) {
             Verified::User => Ok(Auth::Ok(creds.username)),
             Verified::Failed => {
-                tracing::warn!(%aor, source = %ingress.remote, reason = %verdict.reason, alg = alg.as_str(), "digest authentication failed");
+                audit::auth_failure(ingress.remote, &ingress.local, &aor, &verdict.reason);
                 Ok(Auth::Challenge(self.after_failure(req, ingress, site).await))
             }
             Verified::Refused(answer) => {
@@ -811,7 +815,7 @@ impl Node {
         let max_duration_secs = match authorization {
             Authorization::Allowed { max_duration_secs } => max_duration_secs,
             Authorization::BadCredentials => {
-                tracing::warn!(aor = %caller_aor, source = %ingress.remote, reason = %why, alg = alg.as_str(), "digest authentication failed");
+                audit::auth_failure(ingress.remote, &ingress.local, &caller_aor, &why);
                 return Ok(Err(self.after_failure(req, ingress, &site).await));
             }
             Authorization::Refused(answer) => {

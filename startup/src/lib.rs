@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! let stop = sipalias_startup::Stop::new();
-//! sipalias_startup::init_logging();
+//! sipalias_startup::init_logging(sipalias_startup::LogFormat::Text, "info");
 //! let runtime = sipalias_startup::runtime(1).expect("a runtime");
 //! runtime.block_on(async {
 //!     let mut stopping = stop.stopping();
@@ -19,18 +19,107 @@ use std::io::IsTerminal;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _, Registry, reload};
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); colours only on a terminal, so
-/// that logs captured to a file, a journal or a pipe (the end-to-end harness reads them) stay
-/// plain text. A second call (an embedding program already set one up) changes nothing.
-pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+/// How log lines are written (`log_format` of each service's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (the default): `time LEVEL target: message k=v …`.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: `timestamp`, `level`, `target`, `fields`.
+    Json,
+}
+
+/// The default `log_level`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Checks a `log_level` value (`RUST_LOG` syntax: `info`, `warn,sipalias_processor=debug`).
+pub fn check_log_level(directives: &str) -> Result<(), String> {
+    if directives.chars().any(|c| c.is_control()) {
+        return Err("must not contain control characters".into());
+    }
+    EnvFilter::try_new(directives).map(|_| ()).map_err(|e| format!("{directives:?}: {e}"))
+}
+
+/// The running process's log filter, changeable while it runs ([`LogLevel::set`]).
+#[derive(Clone)]
+pub struct LogLevel(reload::Handle<EnvFilter, Registry>);
+
+impl LogLevel {
+    /// Replaces the filter with `directives` (`RUST_LOG` syntax).
+    pub fn set(&self, directives: &str) -> Result<(), String> {
+        check_log_level(directives)?;
+        let filter = EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Logs to stderr as `format`, filtered by `RUST_LOG` when it is set, else by `level` (the
+/// configuration's `log_level`). Text has colours only on a terminal, so that logs captured to
+/// a file, a journal or a pipe (the end-to-end harness reads them) stay plain. Returns the
+/// handle that changes the filter later; `None` if a subscriber was already set (an
+/// embedding program), which is left as it is.
+pub fn init_logging(format: LogFormat, level: &str) -> Option<LogLevel> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt.json().with_ansi(false).boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).try_init().ok()?;
+    Some(LogLevel(handle))
+}
+
+/// With a `level` handle (logging was set up here), spawns [`reload_log_level_on_hangup`]
+/// on the current runtime.
+pub fn watch_log_level(
+    level: Option<LogLevel>,
+    reread: impl Fn() -> Result<String, String> + Send + 'static,
+    stopping: Stopping,
+) {
+    if let Some(level) = level {
+        tokio::spawn(reload_log_level_on_hangup(level, reread, stopping));
+    }
+}
+
+/// Until `stopping`, re-reads the log level on every SIGHUP: `reread` loads the configuration
+/// again and returns its `log_level`; a configuration that no longer loads changes nothing
+/// (and says why). `RUST_LOG`, if set, is only the level at start.
+pub async fn reload_log_level_on_hangup(
+    level: LogLevel,
+    reread: impl Fn() -> Result<String, String>,
+    mut stopping: Stopping,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP: the log level is fixed");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stopping.wait() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match reread().and_then(|l| level.set(&l).map(|()| l)) {
+                Ok(l) => info!(log_level = %l, "SIGHUP: log level set"),
+                Err(e) => warn!(error = %e, "SIGHUP: log level unchanged"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (level, reread);
+        stopping.wait().await;
+    }
 }
 
 /// The tokio runtime of a service: `worker_threads` 1 is a current-thread runtime (no
@@ -213,6 +302,16 @@ mod tests {
         let mut orphan = gone.stopping();
         drop(gone);
         orphan.wait().await;
+    }
+
+    #[test]
+    fn log_levels_are_checked_before_use() {
+        for good in ["info", "warn,sipalias_processor=debug", "off", "sipalias::security=info"] {
+            assert!(check_log_level(good).is_ok(), "{good}");
+        }
+        for bad in ["info\nx", "=", "sipalias=loud", "a=b=c"] {
+            assert!(check_log_level(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

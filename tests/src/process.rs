@@ -180,20 +180,30 @@ impl Process {
         Ok(child.wait()?)
     }
 
+    /// Sends SIGHUP (a service re-reads its log level), if the process still runs.
+    pub fn send_hup(&self) -> Result<()> {
+        self.signal("HUP")
+    }
+
     /// Sends SIGTERM (if the process still runs) and returns at once.
     pub fn send_term(&self) -> Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Sends signal `name` to exactly this PID, if the process still runs.
+    fn signal(&self, name: &str) -> Result<()> {
         let pid = self.pid();
         if self.child().try_wait()?.is_none() {
-            // No signal crate in the workspace: `kill(1)` sends SIGTERM to exactly this PID.
+            // No signal crate in the workspace: `kill(1)` signals exactly this PID.
             let status = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args([format!("-{name}"), pid.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
-                .with_context(|| format!("running kill -TERM {pid} ({})", self.name))?;
+                .with_context(|| format!("running kill -{name} {pid} ({})", self.name))?;
             // kill fails when the process exited meanwhile: nothing left to signal.
             if !status.success() && self.child().try_wait()?.is_none() {
-                bail!("kill -TERM {pid} ({}) failed: {status}", self.name);
+                bail!("kill -{name} {pid} ({}) failed: {status}", self.name);
             }
         }
         Ok(())

@@ -295,7 +295,7 @@ pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
         return Ok(());
     };
     match command {
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config, cli.config).await,
         Command::Account(cmd) => account(&config, cmd).await,
         Command::RatePlan(cmd) => rate_plan(&config, cmd).await,
         Command::Health { url } => {
@@ -319,18 +319,26 @@ pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
     }
 }
 
-async fn serve(config: BillingConfig) -> Result<(), Error> {
-    sipalias_startup::init_logging();
+async fn serve(config: BillingConfig, path: Option<PathBuf>) -> Result<(), Error> {
+    let stop = sipalias_startup::Stop::new();
+    let level = sipalias_startup::init_logging(config.log_format, &config.log_level);
+    let reread = move || {
+        let loaded = BillingConfig::load(path.as_deref());
+        loaded.map(|c| c.log_level).map_err(|e| e.to_string())
+    };
+    sipalias_startup::watch_log_level(level, reread, stop.stopping());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Bind { addr: config.listen, source })?;
     // Listening for signals from before connecting to Redis, so a SIGTERM during start-up is
     // not lost: the task registers the handlers at the first await below.
     let signal = tokio::spawn(sipalias_startup::signal());
-    service::serve(config, listener, async move {
+    let served = service::serve(config, listener, async move {
         let _ = signal.await;
     })
-    .await
+    .await;
+    stop.trigger();
+    served
 }
 
 async fn account(config: &BillingConfig, cmd: AccountCommand) -> Result<(), Error> {
