@@ -21,6 +21,7 @@ pub mod account;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod money;
 pub mod rating;
 pub mod service;

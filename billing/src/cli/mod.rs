@@ -5,7 +5,7 @@ mod health;
 mod report;
 mod time;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -152,17 +152,25 @@ pub struct TopupArgs {
     pub amount: i64,
 }
 
-/// Arguments of `account import`.
+/// Arguments of `account import`: one account's HA1s, or a whole subscriber CSV.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
+    /// A subscriber list (see docs/billing.md#bulk-import): columns aor, realm, password,
+    /// ha1_md5, ha1_sha256, kind, balance, rate_plan, max_calls, credit_limit. Bad lines are
+    /// reported by number and skipped; the others are imported.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["aor", "realm", "ha1_md5", "ha1_sha256"])]
+    pub csv: Option<PathBuf>,
+    /// With --csv: check every line and report, writing nothing.
+    #[arg(long, requires = "csv")]
+    pub dry_run: bool,
     /// Address of record, user@domain.
-    #[arg(long)]
-    pub aor: String,
+    #[arg(long, required_unless_present = "csv")]
+    pub aor: Option<String>,
     /// Digest realm the HA1s were computed for.
-    #[arg(long)]
-    pub realm: String,
+    #[arg(long, required_unless_present = "csv")]
+    pub realm: Option<String>,
     /// MD5(user:realm:password), 32 hex digits.
-    #[arg(long, value_name = "HEX", required_unless_present = "ha1_sha256")]
+    #[arg(long, value_name = "HEX", required_unless_present_any = ["ha1_sha256", "csv"])]
     pub ha1_md5: Option<String>,
     /// SHA-256(user:realm:password), 64 hex digits.
     #[arg(long, value_name = "HEX")]
@@ -341,6 +349,57 @@ async fn serve(config: BillingConfig, path: Option<PathBuf>) -> Result<(), Error
     served
 }
 
+/// `account import --csv FILE [--dry-run]`: reads and checks the whole file, then (unless a
+/// dry run) imports its good rows; every bad line is printed to stderr as `line N: why`.
+/// Fails (after importing the rest) when any line was bad, so a script notices.
+async fn import_csv(config: &BillingConfig, file: &Path, dry_run: bool) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let input = std::fs::File::open(file).map_err(|e| Error::InvalidInput {
+        what: "--csv",
+        reason: format!("{}: {e}", file.display()),
+    })?;
+    let mut parsed = crate::import::parse(std::io::BufReader::new(input))?;
+    let store = Store::connect(config).await?;
+    // Rows naming a rate plan that does not exist are bad lines too.
+    for plan in crate::import::plans(&parsed.rows) {
+        if !store.rate_plan_exists(&plan).await? {
+            let (missing, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut parsed.rows)
+                .into_iter()
+                .partition(|r| r.rate_plan.as_deref() == Some(plan.as_str()));
+            parsed.rows = kept;
+            parsed
+                .bad
+                .extend(missing.iter().map(|r| (r.line, format!("rate_plan: no plan {plan:?}"))));
+        }
+    }
+    parsed.bad.sort_by_key(|(line, _)| *line);
+    for (line, why) in &parsed.bad {
+        eprintln!("line {line}: {why}");
+    }
+    let bad = parsed.bad.len();
+    if dry_run {
+        println!(
+            "{}: {} accounts to import, {bad} bad lines (dry run: nothing written)",
+            file.display(),
+            parsed.rows.len()
+        );
+    } else {
+        let (created, updated) = store.import_rows(&parsed.rows).await?;
+        println!(
+            "{}: {created} accounts created, {updated} updated, {bad} bad lines, in {:.1} s",
+            file.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if bad > 0 {
+        return Err(Error::InvalidInput {
+            what: "--csv",
+            reason: format!("{bad} bad lines (listed above)"),
+        });
+    }
+    Ok(())
+}
+
 async fn account(config: &BillingConfig, cmd: AccountCommand) -> Result<(), Error> {
     // Parse the AOR before connecting, so a typo is reported without needing Redis.
     match cmd {
@@ -375,16 +434,21 @@ async fn account(config: &BillingConfig, cmd: AccountCommand) -> Result<(), Erro
                 report::billing_summary(&account)
             );
         }
+        AccountCommand::Import(ImportArgs { csv: Some(file), dry_run, .. }) => {
+            import_csv(config, &file, dry_run).await?;
+        }
         AccountCommand::Import(args) => {
-            let aor = Aor::parse(&args.aor)?;
+            // clap requires both without --csv.
+            let (Some(aor), Some(realm)) = (args.aor, args.realm) else {
+                return Err(Error::InvalidInput {
+                    what: "--aor",
+                    reason: "--aor and --realm are required without --csv".into(),
+                });
+            };
+            let aor = Aor::parse(&aor)?;
             let store = Store::connect(config).await?;
             let account = store
-                .import_account(
-                    &aor,
-                    &args.realm,
-                    args.ha1_md5.as_deref(),
-                    args.ha1_sha256.as_deref(),
-                )
+                .import_account(&aor, &realm, args.ha1_md5.as_deref(), args.ha1_sha256.as_deref())
                 .await?;
             println!("account {} saved (realms: {})", account.aor, report::realm_summary(&account));
         }

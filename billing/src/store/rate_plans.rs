@@ -145,7 +145,8 @@ impl Store {
     }
 
     /// Whether `plan` has at least one entry.
-    pub(super) async fn rate_plan_exists(&self, plan: &str) -> Result<bool, Error> {
+    /// Whether rate plan `plan` exists.
+    pub async fn rate_plan_exists(&self, plan: &str) -> Result<bool, Error> {
         let n: i64 = redis::cmd("EXISTS")
             .arg(self.rate_plan_key(plan))
             .query_async(&mut self.conn.clone())

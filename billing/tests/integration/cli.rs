@@ -178,3 +178,69 @@ async fn operator_manages_rates_accounts_top_ups_and_reads_cdrs() {
     let (success, _, stderr) = billing(&cfg, &["rate-plan", "delete", "--name", "retail"]);
     assert!(!success && stderr.contains("no such rate plan"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100000_line_subscriber_csv_imports_all_but_its_3_bad_lines_and_reruns_change_nothing() {
+    let env = env("").await;
+    let cfg = config_file(&env);
+    ok(&cfg, &["rate-plan", "set", "--name", "retail", "--prefix", "", "--per-minute", "0.10"]);
+    // What an old provider hands over: HA1s for its realm, prepaid balances, a plan.
+    let mut csv = String::from("aor,realm,ha1_md5,kind,balance,rate_plan,max_calls\n");
+    let bad_lines = [1_234_u64, 50_001, 99_999];
+    for i in 0..100_000_u64 {
+        let line = i + 2;
+        let row = if line == bad_lines[0] {
+            format!("{i}@sip.example.net,voip.old.example,nothex,prepaid,5.00,retail,2\n")
+        } else if line == bad_lines[1] {
+            format!("{i}@sip.example.net,voip.old.example,{:032x},prepaid,5.00,nosuchplan,2\n", i)
+        } else if line == bad_lines[2] {
+            format!("{i}-sip.example.net,voip.old.example,{:032x},prepaid,5.00,retail,2\n", i)
+        } else {
+            format!("{i}@sip.example.net,voip.old.example,{:032x},prepaid,5.00,retail,2\n", i)
+        };
+        csv.push_str(&row);
+    }
+    let file = env.dir.path().join("subscribers.csv");
+    std::fs::write(&file, csv).expect("write csv");
+    let path = file.to_str().expect("utf-8 path");
+
+    // A dry run reports the same bad lines and writes nothing.
+    let (success, stdout, stderr) =
+        billing(&cfg, &["account", "import", "--csv", path, "--dry-run"]);
+    assert!(!success, "bad lines make the exit status non-zero");
+    assert!(stdout.contains("99997 accounts to import, 3 bad lines (dry run"), "{stdout}");
+    let reported: Vec<&str> = stderr.lines().filter(|l| l.starts_with("line ")).collect();
+    assert_eq!(reported.len(), 3, "{stderr}");
+    for (line, expect) in
+        bad_lines.iter().zip(["ha1_md5:", "rate_plan: no plan \"nosuchplan\"", "aor:"])
+    {
+        assert!(
+            reported.iter().any(|r| r.starts_with(&format!("line {line}: {expect}"))),
+            "line {line} ({expect}) not reported: {stderr}"
+        );
+    }
+    let mut raw = env.raw().await;
+    let accounts_key = format!("{}accts", crate::PREFIX);
+    let n: u64 = redis::cmd("SCARD").arg(&accounts_key).query_async(&mut raw).await.expect("scard");
+    assert_eq!(n, 0, "a dry run writes nothing");
+
+    let started = std::time::Instant::now();
+    let (_, stdout, stderr) = billing(&cfg, &["account", "import", "--csv", path]);
+    let took = started.elapsed();
+    assert!(stdout.contains("99997 accounts created, 0 updated, 3 bad lines"), "{stdout} {stderr}");
+    eprintln!("imported 99,997 accounts in {took:?} (debug build, pipelined)");
+    let n: u64 = redis::cmd("SCARD").arg(&accounts_key).query_async(&mut raw).await.expect("scard");
+    assert_eq!(n, 99_997);
+    let one = Aor::parse("77@sip.example.net").expect("aor");
+    let account = env.store.get(&one).await.expect("get").expect("imported");
+    assert_eq!(account.balance_micros, 5_000_000);
+    assert_eq!((account.max_concurrent_calls, account.rate_plan.as_deref()), (2, Some("retail")));
+
+    // Spending some balance, then importing the same file again: credentials and settings
+    // are set to the same values, the balance is not applied twice.
+    ok(&cfg, &["account", "topup", "--aor", "77@sip.example.net", "--amount", "-1.00"]);
+    let (_, stdout, _) = billing(&cfg, &["account", "import", "--csv", path]);
+    assert!(stdout.contains("0 accounts created, 99997 updated, 3 bad lines"), "{stdout}");
+    let account = env.store.get(&one).await.expect("get").expect("kept");
+    assert_eq!(account.balance_micros, 4_000_000, "the balance is not applied again");
+}
