@@ -78,6 +78,9 @@ pub enum AccountCommand {
     Block(AorArg),
     /// Unblock an account.
     Unblock(AorArg),
+    /// Delete an account: its credentials, settings and balance (its CDRs are kept). Refused
+    /// while calls are in progress, unless --force.
+    Delete(DeleteArgs),
 }
 
 /// Arguments of `account add`.
@@ -175,6 +178,18 @@ pub struct ImportArgs {
     /// SHA-256(user:realm:password), 64 hex digits.
     #[arg(long, value_name = "HEX")]
     pub ha1_sha256: Option<String>,
+}
+
+/// Arguments of `account delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Address of record, user@domain.
+    #[arg(long)]
+    pub aor: String,
+    /// Delete even with calls in progress (their reservations are dropped; their stops still
+    /// write CDRs but charge nobody).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// An `--aor` argument.
@@ -486,6 +501,11 @@ async fn account(config: &BillingConfig, cmd: AccountCommand) -> Result<(), Erro
             let aor = Aor::parse(&args.aor)?;
             let balance = Store::connect(config).await?.topup(&aor, args.amount).await?;
             println!("account {aor} balance {}", money::format(balance));
+        }
+        AccountCommand::Delete(DeleteArgs { aor, force }) => {
+            let aor = Aor::parse(&aor)?;
+            Store::connect(config).await?.delete_account(&aor, force).await?;
+            println!("account {aor} deleted");
         }
         AccountCommand::Block(AorArg { aor }) => {
             let aor = Aor::parse(&aor)?;

@@ -100,6 +100,33 @@ return 1
     )
 });
 
+/// Deletes an account. Returns 0 = no such account, 1 = deleted, or -N = N calls in progress
+/// (nothing deleted) unless forced.
+static DELETE_ACCOUNT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+-- KEYS[1] account hash, KEYS[2] account set, KEYS[3] the account's reservations
+-- ARGV[1] aor, ARGV[2] now ms, ARGV[3] force '1'/'0'
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 0
+end
+if ARGV[3] ~= '1' then
+  local live = 0
+  local held = redis.call('HVALS', KEYS[3])
+  for _, v in ipairs(held) do
+    local expires = tonumber(string.match(v, ':(%d+)$'))
+    if expires and expires > tonumber(ARGV[2]) then live = live + 1 end
+  end
+  if live > 0 then return -live end
+end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+",
+    )
+});
+
 /// Rows applied per Redis round trip by [`Store::import_rows`].
 const IMPORT_BATCH: usize = 1000;
 
@@ -295,6 +322,28 @@ impl Store {
             updated += outcomes.iter().filter(|o| **o == 2).count();
         }
         Ok((created, updated))
+    }
+
+    /// Deletes an account (credentials, settings, balance; CDRs stay). With calls in progress
+    /// it is refused unless `force`, which also drops their reservations.
+    pub async fn delete_account(&self, aor: &Aor, force: bool) -> Result<(), Error> {
+        let outcome: i64 = DELETE_ACCOUNT
+            .key(self.account_key(aor))
+            .key(self.accounts_key())
+            .key(self.reservations_key(&aor.to_string()))
+            .arg(aor.to_string())
+            .arg(now_ms())
+            .arg(if force { "1" } else { "0" })
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match outcome {
+            0 => Err(Error::AccountNotFound(aor.to_string())),
+            n if n < 0 => Err(Error::InvalidInput {
+                what: "--aor",
+                reason: format!("{aor} has {} calls in progress; end them or use --force", -n),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Blocks or unblocks an existing account.

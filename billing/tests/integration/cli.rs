@@ -244,3 +244,39 @@ async fn a_100000_line_subscriber_csv_imports_all_but_its_3_bad_lines_and_reruns
     let account = env.store.get(&one).await.expect("get").expect("kept");
     assert_eq!(account.balance_micros, 4_000_000, "the balance is not applied again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_delete_removes_an_account_but_not_one_with_calls_in_progress() {
+    let env = env("").await;
+    let cfg = config_file(&env);
+    ok(&cfg, &["account", "add", "--aor", "gone@example.com", "--password", "pw"]);
+    ok(&cfg, &["account", "add", "--aor", "busy@example.com", "--password", "pw"]);
+    assert_eq!(
+        ok(&cfg, &["account", "delete", "--aor", "gone@example.com"]),
+        "account gone@example.com deleted\n"
+    );
+    let listed = ok(&cfg, &["account", "list"]);
+    assert!(!listed.contains("gone@") && listed.contains("busy@"), "{listed}");
+    let gone = Aor::parse("gone@example.com").expect("aor");
+    assert!(env.store.get(&gone).await.expect("get").is_none());
+    // Unknown (or already deleted) and hostile AORs are refused with a message.
+    for aor in ["gone@example.com", "nobody@example.com", "x\r\n@example.com", ""] {
+        let (success, _, stderr) = billing(&cfg, &["account", "delete", "--aor", aor]);
+        assert!(!success && !stderr.is_empty(), "{aor:?} deleted: {stderr}");
+    }
+    // A call in progress holds a reservation: refused, then forced.
+    let decision = env
+        .store
+        .authorize("busy@example.com", "bob@example.com", "ref-busy-1", now())
+        .await
+        .expect("authorize");
+    assert!(
+        matches!(decision, sipalias_billing::store::Authorization::Allowed { .. }),
+        "{decision:?}"
+    );
+    let (success, _, stderr) = billing(&cfg, &["account", "delete", "--aor", "busy@example.com"]);
+    assert!(!success && stderr.contains("1 calls in progress"), "{stderr}");
+    ok(&cfg, &["account", "delete", "--aor", "busy@example.com", "--force"]);
+    let busy = Aor::parse("busy@example.com").expect("aor");
+    assert!(env.store.account_usage(&busy).await.expect("usage").is_none());
+}
