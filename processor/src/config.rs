@@ -123,6 +123,10 @@ pub struct ProcessorConfig {
     /// `ip:port` of the operations listener (`/metrics`, `/healthz`, `/readyz`); empty (the
     /// default) opens none. Meant for a private address: it has no authentication.
     pub metrics_listen: String,
+    /// With `metrics_listen`: how often the registrations per IP (`sipalias_bindings`, the
+    /// migration gauge) are counted, in seconds; one processor of the cluster counts, every
+    /// processor reports. 0 = never.
+    pub binding_stats_secs: u32,
     /// `text` (default) or `json` log lines.
     pub log_format: sipalias_startup::LogFormat,
     /// Log filter (`RUST_LOG` syntax, default `info`); `RUST_LOG` overrides it at start, and
@@ -210,6 +214,7 @@ impl Default for ProcessorConfig {
             max_server_transactions: 200_000,
             max_setup_in_flight: 4096,
             metrics_listen: String::new(),
+            binding_stats_secs: 30,
             log_format: sipalias_startup::LogFormat::Text,
             log_level: sipalias_startup::DEFAULT_LOG_LEVEL.to_owned(),
         }
@@ -271,6 +276,9 @@ impl ProcessorConfig {
         }
         if let Err(why) = sipalias_startup::check_log_level(&self.log_level) {
             return bad("log_level", why);
+        }
+        if self.binding_stats_secs > 86_400 {
+            return bad("binding_stats_secs", "must be at most 86400 (0 = never)".into());
         }
         if self.auth_secret.len() < 16 {
             return bad(
@@ -497,6 +505,8 @@ mod tests {
             ("metrics_listen='127.0.0.1:65536'", "processor.metrics_listen"),
             ("metrics_listen=9090", "metrics_listen"),
             ("log_format='xml'", "log_format"),
+            ("binding_stats_secs=86401", "processor.binding_stats_secs"),
+            ("binding_stats_secs=-1", "binding_stats_secs"),
             ("log_level='sipalias=loud'", "processor.log_level"),
             ("log_level=\"info\\nX\"", "processor.log_level"),
             ("link_secret='short'", "processor.link_secret"),

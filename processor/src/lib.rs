@@ -7,6 +7,7 @@
 //! async shell around it.
 
 pub mod accounting;
+pub mod admin;
 pub mod answer;
 pub mod audit;
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod links;
 pub mod location;
 pub mod node;
 pub mod registrar;
+pub mod registrations;
 pub mod replay;
 pub mod sockets;
 pub mod telemetry;
@@ -85,6 +87,7 @@ pub async fn run(
     tasks.spawn(dialog_writer.run(stop.stopping()));
     tasks.spawn(node.clone().run_timers(stop.stopping()));
     tasks.spawn(node.clone().run_keepalives(stop.stopping()));
+    tasks.spawn(node.clone().run_binding_stats(stop.stopping()));
     tasks.spawn(node.accounting().clone().run_drain(Duration::from_secs(1), stop.stopping()));
     for url in &config.dispatchers {
         tasks.spawn(edge::maintain(node.clone(), url.clone(), stop.stopping()));

@@ -204,6 +204,49 @@ impl Location {
         Ok((b.expires_at_ms > now_ms).then_some(b))
     }
 
+    /// Every live binding of every AOR, with its AOR, read with `SCAN` (a thousand keys per
+    /// step, their hashes in one pipeline): for the operator's listings and the per-alias
+    /// counts, never on the call path.
+    pub async fn scan(&self, now_ms: u64) -> Result<Vec<(String, Binding)>, Error> {
+        let pattern = format!("{}loc:{{*}}", self.prefix);
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("HGETALL").arg(k);
+            }
+            let hashes: Vec<Vec<String>> =
+                if keys.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
+            for (key, raw) in keys.iter().zip(hashes) {
+                let Some(aor) = self.aor_of_key(key) else { continue };
+                for b in decode_pairs(key, &raw, now_ms)? {
+                    out.push((aor.to_owned(), b));
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.sort_by(|a, b| (&a.0, &a.1.contact).cmp(&(&b.0, &b.1.contact)));
+        Ok(out)
+    }
+
+    /// The AOR of a hash key made by [`Location::key`].
+    fn aor_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.prefix)?.strip_prefix("loc:{")?.strip_suffix('}')
+    }
+
     /// Removes one binding (a phone that stopped answering keepalives).
     pub async fn remove(&self, aor: &str, field: &str) -> Result<(), Error> {
         let mut conn = self.conn.clone();

@@ -1,6 +1,8 @@
 //! `sipalias-processor [--config FILE]`: runs one processor replica until SIGTERM or Ctrl-C,
 //! then drains (no new work; calls in setup finish, up to `drain_timeout_secs`) and stops.
 //! `sipalias-processor --check-config [--config FILE]` checks the configuration and exits.
+//! `sipalias-processor registrations [--aor A] [--alias IP] [--user-agent TEXT] [--json]` and
+//! `sipalias-processor kick --aor A [--contact URI]`: the cluster's registrations, for operators.
 //!
 //! The configuration file is `--config`, else `$SIPALIAS_CONFIG`; `SIPALIAS_PROCESSOR__*`
 //! variables override it. Logs go to stderr, filtered by `RUST_LOG` (default `info`). Exit
@@ -32,6 +34,41 @@ struct Args {
     /// to nothing and binds nothing.
     #[arg(long)]
     check_config: bool,
+    /// An operator command instead of running a processor (reads Redis with this
+    /// configuration).
+    #[command(subcommand)]
+    command: Option<Admin>,
+}
+
+/// Operator commands on the cluster's registrations.
+#[derive(Debug, clap::Subcommand)]
+enum Admin {
+    /// List live registrations: AOR, the socket each came through, where from, expiry,
+    /// User-Agent, Contact. Without a filter, every registration of the cluster.
+    Registrations {
+        /// Only this AOR (user@domain).
+        #[arg(long)]
+        aor: Option<String>,
+        /// Only those made through this IP (an old provider's alias, or the main IP).
+        #[arg(long, value_name = "IP")]
+        alias: Option<std::net::IpAddr>,
+        /// Only phones whose User-Agent contains this text (any case).
+        #[arg(long, value_name = "TEXT")]
+        user_agent: Option<String>,
+        /// JSON (an array of objects) instead of a table, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the registrations of an AOR (or one of them): the phone gets no call until it
+    /// registers again.
+    Kick {
+        /// The AOR (user@domain).
+        #[arg(long)]
+        aor: String,
+        /// Only the binding with this Contact URI.
+        #[arg(long, value_name = "URI")]
+        contact: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +80,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(command) = args.command {
+        return admin(&config, command);
+    }
     if args.check_config {
         let file = args.config.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default();
         println!("sipalias-processor: configuration OK{file}");
@@ -72,6 +112,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("processor failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs an operator command; exit 0, or 1 with the error on stderr.
+fn admin(config: &ProcessorConfig, command: Admin) -> ExitCode {
+    let runtime = match sipalias_startup::runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sipalias-processor: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = runtime.block_on(async {
+        match command {
+            Admin::Registrations { aor, alias, user_agent, json } => {
+                let filter =
+                    sipalias_processor::registrations::Filter { aor, ip: alias, user_agent };
+                let text = sipalias_processor::admin::registrations(config, &filter, json).await?;
+                print!("{text}");
+            }
+            Admin::Kick { aor, contact } => {
+                let n = sipalias_processor::admin::kick(config, &aor, contact.as_deref()).await?;
+                println!("{n} registrations of {aor} removed");
+            }
+        }
+        Ok::<(), sipalias_processor::Error>(())
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sipalias-processor: {e}");
             ExitCode::FAILURE
         }
     }

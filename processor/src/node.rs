@@ -404,6 +404,62 @@ impl Node {
         self.done(Done::Keepalive(ka));
     }
 
+    /// Until stopped, keeps `sipalias_bindings{ip}` (live registrations per IP they came
+    /// through: how many phones still use each old provider's address) current: every
+    /// `binding_stats_secs`, the one processor that takes the cluster-wide lock counts them
+    /// with a scan and stores the counts in Redis; every processor reports what is stored.
+    pub async fn run_binding_stats(self: Arc<Self>, mut stopping: Stopping) {
+        let secs = u64::from(self.config.binding_stats_secs);
+        if secs == 0 || self.config.metrics_listen.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(secs));
+        loop {
+            if stopping.run_until(tick.tick()).await.is_none() {
+                return;
+            }
+            if let Err(e) = self.binding_stats(secs * 1000).await {
+                tracing::debug!(error = %e, "registration counts not updated");
+            }
+        }
+    }
+
+    async fn binding_stats(&self, every_ms: u64) -> Result<(), Error> {
+        let mut conn = self.location.redis();
+        let (lock, counts) = (
+            format!("{}stats:lock", self.config.key_prefix),
+            format!("{}stats:bindings", self.config.key_prefix),
+        );
+        // Held for most of the interval: one count per interval across the cluster.
+        let won: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&self.config.id)
+            .arg("NX")
+            .arg("PX")
+            .arg(every_ms.saturating_sub(every_ms / 10).max(1))
+            .query_async(&mut conn)
+            .await?;
+        if won.is_some() {
+            let now = wall_ms();
+            let bindings = self.location.scan(now).await?;
+            let per_ip = crate::registrations::per_ip(bindings.iter().map(|(_, b)| b));
+            let mut pipe = redis::pipe();
+            pipe.atomic().del(&counts).ignore();
+            pipe.hset(&counts, "updated_ms", now).ignore();
+            for (ip, n) in &per_ip {
+                pipe.hset(&counts, ip.to_string(), n).ignore();
+            }
+            let () = pipe.query_async(&mut conn).await?;
+        }
+        let stored: std::collections::HashMap<String, u64> =
+            redis::cmd("HGETALL").arg(&counts).query_async(&mut conn).await?;
+        for ip in self.sockets.ips() {
+            let n = stored.get(&ip.to_string()).copied().unwrap_or(0);
+            telemetry::bindings(ip, n);
+        }
+        Ok(())
+    }
+
     /// Whether nothing is being set up: no REGISTER or call setup in flight and no call ringing.
     /// Answered calls do not count: they live on in Redis for whoever gets their next request.
     pub fn is_idle(&self) -> bool {

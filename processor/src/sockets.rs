@@ -31,6 +31,11 @@ pub struct SocketTable {
 }
 
 impl SocketTable {
+    /// Every IP a dispatcher announced.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.by_ip.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
     /// Adds a dispatcher's sockets (a later welcome overrides an earlier one for the same IP).
     pub fn learn(&self, sockets: &[LocalSocket]) {
         let mut map = self.by_ip.write().unwrap_or_else(|p| p.into_inner());

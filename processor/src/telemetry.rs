@@ -59,3 +59,9 @@ pub fn load(client: usize, server: usize, calls: usize, setups: usize) {
 pub fn shed(why: &'static str) {
     metrics::counter!("sipalias_overload_503_total", "reason" => why).increment(1);
 }
+
+/// Live registrations through `ip`, cluster-wide (`sipalias_bindings{ip}`): the migration
+/// gauge. Every processor reports the same count: aggregate with `max`, not `sum`.
+pub fn bindings(ip: std::net::IpAddr, n: u64) {
+    metrics::gauge!("sipalias_bindings", "ip" => ip.to_string()).set(n as f64);
+}

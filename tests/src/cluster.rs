@@ -829,6 +829,12 @@ impl Cluster {
 
     /// Runs `BIN --config F ARGS…` to completion and returns its stdout; fails with its
     /// output if it exits unsuccessfully.
+    /// `sipalias-processor --config <the cluster's file> ARGS…` (an operator command); its
+    /// stdout, or an error with its output when it fails.
+    pub fn processor_cli(&self, args: &[&str]) -> Result<String> {
+        self.run_cli(binary::PROCESSOR, args)
+    }
+
     fn run_cli(&self, bin: &str, args: &[&str]) -> Result<String> {
         let stamp = format!("{:x}", rand::random::<u32>());
         let out_path = self.dir.path().join(format!("cli-{stamp}.out"));

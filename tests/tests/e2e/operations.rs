@@ -23,7 +23,11 @@ fn processors_metrics(cluster: &Cluster, n: usize) -> Result<String> {
 
 #[test]
 fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions { metrics: true, ..ClusterOptions::default() })?;
+    let cluster = Cluster::start(ClusterOptions {
+        metrics: true,
+        processor_toml: "binding_stats_secs = 1\n".into(),
+        ..ClusterOptions::default()
+    })?;
     for service in
         [Service::Dispatcher, Service::Billing, Service::Processor(1), Service::Processor(2)]
     {
@@ -74,6 +78,20 @@ fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result
         metric_sum(&procs, "sipalias_call_setup_seconds_count", &[("ip", "127.0.0.2")]) >= 2.0,
         "setup latency recorded for the challenged and the authorized INVITE: {procs}"
     );
+
+    // The migration gauge: phones per IP, counted by one processor, reported by both.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let procs = processors_metrics(&cluster, 2)?;
+        let on = |ip: &str| metric_sum(&procs, "sipalias_bindings", &[("ip", ip)]);
+        // Summed over the two processors, each reporting the cluster-wide count.
+        if on("127.0.0.2") == 2.0 && on("127.0.0.1") == 2.0 && on("127.0.0.3") == 0.0 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "sipalias_bindings: {procs}");
+        // Polling a gauge refreshed every second: there is no event to wait on.
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let (_, billing) = get(cluster.ops_addr(Service::Billing)?, "/metrics")?;
     ensure!(
@@ -261,5 +279,50 @@ fn json_logs_feed_the_json_filter_and_sighup_changes_the_log_level() -> Result<(
     let mut again = Phone::new("bob", "not-bobs-password")?;
     let _ = again.register(&cluster.alias2(), 300)?;
     p1.wait_for_line_since(mark, "\"DEBUG\"", WAIT)?;
+    cluster.check_all_running()
+}
+
+#[test]
+fn the_cli_lists_registrations_by_alias_and_a_kicked_phone_gets_no_call() -> Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    cluster.add_account("alice", "pw-alice")?;
+    cluster.add_account("bob", "pw-bob")?;
+    let alias = cluster.alias2();
+    let mut alice = registered(&alias, "alice", "pw-alice")?;
+    let mut bob = registered(&cluster.main(), "bob", "pw-bob")?;
+
+    let table = cluster.processor_cli(&["registrations", "--alias", "127.0.0.2"])?;
+    ensure!(table.lines().count() == 2, "header and alice only: {table}");
+    ensure!(table.contains("alice@sip.example.net") && !table.contains("bob@"), "{table}");
+    let json = cluster.processor_cli(&["registrations", "--json"])?;
+    let rows: serde_json::Value = serde_json::from_str(&json)?;
+    let rows = rows.as_array().context("an array")?;
+    ensure!(rows.len() == 2, "{json}");
+    let alice_row = rows.iter().find(|r| r["aor"] == "alice@sip.example.net").context("alice")?;
+    ensure!(alice_row["ingress"] == format!("{}/udp", alias.addr).as_str(), "{alice_row}");
+    ensure!(alice_row["received"] == alice.addr().to_string().as_str(), "{alice_row}");
+    ensure!(
+        alice_row["expires_in_secs"].as_u64().is_some_and(|s| s > 200 && s <= 300),
+        "{alice_row}"
+    );
+    let by_aor =
+        cluster.processor_cli(&["registrations", "--aor", "bob@sip.example.net", "--json"])?;
+    ensure!(
+        serde_json::from_str::<serde_json::Value>(&by_aor)?.as_array().map(Vec::len) == Some(1)
+    );
+    // Hostile filters find nothing and break nothing.
+    for args in [["--aor", "*"], ["--aor", "}loc:{x"], ["--user-agent", "\u{1b}[2J"]] {
+        let out = cluster.processor_cli(&[&["registrations"][..], &args[..]].concat())?;
+        ensure!(out.lines().count() == 1, "{args:?}: {out}");
+    }
+    ensure!(cluster.processor_cli(&["registrations", "--alias", "not-an-ip"]).is_err());
+
+    let kicked = cluster.processor_cli(&["kick", "--aor", "alice@sip.example.net"])?;
+    ensure!(kicked.trim() == "1 registrations of alice@sip.example.net removed", "{kicked}");
+    let offer = sipalias_tests::phone::sdp("bob", bob.addr().ip(), 40_000);
+    let mut call = bob.invite(&cluster.main(), "alice", &offer)?;
+    let answer = bob.final_response(&mut call, WAIT)?;
+    ensure!(answer.msg.status() == Some(480), "a kicked phone's caller got {}", answer.summary());
+    alice.expect_none(Duration::from_millis(500), |m| m.method() == Some("INVITE"))?;
     cluster.check_all_running()
 }
