@@ -301,6 +301,34 @@ pub fn verify_digest(
     }
 }
 
+/// Hash field prefix of an MD5 HA1 (`ha1:md5:<realm>`).
+pub const HA1_MD5: &str = "ha1:md5:";
+/// Hash field prefix of a SHA-256 HA1 (`ha1:sha256:<realm>`).
+pub const HA1_SHA256: &str = "ha1:sha256:";
+
+/// Checks a digest realm: non-empty, no control characters.
+pub fn validate_realm(realm: &str) -> Result<(), Error> {
+    if realm.is_empty() || realm.chars().any(char::is_control) {
+        return Err(Error::InvalidInput {
+            what: "--realm",
+            reason: format!("{realm:?} must be non-empty without control characters"),
+        });
+    }
+    Ok(())
+}
+
+/// The account hash fields holding `creds` for `realm`.
+pub fn ha1_fields(realm: &str, creds: &RealmCredentials) -> Vec<(String, String)> {
+    let mut fields = Vec::with_capacity(2);
+    if let Some(h) = &creds.ha1_md5 {
+        fields.push((format!("{HA1_MD5}{realm}"), h.clone()));
+    }
+    if let Some(h) = &creds.ha1_sha256 {
+        fields.push((format!("{HA1_SHA256}{realm}"), h.clone()));
+    }
+    fields
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

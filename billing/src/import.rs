@@ -23,10 +23,9 @@
 
 use std::collections::HashSet;
 
-use crate::account::{Aor, Kind, RealmCredentials, normalize_ha1};
+use crate::account::{Aor, Kind, RealmCredentials, ha1_fields, normalize_ha1, validate_realm};
 use crate::error::Error;
 use crate::money;
-use crate::store::{ha1_fields, validate_realm};
 use sipmsg::digest::Algorithm;
 
 /// The columns a file may have.

@@ -7,13 +7,13 @@ use sipmsg::digest::Algorithm;
 
 use super::{Store, now_ms, parse_field};
 use crate::account::{
-    Account, AccountSettings, Aor, Kind, RealmCredentials, Status, normalize_ha1,
+    Account, AccountSettings, Aor, Kind, RealmCredentials, Status, ha1_fields, normalize_ha1,
+    validate_realm,
 };
 use crate::error::Error;
 use crate::money;
 
-const HA1_MD5: &str = "ha1:md5:";
-const HA1_SHA256: &str = "ha1:sha256:";
+use crate::account::{HA1_MD5, HA1_SHA256};
 
 /// Creates an account unless it exists; with `force`, replaces the credentials of an existing
 /// one but keeps its status (a password reset must not unblock), creation time and balance.
@@ -539,16 +539,6 @@ fn check_amount(what: &'static str, micros: i64) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn validate_realm(realm: &str) -> Result<(), Error> {
-    if realm.is_empty() || realm.chars().any(char::is_control) {
-        return Err(Error::InvalidInput {
-            what: "--realm",
-            reason: format!("{realm:?} must be non-empty without control characters"),
-        });
-    }
-    Ok(())
-}
-
 /// The realms to create credentials for: as given (deduplicated), or the AOR's domain.
 fn realm_list(aor: &Aor, realms: &[String]) -> Result<Vec<String>, Error> {
     if realms.is_empty() {
@@ -562,17 +552,6 @@ fn realm_list(aor: &Aor, realms: &[String]) -> Result<Vec<String>, Error> {
         }
     }
     Ok(out)
-}
-
-pub(crate) fn ha1_fields(realm: &str, creds: &RealmCredentials) -> Vec<(String, String)> {
-    let mut fields = Vec::with_capacity(2);
-    if let Some(h) = &creds.ha1_md5 {
-        fields.push((format!("{HA1_MD5}{realm}"), h.clone()));
-    }
-    if let Some(h) = &creds.ha1_sha256 {
-        fields.push((format!("{HA1_SHA256}{realm}"), h.clone()));
-    }
-    fields
 }
 
 /// Reads an account hash. Fields added with billing settings are optional so that accounts

@@ -29,8 +29,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub(crate) use accounts::{ha1_fields, validate_realm};
-
 use crate::account::Aor;
 use crate::config::BillingConfig;
 use crate::error::Error;
