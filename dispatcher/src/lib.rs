@@ -360,9 +360,20 @@ async fn serve_grpc(
 ) -> Result<(), Error> {
     info!("edge grpc listening on {addr}");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The standard gRPC health protocol (grpc.health.v1), open without the link secret so that
+    // probes need none: the edge serves from here until the stop, then says NOT_SERVING while
+    // the links finish.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EdgeServer<link::EdgeService>>().await;
+    let mut watch_stop = stop.clone();
+    tokio::spawn(async move {
+        stopped(&mut watch_stop).await;
+        health.set_not_serving::<EdgeServer<link::EdgeService>>().await;
+    });
     Server::builder()
         .http2_keepalive_interval(Some(LINK_KEEPALIVE))
         .http2_keepalive_timeout(Some(LINK_KEEPALIVE))
+        .add_service(health_service)
         .add_service(EdgeServer::with_interceptor(link::EdgeService::new(ctx), require))
         .serve_with_incoming_shutdown(incoming, async move { stopped(&mut stop).await })
         .await?;

@@ -326,3 +326,30 @@ fn the_cli_lists_registrations_by_alias_and_a_kicked_phone_gets_no_call() -> Res
     alice.expect_none(Duration::from_millis(500), |m| m.method() == Some("INVITE"))?;
     cluster.check_all_running()
 }
+
+#[test]
+fn the_dispatcher_edge_answers_the_grpc_health_protocol_without_the_link_secret() -> Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let cluster = Cluster::start(ClusterOptions { processors: 1, ..ClusterOptions::default() })?;
+    let url = format!("http://{}", cluster.edge_addr());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+        let mut client = HealthClient::new(channel);
+        for service in ["", "sipalias.edge.v1.Edge"] {
+            let status = client
+                .check(HealthCheckRequest { service: service.into() })
+                .await
+                .with_context(|| format!("health of {service:?}"))?
+                .into_inner()
+                .status;
+            ensure!(status == ServingStatus::Serving as i32, "{service:?}: {status}");
+        }
+        let unknown = client.check(HealthCheckRequest { service: "no.such.Service".into() }).await;
+        ensure!(unknown.is_err_and(|s| s.code() == tonic::Code::NotFound), "unknown service");
+        Ok::<(), anyhow::Error>(())
+    })?;
+    cluster.check_all_running()
+}
