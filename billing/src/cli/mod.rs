@@ -269,6 +269,23 @@ pub enum CdrCommand {
         #[arg(long, value_name = "TIME", value_parser = time::parse)]
         until: Option<u64>,
     },
+    /// Export CDRs as CSV (the `list --csv` columns), all of them or a time range, to a file or
+    /// stdout; with --delete, remove exactly the exported ones from Redis once they are
+    /// written (CDRs in Redis otherwise grow without bound).
+    Export {
+        /// Only calls answered at or after this time (as for `list`).
+        #[arg(long, value_name = "TIME", value_parser = time::parse)]
+        since: Option<u64>,
+        /// Only calls answered before this time.
+        #[arg(long, value_name = "TIME", value_parser = time::parse)]
+        until: Option<u64>,
+        /// Write here (created or replaced) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Delete the exported CDRs from Redis after the CSV is written (and synced to disk).
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 fn amount(text: &str) -> Result<i64, String> {
@@ -339,7 +356,47 @@ pub async fn run(cli: Cli, config: BillingConfig) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Cdr(CdrCommand::Export { since, until, output, delete }) => {
+            let query = CdrQuery { limit: 0, aor: None, since_ms: since, until_ms: until };
+            export_cdrs(&config, query, output.as_deref(), delete).await
+        }
     }
+}
+
+/// `cdr export`: the CSV is written in full (a file also synced) before anything is
+/// deleted, and only the CDRs written are deleted; a failed write deletes nothing.
+async fn export_cdrs(
+    config: &BillingConfig,
+    query: CdrQuery,
+    output: Option<&Path>,
+    delete: bool,
+) -> Result<(), Error> {
+    use std::io::Write as _;
+    let store = Store::connect(config).await?;
+    let cdrs = store.list_cdrs(&query).await?;
+    let csv = report::cdrs_csv(&cdrs);
+    let written = match output {
+        Some(path) => std::fs::File::create(path).and_then(|mut f| {
+            f.write_all(csv.as_bytes())?;
+            f.sync_all()
+        }),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(csv.as_bytes()).and_then(|()| out.flush())
+        }
+    };
+    written.map_err(|e| Error::InvalidInput {
+        what: "--output",
+        reason: format!("CDRs not written ({e}); nothing deleted"),
+    })?;
+    let deleted = if delete {
+        let refs: Vec<String> = cdrs.iter().map(|c| c.call_ref.clone()).collect();
+        store.delete_cdrs(&refs).await?
+    } else {
+        0
+    };
+    eprintln!("{} CDRs exported, {deleted} deleted", cdrs.len());
+    Ok(())
 }
 
 async fn serve(config: BillingConfig, path: Option<PathBuf>) -> Result<(), Error> {

@@ -58,6 +58,22 @@ pub struct CdrQuery {
 }
 
 impl Store {
+    /// Deletes these CDRs and their index entries, a thousand per round trip; returns how
+    /// many records existed.
+    pub async fn delete_cdrs(&self, call_refs: &[String]) -> Result<usize, Error> {
+        let mut deleted = 0;
+        for chunk in call_refs.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for r in chunk {
+                pipe.del(self.cdr_key(r));
+            }
+            pipe.zrem(self.cdrs_key(), chunk).ignore();
+            let counts: Vec<usize> = pipe.query_async(&mut self.conn.clone()).await?;
+            deleted += counts.iter().sum::<usize>();
+        }
+        Ok(deleted)
+    }
+
     /// CDRs matching `query`, newest first (by answer time, or end time while no start is
     /// known).
     pub async fn list_cdrs(&self, query: &CdrQuery) -> Result<Vec<Cdr>, Error> {

@@ -280,3 +280,58 @@ async fn account_delete_removes_an_account_but_not_one_with_calls_in_progress() 
     let busy = Aor::parse("busy@example.com").expect("aor");
     assert!(env.store.account_usage(&busy).await.expect("usage").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdr_export_writes_a_time_range_and_deletes_exactly_what_it_wrote() {
+    let env = env("").await;
+    let cfg = config_file(&env);
+    ok(&cfg, &["account", "add", "--aor", "alice@example.com", "--password", "pw"]);
+    let alice = Aor::parse("alice@example.com").expect("aor");
+    // Three calls on 2025-11-27, 2025-11-28 and 2025-11-29 (noon UTC).
+    let day = 86_400_000_u64;
+    let t0 = 1_764_244_800_000_u64; // 2025-11-27T12:00:00Z
+    for (i, at) in [t0, t0 + day, t0 + 2 * day].into_iter().enumerate() {
+        let r = format!("exp-{i}");
+        env.store
+            .accounting_start(&start(&r, &alice, "bob@example.com", at), now())
+            .await
+            .expect("start");
+        env.store.accounting_stop(&stop(&r, at + 30_000), now()).await.expect("stop");
+    }
+    let file = env.dir.path().join("nov28.csv");
+    let path = file.to_str().expect("utf-8");
+    let (success, _, stderr) = billing(
+        &cfg,
+        &[
+            "cdr",
+            "export",
+            "--since",
+            "2025-11-28",
+            "--until",
+            "2025-11-29",
+            "--output",
+            path,
+            "--delete",
+        ],
+    );
+    assert!(success, "{stderr}");
+    assert!(stderr.contains("1 CDRs exported, 1 deleted"), "{stderr}");
+    let csv = std::fs::read_to_string(&file).expect("exported file");
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("exp-1,")), "{csv}");
+    // What was exported is gone; the other two remain.
+    let listed = ok(&cfg, &["cdr", "list", "--csv"]);
+    assert!(
+        listed.contains("exp-0,") && listed.contains("exp-2,") && !listed.contains("exp-1,"),
+        "{listed}"
+    );
+    // An unwritable output deletes nothing.
+    let (success, _, stderr) =
+        billing(&cfg, &["cdr", "export", "--output", "/nonexistent/dir/x.csv", "--delete"]);
+    assert!(!success && stderr.contains("nothing deleted"), "{stderr}");
+    assert_eq!(ok(&cfg, &["cdr", "list", "--csv"]).lines().count(), 3, "header and two CDRs");
+    // To stdout, without --delete: everything, and still there.
+    let all = ok(&cfg, &["cdr", "export"]);
+    assert_eq!(all.lines().count(), 3, "{all}");
+    assert_eq!(ok(&cfg, &["cdr", "list", "--csv"]).lines().count(), 3);
+}
