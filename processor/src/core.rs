@@ -290,6 +290,14 @@ impl Core {
         (&mut self.b2bua, cx)
     }
 
+    /// Ends answered call `call_ref` on an operator's order; `false` if it is not held here.
+    pub fn hang_up(&mut self, now: Now, call_ref: &str) -> bool {
+        let (b2bua, mut cx) = self.parts(now);
+        let ended = b2bua.hang_up(&mut cx, call_ref);
+        self.process_events(now);
+        ended
+    }
+
     /// When [`Core::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match (self.tx.poll_timeout(), self.b2bua.poll_timeout()) {

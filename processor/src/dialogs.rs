@@ -95,6 +95,25 @@ impl DialogStore {
             .map_err(|e| Error::Corrupt { key, detail: e.to_string() })
     }
 
+    /// Every answered call stored in Redis (the operator's `calls`), with `SCAN`.
+    pub async fn scan(&self) -> Result<Vec<DialogRecord>, Error> {
+        let mut conn = self.redis.clone();
+        let keys =
+            crate::location::scan_keys(&mut conn, &format!("{}dlg:{{*}}", self.prefix)).await?;
+        let mut out = Vec::new();
+        for chunk in keys.chunks(1000) {
+            let values: Vec<Option<String>> =
+                redis::cmd("MGET").arg(chunk).query_async(&mut conn).await?;
+            for (key, json) in chunk.iter().zip(values) {
+                let Some(json) = json else { continue };
+                let record = serde_json::from_str(&json)
+                    .map_err(|e| Error::Corrupt { key: key.clone(), detail: e.to_string() })?;
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     async fn apply(&self, op: &Op) -> Result<(), Error> {
         match op {
             Op::Save(r) => self.save(r, crate::clock::wall_ms()).await,

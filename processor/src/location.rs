@@ -208,35 +208,21 @@ impl Location {
     /// step, their hashes in one pipeline): for the operator's listings and the per-alias
     /// counts, never on the call path.
     pub async fn scan(&self, now_ms: u64) -> Result<Vec<(String, Binding)>, Error> {
-        let pattern = format!("{}loc:{{*}}", self.prefix);
         let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
+        let keys = scan_keys(&mut conn, &format!("{}loc:{{*}}", self.prefix)).await?;
         let mut out = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
+        for chunk in keys.chunks(1000) {
             let mut pipe = redis::pipe();
-            for k in &keys {
+            for k in chunk {
                 pipe.cmd("HGETALL").arg(k);
             }
-            let hashes: Vec<Vec<String>> =
-                if keys.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
-            for (key, raw) in keys.iter().zip(hashes) {
+            let hashes: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+            for (key, raw) in chunk.iter().zip(hashes) {
                 let Some(aor) = self.aor_of_key(key) else { continue };
                 for b in decode_pairs(key, &raw, now_ms)? {
                     out.push((aor.to_owned(), b));
                 }
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         out.sort_by(|a, b| (&a.0, &a.1.contact).cmp(&(&b.0, &b.1.contact)));
         Ok(out)
@@ -282,6 +268,27 @@ where
             op().await
         }
         other => other,
+    }
+}
+
+/// Every key matching `pattern`, with `SCAN` (a thousand per step): for operators' listings
+/// and counts, never on the call path.
+pub async fn scan_keys(conn: &mut ConnectionManager, pattern: &str) -> Result<Vec<String>, Error> {
+    let (mut cursor, mut out) = (0_u64, Vec::new());
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        out.extend(keys);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
     }
 }
 

@@ -2,7 +2,8 @@
 //! then drains (no new work; calls in setup finish, up to `drain_timeout_secs`) and stops.
 //! `sipalias-processor --check-config [--config FILE]` checks the configuration and exits.
 //! `sipalias-processor registrations [--aor A] [--alias IP] [--user-agent TEXT] [--json]` and
-//! `sipalias-processor kick --aor A [--contact URI]`: the cluster's registrations, for operators.
+//! `sipalias-processor kick --aor A [--contact URI]`: the cluster's registrations, for operators;
+//! `sipalias-processor calls [--json]` and `hangup --call REF`: its answered calls.
 //!
 //! The configuration file is `--config`, else `$SIPALIAS_CONFIG`; `SIPALIAS_PROCESSOR__*`
 //! variables override it. Logs go to stderr, filtered by `RUST_LOG` (default `info`). Exit
@@ -58,6 +59,20 @@ enum Admin {
         /// JSON (an array of objects) instead of a table, for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// List the answered calls (stored in Redis): reference, caller, callee, the IP the call
+    /// came in on, age.
+    Calls {
+        /// JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End an answered call: the processor holding it sends BYE to both phones and bills it
+    /// up to now. Fails when no running processor holds it within 3 s.
+    Hangup {
+        /// The call's reference, as `calls` lists it.
+        #[arg(long = "call", value_name = "REF")]
+        call_ref: String,
     },
     /// Remove the registrations of an AOR (or one of them): the phone gets no call until it
     /// registers again.
@@ -133,6 +148,14 @@ fn admin(config: &ProcessorConfig, command: Admin) -> ExitCode {
                     sipalias_processor::registrations::Filter { aor, ip: alias, user_agent };
                 let text = sipalias_processor::admin::registrations(config, &filter, json).await?;
                 print!("{text}");
+            }
+            Admin::Calls { json } => {
+                print!("{}", sipalias_processor::admin::calls(config, json).await?);
+            }
+            Admin::Hangup { call_ref } => {
+                let wait = std::time::Duration::from_secs(3);
+                let by = sipalias_processor::admin::hang_up(config, &call_ref, wait).await?;
+                println!("call {call_ref} ended by {by}");
             }
             Admin::Kick { aor, contact } => {
                 let n = sipalias_processor::admin::kick(config, &aor, contact.as_deref()).await?;

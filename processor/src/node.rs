@@ -460,6 +460,56 @@ impl Node {
         Ok(())
     }
 
+    /// Until stopped, takes operator orders from the cluster's admin channel in Redis
+    /// (`<prefix>admin`, [`crate::admin`]): `hangup <call_ref> <reply channel>` ends the call
+    /// if this processor holds it and says so on the reply channel. Reconnects after Redis
+    /// trouble.
+    pub async fn run_admin(self: Arc<Self>, mut stopping: Stopping) {
+        let channel = crate::admin::channel(&self.config.key_prefix);
+        loop {
+            let listened = stopping.run_until(self.listen_admin(&channel)).await;
+            match listened {
+                None => return,
+                Some(Err(e)) => tracing::debug!(error = %e, "admin channel lost; reconnecting"),
+                Some(Ok(())) => {}
+            }
+            // Backoff between reconnection attempts, not synchronisation.
+            if stopping
+                .run_until(tokio::time::sleep(std::time::Duration::from_secs(1)))
+                .await
+                .is_none()
+            {
+                return;
+            }
+        }
+    }
+
+    async fn listen_admin(self: &Arc<Self>, channel: &str) -> Result<(), Error> {
+        use futures::StreamExt as _;
+        let client = redis::Client::open(self.config.redis_url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(text) = msg.get_payload::<String>() else { continue };
+            let Some((call_ref, reply)) = crate::admin::parse_hangup(&text) else {
+                tracing::debug!(order = %text.escape_debug(), "unknown admin order ignored");
+                continue;
+            };
+            let mut ended = false;
+            self.with_core(|core, now| ended = core.hang_up(now, call_ref));
+            if ended {
+                let mut conn = self.location.redis();
+                let _: Result<i64, _> = redis::cmd("PUBLISH")
+                    .arg(reply)
+                    .arg(&self.config.id)
+                    .query_async(&mut conn)
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether nothing is being set up: no REGISTER or call setup in flight and no call ringing.
     /// Answered calls do not count: they live on in Redis for whoever gets their next request.
     pub fn is_idle(&self) -> bool {

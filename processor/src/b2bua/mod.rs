@@ -153,6 +153,9 @@ pub struct B2bua {
     ack_window: std::time::Duration,
 }
 
+/// Reason header of the BYEs sent when an operator hangs a call up.
+pub const ADMIN_REASON: &str = "SIP;cause=200;text=\"Call ended by the operator\"";
+
 /// Reason header of the BYEs sent when billing's maximum duration is reached.
 pub const CUTOFF_REASON: &str = "SIP;cause=200;text=\"Maximum call duration reached\"";
 
@@ -285,6 +288,21 @@ impl B2bua {
     /// When [`B2bua::handle_deadlines`] must next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Ends the answered call `call_ref` on an operator's order: BYE to both legs with a
+    /// `Reason` header, accounting stop with cause `admin`. `false` if no such answered call is
+    /// held here.
+    pub fn hang_up(&mut self, cx: &mut Ctx<'_>, call_ref: &str) -> bool {
+        let Some((&call, c)) = self.calls.iter().find(|(_, c)| c.call_ref == call_ref) else {
+            return false;
+        };
+        let (CallState::Answered, Some(w)) = (c.state, c.winner) else { return false };
+        tracing::info!(%call_ref, "operator hang-up");
+        self.send_bye(cx, call, Side::A, ADMIN_REASON);
+        self.send_bye(cx, call, Side::B(w), ADMIN_REASON);
+        self.end_call(cx, call, "admin");
+        true
     }
 
     /// Cuts off answered calls that reached their maximum duration: BYE to both legs with a

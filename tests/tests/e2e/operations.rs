@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use sipalias_tests::cluster::{ALIAS2_REALM, Cluster, ClusterOptions, Service};
 use sipalias_tests::http::{get, metric_sum, wait_status};
-use sipalias_tests::phone::{Phone, next_loopback_ip};
+use sipalias_tests::phone::{Phone, Server, next_loopback_ip};
 
 use super::{WAIT, complete_call, registered};
 
@@ -142,6 +142,17 @@ fn a_dispatcher_without_processors_is_alive_but_not_ready() -> Result<()> {
     ensure!(why == "not ready: no processor linked\n", "{why:?}");
     ensure!(get(dispatcher, "/healthz")?.0 == 200);
     Ok(())
+}
+
+/// A cluster with alice registered through alias 127.0.0.2 and bob through the main IP.
+fn alice_on_the_alias_bob_on_the_main_ip() -> Result<(Cluster, Server, Phone, Phone)> {
+    let cluster = Cluster::start(ClusterOptions::default())?;
+    cluster.add_account("alice", "pw-alice")?;
+    cluster.add_account("bob", "pw-bob")?;
+    let alias = cluster.alias2();
+    let alice = registered(&alias, "alice", "pw-alice")?;
+    let bob = registered(&cluster.main(), "bob", "pw-bob")?;
+    Ok((cluster, alias, alice, bob))
 }
 
 /// The `WWW-Authenticate` nonce of a 401.
@@ -284,12 +295,7 @@ fn json_logs_feed_the_json_filter_and_sighup_changes_the_log_level() -> Result<(
 
 #[test]
 fn the_cli_lists_registrations_by_alias_and_a_kicked_phone_gets_no_call() -> Result<()> {
-    let cluster = Cluster::start(ClusterOptions::default())?;
-    cluster.add_account("alice", "pw-alice")?;
-    cluster.add_account("bob", "pw-bob")?;
-    let alias = cluster.alias2();
-    let mut alice = registered(&alias, "alice", "pw-alice")?;
-    let mut bob = registered(&cluster.main(), "bob", "pw-bob")?;
+    let (cluster, alias, mut alice, mut bob) = alice_on_the_alias_bob_on_the_main_ip()?;
 
     let table = cluster.processor_cli(&["registrations", "--alias", "127.0.0.2"])?;
     ensure!(table.lines().count() == 2, "header and alice only: {table}");
@@ -351,5 +357,59 @@ fn the_dispatcher_edge_answers_the_grpc_health_protocol_without_the_link_secret(
         ensure!(unknown.is_err_and(|s| s.code() == tonic::Code::NotFound), "unknown service");
         Ok::<(), anyhow::Error>(())
     })?;
+    cluster.check_all_running()
+}
+
+#[test]
+fn the_cli_lists_a_call_up_by_its_alias_and_hangs_it_up() -> Result<()> {
+    let (cluster, alias, mut alice, mut bob) = alice_on_the_alias_bob_on_the_main_ip()?;
+    let offer = sipalias_tests::phone::sdp("alice", alice.addr().ip(), 40_000);
+    let mut call = alice.invite(&alias, "bob", &offer)?;
+    let invite = bob.recv_request("INVITE", WAIT)?;
+    bob.answer(&invite, 200, "OK", &sipalias_tests::phone::sdp("bob", bob.addr().ip(), 50_000))?;
+    ensure!(alice.final_response(&mut call, WAIT)?.msg.status() == Some(200));
+    alice.ack(&call)?;
+    bob.recv_request("ACK", WAIT)?;
+
+    // The call is stored once answered (written in order, asynchronously): poll the listing.
+    let deadline = std::time::Instant::now() + WAIT;
+    let rows = loop {
+        let json = cluster.processor_cli(&["calls", "--json"])?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&json)?;
+        if !rows.is_empty() || std::time::Instant::now() >= deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(rows.len() == 1, "{rows:?}");
+    let row = &rows[0];
+    ensure!(
+        row["caller"] == "alice@sip.example.net" && row["callee"] == "bob@sip.example.net",
+        "{row}"
+    );
+    ensure!(row["ingress_ip"] == "127.0.0.2", "the call came in through the alias: {row}");
+    let call_ref = row["call_ref"].as_str().context("call_ref")?.to_owned();
+    let table = cluster.processor_cli(&["calls"])?;
+    ensure!(table.contains(&call_ref) && table.contains("127.0.0.2"), "{table}");
+
+    let ended = cluster.processor_cli(&["hangup", "--call", &call_ref])?;
+    ensure!(ended.starts_with(&format!("call {call_ref} ended by p")), "{ended}");
+    for phone in [&mut alice, &mut bob] {
+        let bye = phone.recv_request("BYE", WAIT)?;
+        ensure!(
+            bye.msg.header("reason").is_some_and(|r| r.contains("ended by the operator")),
+            "{}",
+            bye.summary()
+        );
+        phone.respond(&bye, 200, "OK", None)?;
+    }
+    // Gone: not listed, and a second hang-up finds nobody holding it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while cluster.processor_cli(&["calls", "--json"])?.trim() != "[]" {
+        ensure!(std::time::Instant::now() < deadline, "the call is still listed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(cluster.processor_cli(&["hangup", "--call", &call_ref]).is_err());
+    ensure!(cluster.processor_cli(&["hangup", "--call", "x y"]).is_err(), "hostile reference");
     cluster.check_all_running()
 }
