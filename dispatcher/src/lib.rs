@@ -274,6 +274,16 @@ async fn serve(
             async move { if linked { Ok(()) } else { Err("no processor linked".into()) } }
         });
         let metrics = sipalias_ops::install_metrics();
+        let (state_ctx, mut state_stop) = (Arc::clone(&ctx), stop.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(telemetry::STATE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => telemetry::record_state(&state_ctx, Instant::now()),
+                    () = stopped(&mut state_stop) => return Ok(()),
+                }
+            }
+        });
         let mut stop = stop.clone();
         tasks.spawn(async move {
             let stopped = async move {

@@ -158,6 +158,12 @@ impl Streams {
 
     /// Removes a connection from the table (no more `Send`s reach it). Returns whether it was
     /// still there.
+    /// Connections open now: (accepted from phones, opened toward phones).
+    pub(crate) fn connections(&self) -> (usize, usize) {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        (table.by_id.len() - table.outbound, table.outbound)
+    }
+
     pub(crate) fn remove(&self, id: u64) -> bool {
         let mut table = self.table();
         let Some(entry) = table.by_id.remove(&id) else { return false };

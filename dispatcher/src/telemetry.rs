@@ -53,3 +53,40 @@ pub(crate) fn received(local: SocketAddr, transport: Transport, keys: &Scan<'_>)
 pub(crate) fn processors_linked(n: usize) {
     metrics::gauge!("sipalias_processors_linked").set(n as f64);
 }
+
+/// How often [`record_state`] runs: gauges of what the dispatcher holds.
+pub(crate) const STATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the dispatcher holds, as gauges: each linked processor's load as it reported it
+/// (`sipalias_processor_transactions`, `_dialogs`, `_draining`, `_routed` by `processor`),
+/// TCP/TLS connections by direction, bans in force, and the guard's counters.
+pub(crate) fn record_state(ctx: &crate::Context, now: std::time::Instant) {
+    for p in ctx.router.members.status() {
+        let id = p.id.clone();
+        metrics::gauge!("sipalias_processor_transactions", "processor" => id.clone())
+            .set(f64::from(p.transactions));
+        metrics::gauge!("sipalias_processor_dialogs", "processor" => id.clone())
+            .set(f64::from(p.dialogs));
+        metrics::gauge!("sipalias_processor_draining", "processor" => id.clone())
+            .set(if p.draining { 1.0 } else { 0.0 });
+        metrics::counter!("sipalias_processor_routed_total", "processor" => id).absolute(p.routed);
+    }
+    let (accepted, opened) = ctx.streams.connections();
+    metrics::gauge!("sipalias_connections", "direction" => "accepted").set(accepted as f64);
+    metrics::gauge!("sipalias_connections", "direction" => "opened").set(opened as f64);
+    let guard = &ctx.router.guard;
+    metrics::gauge!("sipalias_bans").set(guard.list(now).len() as f64);
+    let c = &guard.counters;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    for (what, n) in [
+        ("banned-source", load(&c.dropped_banned)),
+        ("scanner", load(&c.dropped_scanners)),
+        ("admission-503", load(&c.shed)),
+        ("denied-destination", load(&c.denied_destinations)),
+    ] {
+        metrics::counter!("sipalias_guard_total", "what" => what).absolute(n);
+    }
+    metrics::counter!("sipalias_bans_started_total", "by" => "rate").absolute(load(&c.rate_bans));
+    metrics::counter!("sipalias_bans_started_total", "by" => "processor")
+        .absolute(load(&c.processor_bans));
+}

@@ -60,6 +60,11 @@ fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result
     ensure!(received("127.0.0.1", "2xx") >= 1.0, "main-IP responses: {edge}");
     ensure!(received("127.0.0.1", "INVITE") == 0.0, "no INVITE arrived on the main IP: {edge}");
     ensure!(metric_sum(&edge, "sipalias_processors_linked", &[]) == 2.0, "{edge}");
+    // The state gauges (recorded every few seconds, the first time at start).
+    for gauge in ["sipalias_bans", "sipalias_connections"] {
+        ensure!(edge.lines().any(|l| l.starts_with(gauge)), "no {gauge}: {edge}");
+    }
+    ensure!(metric_sum(&edge, "sipalias_bans", &[]) == 0.0, "{edge}");
 
     let procs = processors_metrics(&cluster, 2)?;
     let finals = |ip: &str, method: &str, status: &str| {
