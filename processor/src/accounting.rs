@@ -130,6 +130,10 @@ impl Accounting {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
+            let mut conn = self.redis.clone();
+            if let Ok(n) = redis::cmd("XLEN").arg(&self.key).query_async::<u64>(&mut conn).await {
+                crate::telemetry::accounting_queue(n);
+            }
             match self.drain_once().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(delivered = n, "queued accounting delivered"),

@@ -113,7 +113,10 @@ impl Billing {
     where
         F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let answered = tokio::time::timeout(self.timeout, fut).await;
+        crate::telemetry::billing_call(what, started.elapsed(), matches!(answered, Ok(Ok(_))));
+        match answered {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(Error::Billing {
                 call: what,

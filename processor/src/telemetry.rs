@@ -65,3 +65,17 @@ pub fn shed(why: &'static str) {
 pub fn bindings(ip: std::net::IpAddr, n: u64) {
     metrics::gauge!("sipalias_bindings", "ip" => ip.to_string()).set(n as f64);
 }
+
+/// One call to billing (`what`: the RPC name): its latency, and whether it failed (an error
+/// status or no answer within the deadline). The billing outage state is the error rate.
+pub fn billing_call(what: &'static str, took: Duration, ok: bool) {
+    metrics::histogram!("sipalias_billing_call_seconds", "call" => what).record(took.as_secs_f64());
+    if !ok {
+        metrics::counter!("sipalias_billing_errors_total", "call" => what).increment(1);
+    }
+}
+
+/// Accounting events waiting in Redis for billing to come back (cluster-wide queue).
+pub fn accounting_queue(n: u64) {
+    metrics::gauge!("sipalias_accounting_queue").set(n as f64);
+}

@@ -80,6 +80,11 @@ fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result
     ensure!(finals("127.0.0.2", "INVITE", "200") == 1.0, "alias INVITE 200: {procs}");
     ensure!(finals("127.0.0.1", "INVITE", "200") == 0.0, "{procs}");
     ensure!(
+        metric_sum(&procs, "sipalias_billing_call_seconds_count", &[("call", "Authorize")]) == 1.0,
+        "one authorization: {procs}"
+    );
+    ensure!(metric_sum(&procs, "sipalias_billing_errors_total", &[]) == 0.0, "{procs}");
+    ensure!(
         metric_sum(&procs, "sipalias_call_setup_seconds_count", &[("ip", "127.0.0.2")]) >= 2.0,
         "setup latency recorded for the challenged and the authorized INVITE: {procs}"
     );
