@@ -89,6 +89,7 @@ pub async fn run(
     tasks.spawn(node.clone().run_keepalives(stop.stopping()));
     tasks.spawn(node.clone().run_binding_stats(stop.stopping()));
     tasks.spawn(node.clone().run_admin(stop.stopping()));
+    tasks.spawn(node.clone().run_load_gauges(stop.stopping()));
     tasks.spawn(node.accounting().clone().run_drain(Duration::from_secs(1), stop.stopping()));
     for url in &config.dispatchers {
         tasks.spawn(edge::maintain(node.clone(), url.clone(), stop.stopping()));

@@ -210,9 +210,6 @@ impl Node {
             let mut core = self.lock();
             core.set_setup_in_flight(self.in_flight.load(std::sync::atomic::Ordering::SeqCst));
             f(&mut core, Now::read());
-            let (client, server, calls) = core.load();
-            let setups = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-            telemetry::load(client, server, calls, setups);
             let mut t = Vec::new();
             while let Some(x) = core.poll_transmit() {
                 t.push(x);
@@ -421,6 +418,20 @@ impl Node {
             if let Err(e) = self.binding_stats(secs * 1000).await {
                 tracing::debug!(error = %e, "registration counts not updated");
             }
+        }
+    }
+
+    /// Until stopped, with `metrics_listen`, records what the processor holds every few seconds
+    /// (off the per-message path).
+    pub async fn run_load_gauges(self: Arc<Self>, mut stopping: Stopping) {
+        if self.config.metrics_listen.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(telemetry::LOAD_INTERVAL);
+        while stopping.run_until(tick.tick()).await.is_some() {
+            let (client, server, calls) = self.load();
+            let setups = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            telemetry::load(client, server, calls, setups);
         }
     }
 

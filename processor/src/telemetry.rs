@@ -47,6 +47,9 @@ pub fn call_setup(local: &LocalAddr, took: Duration) {
         .record(took.as_secs_f64());
 }
 
+/// How often [`load`] is recorded.
+pub const LOAD_INTERVAL: Duration = Duration::from_secs(5);
+
 /// What the processor holds: client and server transactions, calls, setups in flight.
 pub fn load(client: usize, server: usize, calls: usize, setups: usize) {
     metrics::gauge!("sipalias_transactions", "side" => "client").set(client as f64);
