@@ -68,6 +68,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
 /// Default of `dispatcher.tls_reload_secs`.
 pub const DEFAULT_TLS_RELOAD_SECS: u64 = 5;
+/// Default of `dispatcher.socket_drain_secs`: long enough for the calls of a busy hour's
+/// usual length to end through a removed alias, short enough that it is soon truly gone.
+pub const DEFAULT_SOCKET_DRAIN_SECS: u64 = 300;
+/// Longest `dispatcher.socket_drain_secs` accepted: a day.
+pub const MAX_SOCKET_DRAIN_SECS: u64 = 86_400;
 
 /// Default of `dispatcher.source_rate_limit`: messages a second from one source. A phone sends
 /// a few a minute, an office of a hundred behind one NAT a few a second; floods and password
@@ -124,6 +129,11 @@ pub struct DispatcherConfig {
     /// Log filter (`dispatcher.log_level`, `RUST_LOG` syntax, default `info`); `RUST_LOG`
     /// overrides it at start, and SIGHUP re-reads it from the file.
     pub log_level: String,
+    /// How long a socket removed from the configuration at runtime (SIGHUP) keeps serving
+    /// what is under way before it is closed (`dispatcher.socket_drain_secs`, default 300):
+    /// a UDP socket for exactly this long, a TCP or TLS socket until its last connection has
+    /// closed or this has passed. It accepts no new connection meanwhile.
+    pub socket_drain: Duration,
 }
 
 /// Limits and timeouts of TCP and TLS connections, and outbound TLS; top-level keys of
@@ -216,6 +226,21 @@ pub(crate) struct SocketEntry {
     pub(crate) key: String,
 }
 
+impl SocketEntry {
+    /// The entry as `Welcome` announces it.
+    pub(crate) fn local_socket(&self) -> LocalSocket {
+        LocalSocket {
+            ip: self.addr.ip().to_string(),
+            port: u32::from(self.addr.port()),
+            transport: self.transport.into(),
+            alias: self.alias,
+            domain: self.domain.clone(),
+            realm: self.realm.clone(),
+            digest_algorithms: self.digest_algorithms.clone(),
+        }
+    }
+}
+
 impl DispatcherConfig {
     /// Loads the configuration: defaults, then the `[dispatcher]` table of the TOML file at
     /// `path` (which must exist when given), then `SIPALIAS_DISPATCHER__<KEY>` environment
@@ -292,6 +317,13 @@ impl DispatcherConfig {
                 ));
             }
         }
+        let drain = self.socket_drain.as_secs();
+        if drain == 0 || drain > MAX_SOCKET_DRAIN_SECS {
+            return Err(key_error(
+                "socket_drain_secs",
+                format!("must be between 1 and {MAX_SOCKET_DRAIN_SECS}"),
+            ));
+        }
         self.streams.validate()?;
         let mut ips: HashMap<IpAddr, String> = HashMap::new();
         for (key, site) in self.sites() {
@@ -342,18 +374,7 @@ impl DispatcherConfig {
     /// `extra_tcp_ports`, `tls_port`, `extra_tls_ports` (each transport only if the IP serves
     /// it). This is what a processor receives in `Welcome`.
     pub fn sockets(&self) -> Vec<LocalSocket> {
-        self.socket_entries()
-            .into_iter()
-            .map(|e| LocalSocket {
-                ip: e.addr.ip().to_string(),
-                port: u32::from(e.addr.port()),
-                transport: e.transport.into(),
-                alias: e.alias,
-                domain: e.domain,
-                realm: e.realm,
-                digest_algorithms: e.digest_algorithms,
-            })
-            .collect()
+        self.socket_entries().iter().map(SocketEntry::local_socket).collect()
     }
 
     /// The UDP addresses to bind, in socket-table order.
@@ -600,6 +621,8 @@ struct RawConfig {
     max_connections_per_ip: usize,
     #[serde(default = "default_tls_reload_secs")]
     tls_reload_secs: u64,
+    #[serde(default = "default_socket_drain_secs")]
+    socket_drain_secs: u64,
     #[serde(default)]
     tls_verify_peer: bool,
     tls_ca_file: Option<PathBuf>,
@@ -696,6 +719,9 @@ fn default_max_connections_per_ip() -> usize {
 fn default_tls_reload_secs() -> u64 {
     DEFAULT_TLS_RELOAD_SECS
 }
+fn default_socket_drain_secs() -> u64 {
+    DEFAULT_SOCKET_DRAIN_SECS
+}
 
 impl RawConfig {
     fn resolve(self) -> Result<DispatcherConfig, Error> {
@@ -764,6 +790,7 @@ impl RawConfig {
                 })
                 .collect::<Result<_, _>>()?,
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
+            socket_drain: Duration::from_secs(self.socket_drain_secs),
             streams: StreamLimits {
                 max_message_size: self.max_message_size,
                 idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
@@ -923,6 +950,7 @@ mod tests {
         assert_eq!(c.grpc_listen.to_string(), DEFAULT_GRPC_LISTEN);
         assert_eq!(c.retry_after_secs, DEFAULT_RETRY_AFTER_SECS);
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(6));
+        assert_eq!(c.socket_drain, Duration::from_secs(300));
         assert_eq!(c.main.udp_port, DEFAULT_UDP_PORT);
         assert_eq!((c.main.tcp_port, c.main.tls_port), (DEFAULT_TCP_PORT, DEFAULT_TLS_PORT));
         assert_eq!(
@@ -1059,6 +1087,14 @@ mod tests {
             (
                 minimal("source_rate_ban_secs = 86401"),
                 "dispatcher.source_rate_ban_secs: must be between 1 and 86400",
+            ),
+            (
+                minimal("socket_drain_secs = 0"),
+                "dispatcher.socket_drain_secs: must be between 1 and 86400",
+            ),
+            (
+                minimal("socket_drain_secs = 9223372036854775807"),
+                "dispatcher.socket_drain_secs: must be between 1 and 86400",
             ),
             (
                 minimal("rate_limit_exempt = [\"10.0.0.0/8\", \"10.0.0.0/33\"]"),

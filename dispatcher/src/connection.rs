@@ -115,6 +115,8 @@ pub(crate) struct Admitted {
     pub(crate) info: ConnInfo,
     pub(crate) rx: mpsc::Receiver<Outgoing>,
     pub(crate) tx: mpsc::Sender<Outgoing>,
+    /// Turns true when its socket closes (removed by a SIGHUP and drained).
+    pub(crate) closing: tokio::sync::watch::Receiver<bool>,
     pub(crate) entry: EntryGuard,
 }
 
@@ -177,7 +179,7 @@ pub(crate) async fn run<S>(admitted: Admitted, stream: S)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let Admitted { info, mut rx, tx, entry } = admitted;
+    let Admitted { info, mut rx, tx, mut closing, entry } = admitted;
     let ctx = std::sync::Arc::clone(&entry.ctx);
     let write_limit = ctx.streams.limits.message_timeout;
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -192,6 +194,10 @@ where
             Ok(()) => "write queue closed".to_owned(),
         }),
         () = crate::stopped(&mut stop) => End::abrupt("dispatcher shutting down".to_owned()),
+        () = crate::stopped(&mut closing) => End::abrupt(format!(
+            "socket {} removed from the configuration and drained",
+            info.socket
+        )),
     };
     drop(reader);
     // From here no `Send` reaches this connection; the writer ends once the queue is drained.

@@ -37,6 +37,12 @@ impl Destinations {
         }
     }
 
+    /// Adds the dispatcher's own SIP sockets (a SIGHUP added some). Never removed: an address
+    /// that was ours is not a phone's.
+    pub(crate) fn add_own(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        self.own.write().unwrap_or_else(|p| p.into_inner()).extend(addrs);
+    }
+
     /// Why sending to `remote` is refused, if it is.
     pub(crate) fn check(&self, remote: SocketAddr) -> Result<(), String> {
         let ip = remote.ip();

@@ -33,7 +33,7 @@ pub(crate) async fn execute(
     if transport == Transport::Udp {
         let socket = ctx
             .sockets
-            .get(local)
+            .udp(local)
             .ok_or_else(|| refused(format!("no local socket {local}/udp")))?;
         socket
             .send_to(&send.message, remote)
@@ -41,7 +41,7 @@ pub(crate) async fn execute(
             .map_err(|e| refused(format!("send from {local}/udp to {remote} failed: {e}")))?;
         return Ok(());
     }
-    if !ctx.streams.owns(local, transport) {
+    if !ctx.sockets.owns_stream(local, transport) {
         return Err(refused(format!("no local socket {local}/{}", transport_name(transport))));
     }
     let out = Outgoing {

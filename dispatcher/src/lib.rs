@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sipalias_proto::edge::Transport;
 use sipalias_proto::edge::edge_server::EdgeServer;
-use sipalias_proto::edge::{LocalSocket, Transport};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -40,6 +40,7 @@ mod ingress;
 mod link;
 pub mod membership;
 pub mod route;
+mod sockets;
 pub mod status;
 mod stream;
 mod telemetry;
@@ -120,10 +121,23 @@ pub async fn run(
     config: DispatcherConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    run_reloading(config, mpsc::channel(1).1, shutdown).await
+}
+
+/// As [`run`], and applies every configuration received on `reloads` (what the binary does
+/// on SIGHUP): the main IP, the aliases and their ports change without a restart — new
+/// sockets bound, removed ones drained then closed, processors told. A configuration that
+/// cannot be applied (invalid, a socket that cannot be bound, a bad certificate) changes
+/// nothing and is logged.
+pub async fn run_reloading(
+    config: DispatcherConfig,
+    reloads: mpsc::Receiver<DispatcherConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     config.validate()?;
     let tls = Tls::load(&config)?;
     let listeners = Listeners::bind(&config).await?;
-    serve(config, tls, listeners, shutdown).await
+    serve(config, tls, listeners, reloads, shutdown).await
 }
 
 /// Checks a configuration as start-up would, binding nothing: every value, and the
@@ -146,7 +160,7 @@ pub async fn run_with(
 ) -> Result<(), Error> {
     config.validate()?;
     let tls = Tls::load(&config)?;
-    serve(config, tls, listeners, shutdown).await
+    serve(config, tls, listeners, mpsc::channel(1).1, shutdown).await
 }
 
 /// Both sides of TLS, read from the configuration before anything is bound.
@@ -168,64 +182,57 @@ async fn serve(
     config: DispatcherConfig,
     tls: Tls,
     listeners: Listeners,
+    reloads: mpsc::Receiver<DispatcherConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let mut sockets = udp::Sockets::default();
+    let entries = config.socket_entries();
+    let mut udp: HashMap<SocketAddr, UdpSocket> = HashMap::new();
     for socket in listeners.udp {
         let addr = socket
             .local_addr()
             .map_err(|e| Error::Listeners(format!("cannot read a udp socket's address: {e}")))?;
-        if sockets.get(addr).is_some() {
+        if udp.insert(addr, socket).is_some() {
             return Err(Error::Listeners(format!("two udp sockets bound to {addr}")));
         }
-        sockets.insert(addr, Arc::new(socket));
     }
-    let entries = config.socket_entries();
-    let udp_entries: Vec<_> = entries.iter().filter(|e| e.transport == Transport::Udp).collect();
-    for entry in &udp_entries {
-        if sockets.get(entry.addr).is_none() {
-            return Err(Error::Listeners(format!(
-                "no udp socket bound to {} (dispatcher.{})",
-                entry.addr, entry.key
-            )));
-        }
-    }
-    if sockets.len() != udp_entries.len() {
-        return Err(Error::Listeners(format!(
-            "{} udp sockets given for {} udp socket-table entries",
-            sockets.len(),
-            udp_entries.len()
-        )));
-    }
-    let mut stream_listeners: HashMap<SocketAddr, (TcpListener, Transport)> = HashMap::new();
+    let mut streams: HashMap<SocketAddr, (TcpListener, Transport)> = HashMap::new();
     for (transport, list) in [(Transport::Tcp, listeners.tcp), (Transport::Tls, listeners.tls)] {
         for listener in list {
             let addr = listener.local_addr().map_err(|e| {
                 Error::Listeners(format!("cannot read a tcp listener's address: {e}"))
             })?;
-            if stream_listeners.insert(addr, (listener, transport)).is_some() {
+            if streams.insert(addr, (listener, transport)).is_some() {
                 return Err(Error::Listeners(format!("two tcp listeners bound to {addr}")));
             }
         }
     }
-    let stream_entries: Vec<_> = entries.iter().filter(|e| e.transport != Transport::Udp).collect();
-    for entry in &stream_entries {
+    let given = udp.len() + streams.len();
+    // Each entry takes its own socket, so none is left over when the counts match.
+    let mut bound = Vec::with_capacity(entries.len());
+    for entry in &entries {
         let name = wire::transport_name(entry.transport);
-        match stream_listeners.get(&entry.addr) {
-            Some((_, t)) if *t == entry.transport => {}
-            _ => {
-                return Err(Error::Listeners(format!(
-                    "no {name} listener bound to {} (dispatcher.{})",
-                    entry.addr, entry.key
-                )));
+        let socket = if entry.transport == Transport::Udp {
+            udp.remove(&entry.addr).map(|s| sockets::Bound::Udp(Arc::new(s)))
+        } else {
+            match streams.remove(&entry.addr) {
+                Some((listener, t)) if t == entry.transport => {
+                    Some(sockets::Bound::Stream(listener))
+                }
+                _ => None,
             }
-        }
+        };
+        let Some(socket) = socket else {
+            return Err(Error::Listeners(format!(
+                "no {name} socket bound to {} (dispatcher.{})",
+                entry.addr, entry.key
+            )));
+        };
+        bound.push((entry.clone(), socket));
     }
-    if stream_listeners.len() != stream_entries.len() {
+    if given != entries.len() {
         return Err(Error::Listeners(format!(
-            "{} tcp and tls listeners given for {} tcp and tls socket-table entries",
-            stream_listeners.len(),
-            stream_entries.len()
+            "{given} sockets given for {} socket-table entries",
+            entries.len()
         )));
     }
     let grpc_addr = listeners
@@ -234,7 +241,6 @@ async fn serve(
         .map_err(|e| Error::Listeners(format!("cannot read the grpc listener's address: {e}")))?;
 
     let (stop_tx, stop) = watch::channel(false);
-    let stream_sockets = stream_listeners.iter().map(|(addr, (_, t))| (*addr, *t)).collect();
     let ctx = Arc::new(Context {
         router: ingress::Router {
             dispatcher_id: config.id.clone(),
@@ -245,15 +251,8 @@ async fn serve(
         queue_depth: config.queue_depth,
         heartbeat_timeout: config.heartbeat_timeout,
         started: Instant::now(),
-        socket_table: config.sockets(),
-        sockets,
-        streams: stream::Streams::new(
-            &config.id,
-            config.streams.clone(),
-            stream_sockets,
-            tls.servers,
-            tls.client,
-        ),
+        sockets: sockets::Live::default(),
+        streams: stream::Streams::new(&config.id, config.streams.clone(), tls.servers, tls.client),
         destinations: destination::Destinations::new(
             config.destination_deny_networks.clone(),
             entries.iter().map(|e| e.addr).chain([config.grpc_listen, grpc_addr]),
@@ -294,24 +293,13 @@ async fn serve(
                 .map_err(|e| Error::Task(format!("ops listener: {e}")))
         });
     }
-    for entry in &entries {
-        let (ctx2, stop, addr) = (Arc::clone(&ctx), stop.clone(), entry.addr);
-        let name = wire::transport_name(entry.transport);
-        if entry.transport == Transport::Udp {
-            let Some(socket) = ctx.sockets.get(addr).cloned() else { continue };
-            info!("sip udp listening on {addr}");
-            tasks.spawn(async move {
-                udp::serve(ctx2, socket, addr, stop).await;
-                Ok(())
-            });
-        } else {
-            let Some((listener, transport)) = stream_listeners.remove(&addr) else { continue };
-            info!("sip {name} listening on {addr}");
-            tasks.spawn(async move {
-                stream::serve(ctx2, listener, addr, transport, stop).await;
-                Ok(())
-            });
-        }
+    {
+        let manager = sockets::Manager::new(Arc::clone(&ctx), config.clone(), bound);
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            manager.run(reloads, stop).await;
+            Ok(())
+        });
     }
     {
         let (ctx, stop, every) = (Arc::clone(&ctx), stop.clone(), config.streams.tls_reload);
@@ -405,9 +393,8 @@ pub(crate) struct Context {
     heartbeat_timeout: Duration,
     /// When serving began (the `Status` RPC reports uptime).
     started: Instant,
-    /// Sent in every `Welcome`.
-    socket_table: Vec<LocalSocket>,
-    sockets: udp::Sockets,
+    /// The SIP sockets in service (changed by a SIGHUP); `Welcome` carries them.
+    sockets: sockets::Live,
     /// TCP and TLS: listeners' sockets, open connections, certificates.
     streams: stream::Streams,
     /// Where sends may go.

@@ -19,8 +19,8 @@ use sipalias_proto::edge::edge_server::Edge;
 use sipalias_proto::edge::processor_message::Kind as PKind;
 use sipalias_proto::edge::{
     BanEntry, BansRequest, BansResponse, DispatcherMessage, LiftBan, LiftBanRequest,
-    LiftBanResponse, LinkedProcessor, ProcessorMessage, Send as SendMsg, StatusRequest,
-    StatusResponse, Welcome,
+    LiftBanResponse, LinkedProcessor, ProcessorMessage, Send as SendMsg, SocketState,
+    StatusRequest, StatusResponse, Transport, Welcome,
 };
 use sipmsg::net::Source;
 use sipmsg::scan::is_valid_node_id;
@@ -94,6 +94,25 @@ impl Edge for EdgeService {
             dispatcher_id: ctx.router.dispatcher_id.clone(),
             uptime_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             processors,
+            sockets: ctx
+                .sockets
+                .states()
+                .into_iter()
+                .map(|(socket, draining)| {
+                    let connections = match (socket.ip.parse(), u16::try_from(socket.port)) {
+                        (Ok(ip), Ok(port)) if socket.transport() != Transport::Udp => {
+                            let addr = std::net::SocketAddr::new(ip, port);
+                            ctx.streams.connections_on(addr, socket.transport())
+                        }
+                        _ => 0,
+                    };
+                    SocketState {
+                        socket: Some(socket),
+                        draining,
+                        connections: u32::try_from(connections).unwrap_or(u32::MAX),
+                    }
+                })
+                .collect(),
         }))
     }
 
@@ -180,12 +199,13 @@ async fn run_link(
         return;
     }
     let id: Arc<str> = Arc::from(hello.node_id);
+    let announced = ctx.sockets.announced();
     // At most a handful are meaningful; anything that is not an address is ignored.
     ctx.destinations.add_services(hello.services.iter().take(64).filter_map(|s| s.parse().ok()));
     let welcome = DispatcherMessage {
         kind: Some(DKind::Welcome(Welcome {
             dispatcher_id: ctx.router.dispatcher_id.clone(),
-            sockets: ctx.socket_table.clone(),
+            sockets: announced.clone(),
         })),
     };
     let (kick, mut kicked) = oneshot::channel();
@@ -224,6 +244,19 @@ async fn run_link(
     };
     if replaced {
         info!(%peer, "processor {id} reconnected: its previous, silent link is closed");
+    }
+    // A SIGHUP that changed the sockets between the welcome and the join announced the new
+    // table to the members of that moment, not to this one: it gets the table again. (The
+    // table is published before it is announced, so one of the two always carries it.)
+    let now = ctx.sockets.announced();
+    if now != announced {
+        let again = DispatcherMessage {
+            kind: Some(DKind::Welcome(Welcome {
+                dispatcher_id: ctx.router.dispatcher_id.clone(),
+                sockets: now,
+            })),
+        };
+        let _ = tx.try_send(again);
     }
     info!(%peer, capacity = hello.capacity, "processor {id} connected");
 

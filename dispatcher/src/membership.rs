@@ -112,6 +112,8 @@ pub struct ProcessorStatus {
     pub draining: bool,
     /// Messages routed to it since it linked.
     pub routed: u64,
+    /// Messages waiting in its link's queue now (of the dispatcher's `queue_depth`).
+    pub queued: usize,
 }
 
 /// Result of handing a message to the processor chosen by [`route::pick_draining`].
@@ -176,6 +178,7 @@ impl Membership {
                 dialogs: m.stats.dialogs.load(Ordering::Relaxed),
                 draining: m.draining,
                 routed: m.stats.routed.load(Ordering::Relaxed),
+                queued: m.tx.max_capacity() - m.tx.capacity(),
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));

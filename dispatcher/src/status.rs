@@ -5,7 +5,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use sipalias_proto::edge::{BansResponse, StatusResponse};
+use serde_json::{Value, json};
+use sipalias_proto::edge::{BansResponse, LocalSocket, SocketState, StatusResponse, Transport};
 
 /// The URL to query a dispatcher whose `grpc_listen` is `addr` (a wildcard address is reached
 /// over loopback).
@@ -104,6 +105,127 @@ pub fn render_bans(url: &str, bans: &BansResponse) -> String {
         .collect();
     out.push_str(&table(&header, &rows));
     out
+}
+
+/// The SIP sockets of one dispatcher (queried at `url`): a header line and a row per socket
+/// with its state and open connections.
+pub fn render_sockets(url: &str, status: &StatusResponse) -> String {
+    let draining = status.sockets.iter().filter(|s| s.draining).count();
+    let mut out = format!(
+        "dispatcher {} at {url}: {} socket{}",
+        status.dispatcher_id.escape_debug(),
+        status.sockets.len(),
+        if status.sockets.len() == 1 { "" } else { "s" }
+    );
+    if draining > 0 {
+        let _ = write!(out, " ({draining} draining)");
+    }
+    out.push('\n');
+    let header = ["IP", "PORT", "TRANSPORT", "KIND", "DOMAIN", "REALM", "STATE", "CONNECTIONS"];
+    let rows: Vec<[String; 8]> = status
+        .sockets
+        .iter()
+        .map(|s| {
+            let socket = s.socket.clone().unwrap_or_default();
+            [
+                socket.ip.escape_debug().to_string(),
+                socket.port.to_string(),
+                transport(&socket).to_owned(),
+                if socket.alias { "alias" } else { "main" }.to_owned(),
+                socket.domain.escape_debug().to_string(),
+                socket.realm.escape_debug().to_string(),
+                state(s).to_owned(),
+                s.connections.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&header, &rows));
+    out
+}
+
+fn transport(socket: &LocalSocket) -> &'static str {
+    match socket.transport() {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+        Transport::Unspecified => "?",
+    }
+}
+
+fn state(s: &SocketState) -> &'static str {
+    if s.draining { "draining" } else { "configured" }
+}
+
+/// One dispatcher's `Status` answer as JSON: its processors and its sockets.
+pub fn status_json(url: &str, status: &StatusResponse) -> Value {
+    let processors: Vec<Value> = status
+        .processors
+        .iter()
+        .map(|p| {
+            json!({
+                "id": p.node_id,
+                "peer": p.peer,
+                "connected_at_ms": p.connected_at_ms,
+                "last_seen_ms_ago": p.last_seen_ms_ago,
+                "transactions": p.transactions,
+                "dialogs": p.dialogs,
+                "draining": p.draining,
+                "routed": p.routed,
+                "capacity": p.capacity,
+            })
+        })
+        .collect();
+    let sockets: Vec<Value> = status
+        .sockets
+        .iter()
+        .map(|s| {
+            let socket = s.socket.clone().unwrap_or_default();
+            json!({
+                "ip": socket.ip,
+                "port": socket.port,
+                "transport": transport(&socket),
+                "alias": socket.alias,
+                "domain": socket.domain,
+                "realm": socket.realm,
+                "state": state(s),
+                "connections": s.connections,
+            })
+        })
+        .collect();
+    json!({
+        "dispatcher": url,
+        "id": status.dispatcher_id,
+        "uptime_ms": status.uptime_ms,
+        "processors": processors,
+        "sockets": sockets,
+    })
+}
+
+/// One dispatcher's `Bans` answer as JSON.
+pub fn bans_json(url: &str, bans: &BansResponse) -> Value {
+    let list: Vec<Value> = bans
+        .bans
+        .iter()
+        .map(|b| {
+            json!({
+                "source": b.source,
+                "reason": b.reason,
+                "remaining_ms": b.remaining_ms,
+                "dropped": b.dropped,
+            })
+        })
+        .collect();
+    json!({
+        "dispatcher": url,
+        "id": bans.dispatcher_id,
+        "bans": list,
+        "dropped_banned": bans.dropped_banned,
+        "dropped_scanners": bans.dropped_scanners,
+        "rate_bans": bans.rate_bans,
+        "processor_bans": bans.processor_bans,
+        "shed": bans.shed,
+        "denied_destinations": bans.denied_destinations,
+    })
 }
 
 /// Aligned columns: each cell padded to its column's widest, the last column unpadded.
@@ -215,6 +337,7 @@ mod tests {
             dispatcher_id: "d1".to_owned(),
             uptime_ms: 7_380_000,
             processors: vec![p("p1", false, 10_234), p("p2-long-name", true, 7)],
+            sockets: vec![],
         };
         let text = render("http://127.0.0.1:7070", &status);
         let expected = "\
@@ -225,12 +348,56 @@ p2-long-name  127.0.0.1:40001  2026-01-01 00:00:00    1.2 s ago  12            4
 ";
         assert_eq!(text, expected);
 
-        let empty =
-            StatusResponse { dispatcher_id: "d2".into(), uptime_ms: 5000, processors: vec![] };
+        let empty = StatusResponse {
+            dispatcher_id: "d2".into(),
+            uptime_ms: 5000,
+            processors: vec![],
+            sockets: vec![],
+        };
         assert_eq!(
             render("http://h:1", &empty),
             "dispatcher d2 at http://h:1: up 5s, 0 processors linked\n\
              no processor linked: requests are answered with 503\n"
         );
+    }
+
+    #[test]
+    fn sockets_show_their_state_and_hostile_names_are_escaped() {
+        let socket =
+            |ip: &str, port, transport: Transport, alias, draining, connections| SocketState {
+                socket: Some(LocalSocket {
+                    ip: ip.to_owned(),
+                    port,
+                    transport: transport.into(),
+                    alias,
+                    domain: "sip.example.net".to_owned(),
+                    realm: "old\u{1b}[2J".to_owned(),
+                    digest_algorithms: vec![],
+                }),
+                draining,
+                connections,
+            };
+        let status = StatusResponse {
+            dispatcher_id: "d1".to_owned(),
+            uptime_ms: 1000,
+            processors: vec![],
+            sockets: vec![
+                socket("127.0.0.1", 5060, Transport::Udp, false, false, 0),
+                socket("127.0.0.2", 5061, Transport::Tls, true, true, 3),
+            ],
+        };
+        let text = render_sockets("http://h:1", &status);
+        let expected = "\
+dispatcher d1 at http://h:1: 2 sockets (1 draining)
+IP         PORT  TRANSPORT  KIND   DOMAIN           REALM         STATE       CONNECTIONS
+127.0.0.1  5060  udp        main   sip.example.net  old\\u{1b}[2J  configured  0
+127.0.0.2  5061  tls        alias  sip.example.net  old\\u{1b}[2J  draining    3
+";
+        assert_eq!(text, expected);
+        let json = status_json("http://h:1", &status);
+        assert_eq!(json["sockets"][1]["state"], "draining");
+        assert_eq!(json["sockets"][1]["transport"], "tls");
+        assert_eq!(json["sockets"][0]["connections"], 0);
+        assert_eq!(json["id"], "d1");
     }
 }

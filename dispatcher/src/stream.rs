@@ -48,8 +48,6 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Streams {
     pub(crate) limits: StreamLimits,
-    /// The listening TCP and TLS sockets, by local address.
-    sockets: HashMap<SocketAddr, Transport>,
     pub(crate) tls: tls::Servers,
     /// Client side of connections the dispatcher opens over TLS.
     client: Arc<rustls::ClientConfig>,
@@ -90,13 +88,11 @@ impl Streams {
     pub(crate) fn new(
         dispatcher_id: &str,
         limits: StreamLimits,
-        sockets: HashMap<SocketAddr, Transport>,
         tls: tls::Servers,
         client: Arc<rustls::ClientConfig>,
     ) -> Self {
         Self {
             limits,
-            sockets,
             tls,
             client,
             table: Mutex::default(),
@@ -122,6 +118,10 @@ impl Streams {
         remote: SocketAddr,
         inbound: bool,
     ) -> Result<Admitted, String> {
+        // Watched by the connection: the socket closing (drained after a SIGHUP) ends it.
+        let Some(closing) = ctx.sockets.closing(socket) else {
+            return Err(format!("socket {socket} is closed"));
+        };
         let accepted = table.by_id.len() - table.outbound;
         if inbound && accepted >= self.limits.max_connections {
             return Err(format!(
@@ -153,17 +153,27 @@ impl Streams {
         let info = ConnInfo { id, socket, transport, remote, inbound };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         table.by_id.insert(id, Entry { info, tx: tx.clone() });
-        Ok(Admitted { info, rx, tx, entry: EntryGuard::new(Arc::clone(ctx), id) })
+        Ok(Admitted { info, rx, tx, closing, entry: EntryGuard::new(Arc::clone(ctx), id) })
     }
 
-    /// Removes a connection from the table (no more `Send`s reach it). Returns whether it was
-    /// still there.
     /// Connections open now: (accepted from phones, opened toward phones).
     pub(crate) fn connections(&self) -> (usize, usize) {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         (table.by_id.len() - table.outbound, table.outbound)
     }
 
+    /// Connections open now on one socket (accepted on it or opened from it).
+    pub(crate) fn connections_on(&self, socket: SocketAddr, transport: Transport) -> usize {
+        let table = self.table();
+        table
+            .by_id
+            .values()
+            .filter(|e| e.info.socket == socket && e.info.transport == transport)
+            .count()
+    }
+
+    /// Removes a connection from the table (no more `Send`s reach it). Returns whether it was
+    /// still there.
     pub(crate) fn remove(&self, id: u64) -> bool {
         let mut table = self.table();
         let Some(entry) = table.by_id.remove(&id) else { return false };
@@ -180,11 +190,6 @@ impl Streams {
             }
         }
         true
-    }
-
-    /// Whether `addr` is one of the dispatcher's listening sockets for `transport`.
-    pub(crate) fn owns(&self, addr: SocketAddr, transport: Transport) -> bool {
-        self.sockets.get(&addr) == Some(&transport)
     }
 
     // Every update is a few map operations that cannot panic half-way, so a poisoned lock is
@@ -264,7 +269,8 @@ fn queue(tx: &mpsc::Sender<Outgoing>, id: u64, out: Outgoing) -> Result<(), Refu
     })
 }
 
-/// Accepts connections on one listening socket until `stop`.
+/// Accepts connections on one listening socket until `stop` (the socket drains or closes, or
+/// the dispatcher stops); the listener is closed on return.
 pub(crate) async fn serve(
     ctx: Arc<Context>,
     listener: TcpListener,
@@ -273,9 +279,13 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let kind = transport_name(transport);
+    info!("sip {kind} listening on {socket}");
     loop {
         let (tcp, peer) = tokio::select! {
-            () = crate::stopped(&mut stop) => return,
+            () = crate::stopped(&mut stop) => {
+                tracing::debug!("sip {kind} socket {socket} accepts no more connections");
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(accepted) => accepted,
                 Err(e) => {

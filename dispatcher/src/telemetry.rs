@@ -58,8 +58,9 @@ pub(crate) fn processors_linked(n: usize) {
 pub(crate) const STATE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the dispatcher holds, as gauges: each linked processor's load as it reported it
-/// (`sipalias_processor_transactions`, `_dialogs`, `_draining`, `_routed` by `processor`),
-/// TCP/TLS connections by direction, bans in force, and the guard's counters.
+/// (`sipalias_processor_transactions`, `_dialogs`, `_draining`, `_routed` by `processor`)
+/// and the messages waiting in its link's queue (`sipalias_processor_queue`), TCP/TLS
+/// connections by direction, SIP sockets by state, bans in force, and the guard's counters.
 pub(crate) fn record_state(ctx: &crate::Context, now: std::time::Instant) {
     for p in ctx.router.members.status() {
         let id = p.id.clone();
@@ -69,11 +70,15 @@ pub(crate) fn record_state(ctx: &crate::Context, now: std::time::Instant) {
             .set(f64::from(p.dialogs));
         metrics::gauge!("sipalias_processor_draining", "processor" => id.clone())
             .set(if p.draining { 1.0 } else { 0.0 });
+        metrics::gauge!("sipalias_processor_queue", "processor" => id.clone()).set(p.queued as f64);
         metrics::counter!("sipalias_processor_routed_total", "processor" => id).absolute(p.routed);
     }
     let (accepted, opened) = ctx.streams.connections();
     metrics::gauge!("sipalias_connections", "direction" => "accepted").set(accepted as f64);
     metrics::gauge!("sipalias_connections", "direction" => "opened").set(opened as f64);
+    let (configured, draining) = ctx.sockets.counts();
+    metrics::gauge!("sipalias_sockets", "state" => "configured").set(configured as f64);
+    metrics::gauge!("sipalias_sockets", "state" => "draining").set(draining as f64);
     let guard = &ctx.router.guard;
     metrics::gauge!("sipalias_bans").set(guard.list(now).len() as f64);
     let c = &guard.counters;

@@ -37,10 +37,11 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server side: the current configuration of every IP that has a certificate.
+/// The server side: the current configuration of every IP that has a certificate. The set of
+/// IPs changes when a SIGHUP adds or removes aliases ([`Servers::prepare`], [`Servers::install`]).
 #[derive(Debug, Default)]
 pub(crate) struct Servers {
-    by_ip: HashMap<IpAddr, Arc<Certificate>>,
+    by_ip: ArcSwap<HashMap<IpAddr, Arc<Certificate>>>,
 }
 
 /// One IP's certificate: its files and the configuration built from them.
@@ -54,6 +55,10 @@ struct Certificate {
     current: ArcSwap<ServerConfig>,
 }
 
+/// The certificates of a configuration, read and checked, ready for [`Servers::install`].
+#[derive(Debug)]
+pub(crate) struct Prepared(HashMap<IpAddr, Arc<Certificate>>);
+
 /// What a file looked like when it was last read; a change triggers a reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
@@ -65,11 +70,29 @@ impl Servers {
     /// Reads the certificate and key of every IP that has one. Errors name the key, e.g.
     /// `dispatcher.aliases[0].tls_cert: cannot read "x.pem": No such file or directory`.
     pub(crate) fn load(config: &DispatcherConfig) -> Result<Self, Error> {
+        let servers = Self::default();
+        let prepared = servers.prepare(config)?;
+        servers.install(prepared);
+        Ok(servers)
+    }
+
+    /// Reads the certificates of `config`, changing nothing yet: an IP whose files are the
+    /// ones already in use keeps its current configuration (and its reloads); every other is
+    /// read now, so a bad file refuses the whole change.
+    pub(crate) fn prepare(&self, config: &DispatcherConfig) -> Result<Prepared, Error> {
+        let current = self.by_ip.load();
         let mut by_ip = HashMap::new();
         for (key, site) in config.sites() {
             let (Some(cert_path), Some(key_path)) = (&site.tls_cert, &site.tls_key) else {
                 continue;
             };
+            if let Some(cert) = current.get(&site.ip)
+                && cert.cert_path == *cert_path
+                && cert.key_path == *key_path
+            {
+                by_ip.insert(site.ip, Arc::clone(cert));
+                continue;
+            }
             let server = server_config(cert_path, key_path).map_err(|e| e.into_config(&key))?;
             by_ip.insert(
                 site.ip,
@@ -82,23 +105,23 @@ impl Servers {
                 }),
             );
         }
-        Ok(Self { by_ip })
+        Ok(Prepared(by_ip))
+    }
+
+    /// Makes `prepared` the certificates new connections get.
+    pub(crate) fn install(&self, prepared: Prepared) {
+        self.by_ip.store(Arc::new(prepared.0));
     }
 
     /// The configuration new connections accepted on `ip` get, if it serves TLS.
     pub(crate) fn config_for(&self, ip: IpAddr) -> Option<Arc<ServerConfig>> {
-        self.by_ip.get(&ip).map(|c| c.current.load_full())
+        self.by_ip.load().get(&ip).map(|c| c.current.load_full())
     }
 
     /// Polls the files every `interval` until `stop`, swapping in changed certificates.
     pub(crate) async fn reload_loop(&self, interval: Duration, mut stop: watch::Receiver<bool>) {
-        if self.by_ip.is_empty() {
-            // Nothing to watch; still a task that lives until shutdown like the listeners.
-            crate::stopped(&mut stop).await;
-            return;
-        }
         let mut seen: HashMap<IpAddr, (Stamp, Stamp)> =
-            self.by_ip.values().map(|c| (c.ip, c.stamps())).collect();
+            self.by_ip.load().values().map(|c| (c.ip, c.stamps())).collect();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
@@ -107,10 +130,18 @@ impl Servers {
                 () = crate::stopped(&mut stop) => return,
                 _ = ticker.tick() => {}
             }
-            for cert in self.by_ip.values() {
+            let current = self.by_ip.load();
+            // IPs removed by a SIGHUP are forgotten; ones it added start from what was read.
+            seen.retain(|ip, _| current.contains_key(ip));
+            for cert in current.values() {
                 let stamps = cert.stamps();
-                if seen.get(&cert.ip) == Some(&stamps) {
-                    continue;
+                match seen.get(&cert.ip) {
+                    None => {
+                        seen.insert(cert.ip, stamps);
+                        continue;
+                    }
+                    Some(s) if *s == stamps => continue,
+                    Some(_) => {}
                 }
                 // Remembered even when the new files are bad: they are retried when they
                 // change again, not logged every interval.

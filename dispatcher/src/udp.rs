@@ -2,7 +2,6 @@
 //! [`ingress`](crate::ingress); a `503` it produces goes back from the socket the request came
 //! in on. Datagrams that are not SIP (CRLF keep-alives, scans, STUN) are dropped unanswered.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -18,38 +17,22 @@ use crate::wire::Arrival;
 /// Largest UDP payload; a bigger SIP message cannot arrive over UDP at all.
 const MAX_DATAGRAM: usize = 65_535;
 
-/// The bound UDP sockets by local address, shared by the receive loops and the links' sends.
-#[derive(Debug, Default)]
-pub(crate) struct Sockets {
-    by_addr: HashMap<SocketAddr, Arc<UdpSocket>>,
-}
-
-impl Sockets {
-    pub(crate) fn insert(&mut self, addr: SocketAddr, socket: Arc<UdpSocket>) {
-        self.by_addr.insert(addr, socket);
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.by_addr.len()
-    }
-
-    /// The socket bound to exactly `addr`.
-    pub(crate) fn get(&self, addr: SocketAddr) -> Option<&Arc<UdpSocket>> {
-        self.by_addr.get(&addr)
-    }
-}
-
-/// Receives on `socket` (bound to `local`) until `stop` turns true.
+/// Receives on `socket` (bound to `local`) until `stop` turns true (the socket closes, or
+/// the dispatcher stops).
 pub(crate) async fn serve(
     ctx: Arc<Context>,
     socket: Arc<UdpSocket>,
     local: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
+    tracing::info!("sip udp listening on {local}");
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, peer) = tokio::select! {
-            () = crate::stopped(&mut stop) => return,
+            () = crate::stopped(&mut stop) => {
+                debug!("sip udp socket {local} closed");
+                return;
+            }
             r = socket.recv_from(&mut buf) => match r {
                 Ok(r) => r,
                 Err(e) => {

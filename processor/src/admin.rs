@@ -10,7 +10,7 @@ use crate::dialogs::DialogStore;
 use crate::error::Error;
 use crate::keepalive::Schedule;
 use crate::location::Location;
-use crate::registrations::{self, Filter, Listed};
+use crate::registrations::{self, Filter, Listed, Served};
 
 /// How long an operator command waits for Redis.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,10 +34,18 @@ pub async fn registrations(
         }
         None => location.scan(now).await?,
     };
+    let recorded: Vec<String> = {
+        let mut conn = location.redis();
+        redis::cmd("HVALS")
+            .arg(registrations::sockets_key(&config.key_prefix))
+            .query_async(&mut conn)
+            .await?
+    };
+    let served = Served::from_recorded(recorded.iter().map(String::as_str));
     let rows: Vec<Listed> = bindings
         .iter()
-        .filter(|(aor, b)| filter.matches(aor, b))
-        .map(|(aor, b)| Listed::new(aor, b, now))
+        .filter(|(aor, b)| filter.matches(aor, b, &served))
+        .map(|(aor, b)| Listed::new(aor, b, now, &served))
         .collect();
     if json {
         let text = serde_json::to_string_pretty(&rows)

@@ -6,7 +6,7 @@
 //! `404 Not Found`, `416 Unsupported URI Scheme`, `480 Temporarily Unavailable`,
 //! `402 Payment Required` and the `403` variants, the billing refusals with a `Reason` header.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 
 use crate::answer::{Answer, NOT_FOUND, UNAVAILABLE, UNSUPPORTED_SCHEME};
 use crate::b2bua::Target;
@@ -76,18 +76,19 @@ pub fn callee(
 }
 
 /// Where a call to `bindings` rings: one target per binding that can be reached, From/To host
-/// chosen by `uri_host` (the alias IP for an alias socket, the domain otherwise), `domain` for
-/// a socket no dispatcher announces any more.
+/// chosen by `uri_host` for the local socket the binding was made through (the alias IP for
+/// an alias socket, the domain for the main IP), which is `None` for a socket no dispatcher
+/// serves any more (an alias removed at runtime): such a binding gets no call, as it would
+/// leave from an address the phone does not know, or from none.
 pub fn targets(
     bindings: &[Binding],
-    domain: &str,
-    uri_host: impl Fn(IpAddr) -> Option<String>,
+    uri_host: impl Fn(SocketAddr) -> Option<String>,
 ) -> Vec<Target> {
     bindings
         .iter()
         .filter_map(|b| {
             let egress = b.egress()?;
-            let host = uri_host(egress.local.addr.ip()).unwrap_or_else(|| domain.to_owned());
+            let host = uri_host(egress.local.addr)?;
             Some(Target { contact: b.contact.clone(), egress, host })
         })
         .collect()
@@ -209,16 +210,16 @@ mod tests {
     }
 
     #[test]
-    fn targets_take_the_alias_ip_or_else_the_domain() {
+    fn targets_take_the_alias_ip_or_the_domain_and_skip_removed_sockets() {
         let alias = binding("sip:a@10.0.0.1", "127.0.0.2", "127.0.0.9:5062");
         let main = binding("sip:b@10.0.0.2", "127.0.0.1", "127.0.0.9:5064");
         let gone = binding("sip:c@10.0.0.3", "127.0.0.3", "127.0.0.9:5066");
-        let uri_host = |ip: IpAddr| match ip.to_string().as_str() {
+        let uri_host = |local: SocketAddr| match local.ip().to_string().as_str() {
             "127.0.0.2" => Some("127.0.0.2".to_owned()),
             "127.0.0.1" => Some("example.com".to_owned()),
             _ => None,
         };
-        let t = targets(&[alias, main, gone], "example.com", uri_host);
+        let t = targets(&[alias, main, gone], uri_host);
         let hosts: Vec<(&str, &str)> =
             t.iter().map(|t| (t.contact.as_str(), t.host.as_str())).collect();
         assert_eq!(
@@ -226,8 +227,7 @@ mod tests {
             [
                 ("sip:a@10.0.0.1", "127.0.0.2"),
                 ("sip:b@10.0.0.2", "example.com"),
-                // A socket no dispatcher announces any more: the callee's domain.
-                ("sip:c@10.0.0.3", "example.com"),
+                // 127.0.0.3: a socket no dispatcher serves any more gets no call.
             ]
         );
         assert_eq!(t[0].egress.remote.to_string(), "127.0.0.9:5062");

@@ -72,7 +72,7 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), Error> {
         None => return Err(failed("stream ended before welcome".into())),
     };
     let dispatcher_id = welcome.dispatcher_id.clone();
-    node.sockets().learn(&welcome.sockets);
+    node.learn_sockets(&dispatcher_id, &welcome.sockets);
     node.links().insert(&dispatcher_id, tx.clone());
     tracing::info!(dispatcher = %dispatcher_id, %url, sockets = welcome.sockets.len(), "linked to dispatcher");
 
@@ -107,7 +107,7 @@ async fn run_link(node: &Arc<Node>, url: &str) -> Result<(), Error> {
                         node.handle_flow_failed(e.closed_connection_id);
                     }
                 }
-                Some(DKind::Welcome(w)) => node.sockets().learn(&w.sockets),
+                Some(DKind::Welcome(w)) => node.learn_sockets(&dispatcher_id, &w.sockets),
                 Some(DKind::LiftBan(lift)) => node.lift_ban(lift.source),
                 Some(DKind::Closed(c)) => {
                     tracing::debug!(dispatcher = %dispatcher_id, connection = c.connection_id, "connection closed");

@@ -1,7 +1,8 @@
 //! `sipalias-processor [--config FILE]`: runs one processor replica until SIGTERM or Ctrl-C,
 //! then drains (no new work; calls in setup finish, up to `drain_timeout_secs`) and stops.
 //! `sipalias-processor --check-config [--config FILE]` checks the configuration and exits.
-//! `sipalias-processor registrations [--aor A] [--alias IP] [--user-agent TEXT] [--json]` and
+//! `sipalias-processor registrations [--aor A] [--alias IP] [--user-agent TEXT] [--removed]
+//! [--json]` and
 //! `sipalias-processor kick --aor A [--contact URI]`: the cluster's registrations, for operators;
 //! `sipalias-processor calls [--json]` and `hangup --call REF`: its answered calls.
 //!
@@ -56,6 +57,10 @@ enum Admin {
         /// Only phones whose User-Agent contains this text (any case).
         #[arg(long, value_name = "TEXT")]
         user_agent: Option<String>,
+        /// Only registrations through a socket no dispatcher serves any more (an alias or
+        /// port removed by a SIGHUP): these phones get no call until they register again.
+        #[arg(long)]
+        removed: bool,
         /// JSON (an array of objects) instead of a table, for scripts.
         #[arg(long)]
         json: bool,
@@ -143,9 +148,13 @@ fn admin(config: &ProcessorConfig, command: Admin) -> ExitCode {
     };
     let done = runtime.block_on(async {
         match command {
-            Admin::Registrations { aor, alias, user_agent, json } => {
-                let filter =
-                    sipalias_processor::registrations::Filter { aor, ip: alias, user_agent };
+            Admin::Registrations { aor, alias, user_agent, removed, json } => {
+                let filter = sipalias_processor::registrations::Filter {
+                    aor,
+                    ip: alias,
+                    user_agent,
+                    removed,
+                };
                 let text = sipalias_processor::admin::registrations(config, &filter, json).await?;
                 print!("{text}");
             }

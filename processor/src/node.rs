@@ -2,9 +2,11 @@
 //! emits through the edge links, and runs the work that needs Redis or billing (REGISTER and
 //! call setup) in tasks, posting their results back into the core.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use sipalias_proto::edge::LocalSocket;
 use sipmsg::SipMessage;
 use sipmsg::digest::{Algorithm, Credentials};
 use tokio::sync::Notify;
@@ -183,6 +185,25 @@ impl Node {
     /// What the dispatchers announced about their IPs.
     pub fn sockets(&self) -> &SocketTable {
         &self.sockets
+    }
+
+    /// Takes the socket table `dispatcher` announced (on linking, and again after a SIGHUP
+    /// changed its sockets) and records it in Redis (`<prefix>sockets`, one field per
+    /// dispatcher), where the operator's `registrations` finds bindings through sockets no
+    /// dispatcher serves any more.
+    pub fn learn_sockets(&self, dispatcher: &str, sockets: &[LocalSocket]) {
+        if self.sockets.learn(dispatcher, sockets) {
+            tracing::info!(%dispatcher, sockets = sockets.len(), "socket table learned");
+        }
+        let key = crate::registrations::sockets_key(&self.config.key_prefix);
+        let listed = serde_json::to_string(&self.sockets.served_by(dispatcher)).unwrap_or_default();
+        let (dispatcher, mut conn) = (dispatcher.to_owned(), self.location.redis());
+        tokio::spawn(async move {
+            let set = redis::cmd("HSET").arg(&key).arg(&dispatcher).arg(listed).clone();
+            if let Err(e) = set.query_async::<()>(&mut conn).await {
+                tracing::warn!(%dispatcher, "cannot record the socket table in Redis: {e}");
+            }
+        });
     }
 
     /// Whether this processor can take work now: linked to a dispatcher, with Redis and billing
@@ -464,7 +485,11 @@ impl Node {
         }
         let stored: std::collections::HashMap<String, u64> =
             redis::cmd("HGETALL").arg(&counts).query_async(&mut conn).await?;
-        for ip in self.sockets.ips() {
+        // Every IP served, and every IP phones are still registered through: an alias
+        // removed by a SIGHUP keeps its gauge while phones use it.
+        let mut ips: std::collections::BTreeSet<IpAddr> = self.sockets.ips().into_iter().collect();
+        ips.extend(stored.keys().filter_map(|k| k.parse::<IpAddr>().ok()));
+        for ip in ips {
             let n = stored.get(&ip.to_string()).copied().unwrap_or(0);
             telemetry::bindings(ip, n);
         }
@@ -896,15 +921,24 @@ impl Node {
             Ok(aor) => aor,
             Err(answer) => return refuse(creds, answer).await,
         };
-        let domain = callee_aor.split('@').nth(1).unwrap_or_default();
         // Locate before authorizing, so a call that cannot ring reserves nothing.
         let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
-        let targets = call_setup::targets(&bindings, domain, |ip| self.sockets.uri_host(ip));
+        let targets = call_setup::targets(&bindings, |local| {
+            // A binding through a socket no dispatcher serves any more (its alias was removed)
+            // cannot be reached from where the phone expects us.
+            self.sockets.is_local_socket(local).then(|| self.sockets.uri_host(local.ip())).flatten()
+        });
         let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
         if targets.is_empty() {
             let account = self.billing.account(&callee_aor).await.map(|a| a.is_some());
             let answer = call_setup::unreachable(account, outage_allowed)?;
-            tracing::info!(%caller_aor, %callee_aor, status = answer.status, "callee has no binding");
+            tracing::info!(
+                %caller_aor,
+                %callee_aor,
+                status = answer.status,
+                bindings = bindings.len(),
+                "callee has no binding reachable through a served socket"
+            );
             return refuse(creds, answer).await;
         }
         let call_id = req.call_id()?;

@@ -827,14 +827,20 @@ impl Cluster {
         self.run_cli(binary::BILLING, args)
     }
 
-    /// Runs `BIN --config F ARGS…` to completion and returns its stdout; fails with its
-    /// output if it exits unsuccessfully.
     /// `sipalias-processor --config <the cluster's file> ARGS…` (an operator command); its
     /// stdout, or an error with its output when it fails.
     pub fn processor_cli(&self, args: &[&str]) -> Result<String> {
         self.run_cli(binary::PROCESSOR, args)
     }
 
+    /// Runs `sipalias-dispatcher --config F ARGS…` (an operator command such as `sockets
+    /// --json`) and returns its standard output; fails if it exits non-zero.
+    pub fn dispatcher_cli(&self, args: &[&str]) -> Result<String> {
+        self.run_cli(binary::DISPATCHER, args)
+    }
+
+    /// Runs `BIN --config F ARGS…` to completion and returns its stdout; fails with its
+    /// output if it exits unsuccessfully.
     fn run_cli(&self, bin: &str, args: &[&str]) -> Result<String> {
         let stamp = format!("{:x}", rand::random::<u32>());
         let out_path = self.dir.path().join(format!("cli-{stamp}.out"));

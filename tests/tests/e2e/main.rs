@@ -9,6 +9,7 @@
 //! sees the cluster only through the address it registered through — over TCP/TLS, through
 //! the very connection it registered on.
 
+mod aliases;
 mod billing;
 mod calls;
 mod cluster;
