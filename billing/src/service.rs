@@ -279,12 +279,28 @@ impl Billing for BillingService {
         request: Request<AccountingStopRequest>,
     ) -> Result<Response<AccountingResponse>, RpcStatus> {
         let req = request.into_inner();
+        let status = u16::try_from(req.status)
+            .ok()
+            .filter(|s| *s == 0 || (100..=699).contains(s))
+            .ok_or_else(|| {
+                RpcStatus::invalid_argument(format!("status {} is not a SIP status", req.status))
+            })?;
+        if !req.caller_ingress_ip.is_empty()
+            && req.caller_ingress_ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(RpcStatus::invalid_argument("caller_ingress_ip is not an IP address"));
+        }
         let stop = CallStop {
             call_ref: req.call_ref,
             ended_ms: req.ended_at_ms,
             cause: req.cause,
             idempotency_key: req.idempotency_key,
             answered: req.answered,
+            status,
+            reason: cdr_text(&req.reason, MAX_REASON),
+            caller: cdr_text(&req.caller, MAX_PARTY),
+            callee: cdr_text(&req.callee, MAX_PARTY),
+            caller_ingress_ip: req.caller_ingress_ip,
         };
         let result = match req.start {
             // The processor's usual form: the answer travels with the stop.
@@ -388,4 +404,15 @@ pub async fn serve(
     }
     info!("billing stopped");
     Ok(())
+}
+
+/// Longest reason phrase kept in a CDR, in characters.
+const MAX_REASON: usize = 128;
+/// Longest caller or callee kept in a CDR of a failed attempt, in characters.
+const MAX_PARTY: usize = 256;
+
+/// Text a processor relays into a CDR (a reason phrase, a dialled URI): at most `max`
+/// characters, control characters replaced, so an export or a terminal gets one clean field.
+fn cdr_text(text: &str, max: usize) -> String {
+    text.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect()
 }

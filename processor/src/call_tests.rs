@@ -476,11 +476,19 @@ fn unanswered_call_releases_its_reservation() {
     h.send(&answer(&b_invite, 486, "Busy Here", "at1", ""), ingress(ALIAS, "127.0.0.30:6000"));
     let out = h.out();
     assert!(out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(486)));
-    assert!(
-        h.work().iter().any(
-            |w| matches!(w, Work::AccountingStop(s) if !s.answered && s.cause == "not-answered")
-        )
-    );
+    let stop = h
+        .work()
+        .into_iter()
+        .find_map(|w| match w {
+            Work::AccountingStop(s) if !s.answered && s.cause == "not-answered" => Some(s),
+            _ => None,
+        })
+        .expect("the reservation released");
+    // The failed attempt's CDR: what the caller got, who called whom, through which IP.
+    assert_eq!((stop.status, stop.reason.as_str()), (486, "Busy Here"));
+    assert!(!stop.caller.is_empty() && !stop.callee.is_empty(), "{stop:?}");
+    assert!(!stop.caller_ingress_ip.is_empty(), "{stop:?}");
+    assert!(stop.start.is_none());
 }
 
 #[test]
@@ -893,9 +901,9 @@ fn no_answer_timeout_limits_ringing_from_the_start_and_is_not_restarted() {
         !out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(487)),
         "the caller already has its 408"
     );
-    assert!(
-        h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if s.cause == "no-answer"))
-    );
+    assert!(h.work().iter().any(
+        |w| matches!(w, Work::AccountingStop(s) if s.cause == "no-answer" && s.status == 408)
+    ));
     assert_eq!(h.core.b2bua_index_sizes(), [0; 5]);
 }
 

@@ -319,7 +319,8 @@ impl Core {
     /// Starts the B legs of an authorized call. If the caller gave up while it was being
     /// authorized, billing's reservation for it is released instead.
     fn start_call(&mut self, now: Now, key: ServerKey, plan: CallPlan, ingress: &Ingress) {
-        let call_ref = plan.call_ref.clone();
+        let (call_ref, caller, callee) =
+            (plan.call_ref.clone(), plan.caller_aor.clone(), plan.callee_aor.clone());
         let (b2bua, mut cx) = self.parts(now);
         if !b2bua.start_call(&mut cx, key, plan, ingress) {
             self.work.push_back(Work::AccountingStop(AccountingStopRequest {
@@ -329,6 +330,11 @@ impl Core {
                 cause: "cancelled".into(),
                 answered: false,
                 start: None,
+                status: 487,
+                reason: "Request Terminated".into(),
+                caller,
+                callee,
+                caller_ingress_ip: ingress.local.addr.ip().to_string(),
             }));
         }
     }

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use sipalias_proto::billing::AccountingStopRequest;
 use sipalias_proto::edge::LocalSocket;
 use sipmsg::SipMessage;
 use sipmsg::digest::{Algorithm, Credentials};
@@ -906,11 +907,14 @@ impl Node {
         };
         let caller_aor = format!("{}@{}", creds.username, site.domain);
         // Refusals before billing saw the credentials: verify them first.
-        let refuse = async |creds: Credentials, answer: Answer| match self
+        let refuse = async |creds: Credentials, callee: &str, answer: Answer| match self
             .verify_presented(req, ingress, &site, creds, alg)
             .await?
         {
-            Auth::Ok(_) => Ok(Err(self.answer(req, &answer))),
+            Auth::Ok(_) => {
+                self.record_refusal(&caller_aor, callee, ingress, &answer);
+                Ok(Err(self.answer(req, &answer)))
+            }
             Auth::Challenge(c) => Ok(Err(c)),
             Auth::Refuse(a) => Ok(Err(self.answer(req, &a))),
         };
@@ -919,7 +923,9 @@ impl Node {
         });
         let callee_aor = match callee.aor() {
             Ok(aor) => aor,
-            Err(answer) => return refuse(creds, answer).await,
+            Err(answer) => {
+                return refuse(creds, req.request_uri().unwrap_or_default(), answer).await;
+            }
         };
         // Locate before authorizing, so a call that cannot ring reserves nothing.
         let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
@@ -939,7 +945,7 @@ impl Node {
                 bindings = bindings.len(),
                 "callee has no binding reachable through a served socket"
             );
-            return refuse(creds, answer).await;
+            return refuse(creds, &callee_aor, answer).await;
         }
         let call_id = req.call_id()?;
         // Minted here, never taken from the caller: each authorized attempt is its own
@@ -971,6 +977,7 @@ impl Node {
             }
             Authorization::Refused(answer) => {
                 tracing::info!(%caller_aor, %callee_aor, reason = %why, status = answer.status, "billing denied the call");
+                self.record_refusal(&caller_aor, &callee_aor, ingress, &answer);
                 return Ok(Err(self.answer(req, &answer)));
             }
         };
@@ -984,6 +991,30 @@ impl Node {
             call_ref,
             auto_answer,
         }))
+    }
+
+    /// Has billing keep a CDR of a failed attempt it authorized nothing for — an
+    /// authenticated caller's call to a callee that does not exist or cannot be reached, or
+    /// one billing refused — with the answer the caller got. Sent through the durable
+    /// accounting queue, off the caller's path; an unauthenticated request never gets here,
+    /// so strangers cannot fill the CDRs.
+    fn record_refusal(&self, caller: &str, callee: &str, ingress: &Ingress, answer: &Answer) {
+        let call_ref = self.ids.call_ref();
+        let stop = AccountingStopRequest {
+            idempotency_key: format!("{call_ref};stop"),
+            call_ref,
+            ended_at_ms: wall_ms(),
+            cause: "refused".to_owned(),
+            answered: false,
+            start: None,
+            status: u32::from(answer.status),
+            reason: answer.reason_text.clone().unwrap_or_else(|| answer.reason.to_owned()),
+            caller: caller.to_owned(),
+            callee: callee.to_owned(),
+            caller_ingress_ip: ingress.local.addr.ip().to_string(),
+        };
+        let accounting = self.accounting.clone();
+        tokio::spawn(async move { accounting.deliver(Event::Stop(stop)).await });
     }
 
     /// Whether server transaction `key` is still waiting for an answer.

@@ -27,6 +27,10 @@ pub struct Cdr {
     pub cause: String,
     /// What was charged, in micro-units, once charged.
     pub charge_micros: Option<u64>,
+    /// For a call not answered (a failed attempt): the final status its caller got.
+    pub status: Option<u64>,
+    /// Its reason phrase, or why the call was refused.
+    pub reason: String,
 }
 
 /// Parses the CSV output (header line first).
@@ -66,6 +70,8 @@ pub fn parse_csv(text: &str) -> Result<Vec<Cdr>> {
             } else {
                 None
             },
+            status: if col.contains_key("status") { num("status")? } else { None },
+            reason: if col.contains_key("reason") { text("reason")? } else { String::new() },
         });
     }
     Ok(out)

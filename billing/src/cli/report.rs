@@ -147,8 +147,9 @@ pub fn rate_plans_table(entries: &[RatePlanEntry]) -> String {
 }
 
 /// CSV columns, in order. The first nine are those of earlier versions; programs should find
-/// columns by header name.
-const CDR_COLUMNS: [&str; 15] = [
+/// columns by header name. `status` and `reason` are set for calls that were not answered
+/// (the failed attempts).
+const CDR_COLUMNS: [&str; 17] = [
     "call_ref",
     "caller",
     "callee",
@@ -164,6 +165,8 @@ const CDR_COLUMNS: [&str; 15] = [
     "rate_prefix",
     "charge_micros",
     "charge",
+    "status",
+    "reason",
 ];
 
 fn cdr_row(c: &Cdr) -> Vec<String> {
@@ -186,6 +189,8 @@ fn cdr_row(c: &Cdr) -> Vec<String> {
         c.rate_prefix.clone(),
         num(c.charge_micros),
         c.charge_micros.map(money::format).unwrap_or_default(),
+        num(c.status),
+        c.reason.clone(),
     ]
 }
 
@@ -206,6 +211,8 @@ pub fn cdrs_table(cdrs: &[Cdr]) -> String {
         "RATE_PLAN",
         "PREFIX",
         "CHARGE",
+        "STATUS",
+        "REASON",
     ];
     let rows: Vec<Vec<String>> = cdrs
         .iter()
@@ -298,9 +305,21 @@ mod tests {
         assert_eq!(
             cdrs_csv(&[cdr]),
             "call_ref,caller,callee,caller_ingress_ip,callee_ingress_ip,answered_ms,ended_ms,\
-             duration_ms,cause,max_duration_secs,billed_secs,rate_plan,rate_prefix,charge_micros,charge\n\
-             c1,a@x,,,,1000,2500,1500,\"said \"\"bye\"\", then left\",600,60,retail,44,100000,0.10\n"
+             duration_ms,cause,max_duration_secs,billed_secs,rate_plan,rate_prefix,charge_micros,charge,\
+             status,reason\n\
+             c1,a@x,,,,1000,2500,1500,\"said \"\"bye\"\", then left\",600,60,retail,44,100000,0.10,,\n"
         );
+        let failed = Cdr {
+            call_ref: "c2".to_owned(),
+            ended_ms: Some(2500),
+            cause: "not-answered".to_owned(),
+            status: Some(486),
+            reason: "Busy Here, really".to_owned(),
+            charge_micros: Some(0),
+            ..Cdr::default()
+        };
+        let csv = cdrs_csv(&[failed]);
+        assert!(csv.ends_with(",0,0.00,486,\"Busy Here, really\"\n"), "{csv}");
     }
 
     #[test]
@@ -314,7 +333,8 @@ mod tests {
         let t = cdrs_table(&[cdr]);
         let row = t.lines().nth(1).expect("row");
         assert!(row.contains("2025-11-27 12:00:00"), "{t}");
-        assert!(row.ends_with("1.50"), "{t}");
+        assert!(row.ends_with("1.50    -       -"), "{t}");
+        assert!(t.lines().next().is_some_and(|h| h.ends_with("CHARGE  STATUS  REASON")), "{t}");
         assert!(!row.contains("1500000"), "{t}");
     }
 

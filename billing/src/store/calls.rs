@@ -160,6 +160,18 @@ pub struct CallStop {
     pub idempotency_key: String,
     /// Whether the call was answered. A recorded start counts as answered too.
     pub answered: bool,
+    /// For a call not answered: the final status its caller got (0: unknown) and its reason;
+    /// kept in the failed attempt's CDR.
+    pub status: u16,
+    /// The reason phrase of `status`, or why the call was refused.
+    pub reason: String,
+    /// Caller, callee and the caller's ingress IP, for an attempt billing holds no record of
+    /// (empty: taken from the call record).
+    pub caller: String,
+    /// See `caller`.
+    pub callee: String,
+    /// See `caller`.
+    pub caller_ingress_ip: String,
 }
 
 /// What an accounting event did.
@@ -172,7 +184,8 @@ pub enum AccountingOutcome {
     /// An answered call's stop was recorded before its start: it is charged when the start
     /// arrives.
     AwaitingStart,
-    /// A call that was not answered: its reservation was released; no CDR, no charge.
+    /// A call that was not answered: its reservation was released, a CDR of the failed
+    /// attempt (status, reason) was written; no charge.
     Released,
     /// The call had already been charged (a retried stop or start): nothing changed, and the
     /// charge is the one applied then.
@@ -381,7 +394,12 @@ impl Store {
                     .arg(stop.ended_ms)
                     .arg(&stop.cause)
                     .arg(&stop.idempotency_key)
-                    .arg(if stop.answered { "1" } else { "0" });
+                    .arg(if stop.answered { "1" } else { "0" })
+                    .arg(stop.status)
+                    .arg(&stop.reason)
+                    .arg(&stop.caller)
+                    .arg(&stop.callee)
+                    .arg(&stop.caller_ingress_ip);
             })
             .await?;
         AccountingResult::parse(&stop.call_ref, reply)

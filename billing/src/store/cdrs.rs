@@ -30,6 +30,10 @@ pub struct Cdr {
     pub duration_ms: Option<u64>,
     /// Why the call ended.
     pub cause: String,
+    /// For a call not answered: the final status its caller got (486, 487, 404, 402, ...).
+    pub status: Option<u16>,
+    /// Its reason phrase, or why the call was refused.
+    pub reason: String,
     /// Idempotency key of the stop that was applied.
     pub stop_key: Option<String>,
     /// Longest duration the authorization allowed (0 = no limit), if it was authorized.
@@ -133,6 +137,7 @@ fn parse_cdr(
     let max_duration_secs = parse_field(key, "max_duration_secs", fields.get("max_duration_secs"))?;
     let billed_secs = parse_field(key, "billed_secs", fields.get("billed_secs"))?;
     let charge_micros = parse_field(key, "charge_micros", fields.get("charge_micros"))?;
+    let status = parse_field(key, "status", fields.get("status"))?;
     let mut text = |name: &str| fields.remove(name).unwrap_or_default();
     Ok(Cdr {
         call_ref,
@@ -141,6 +146,8 @@ fn parse_cdr(
         caller_ingress_ip: text("caller_ingress_ip"),
         callee_ingress_ip: text("callee_ingress_ip"),
         cause: text("cause"),
+        reason: text("reason"),
+        status,
         rate_plan: text("rate_plan"),
         rate_prefix: text("rate_prefix"),
         answered_ms,

@@ -360,6 +360,7 @@ async fn store_and_service_against_real_redis() {
                 idempotency_key: "k3".to_owned(),
                 answered: true,
                 start: None,
+                ..Default::default()
             })
             .await
             .expect("accounting stop")

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use sipalias_billing::account::{AccountSettings, Kind};
-use sipalias_billing::store::{AccountingOutcome, Authorization, CdrQuery, Denial};
+use sipalias_billing::store::{
+    AccountingOutcome, Authorization, CallStart, CallStop, CdrQuery, Denial,
+};
 use sipalias_proto::billing::{
     AccountingStartRequest, AccountingStopRequest, AuthorizeRequest, DenyReason,
 };
@@ -102,6 +104,7 @@ async fn one_unit_at_ten_cents_a_minute_buys_600_seconds_and_is_debited_once() {
             caller_ingress_ip: "192.0.2.1".to_owned(),
             callee_ingress_ip: "192.0.2.2".to_owned(),
         }),
+        ..Default::default()
     };
     let mismatched = AccountingStopRequest { call_ref: "other".to_owned(), ..stop_request.clone() };
     let err = rpc.accounting_stop(mismatched).await.expect_err("start of another call");
@@ -306,20 +309,64 @@ async fn a_stop_delivered_twice_charges_once_whatever_its_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unanswered_stop_releases_the_reservation_and_writes_no_cdr() {
+async fn an_unanswered_stop_releases_the_reservation_and_records_the_failed_attempt() {
     let env = env("").await;
     env.store.set_rate("retail", "44", &rate(TEN_CENTS, 0, 60, 60)).await.expect("rate");
     let alice = env.prepaid("alice", ONE, "retail").await;
     allowed(env.store.authorize(&alice.to_string(), UK, "c1", now()).await.expect("authorize"));
     assert_eq!(env.held(&alice).await, (1, ONE));
 
-    for _ in 0..2 {
-        let r = env.store.accounting_stop(&unanswered("c1", now()), now()).await.expect("stop");
-        assert_eq!((r.outcome, r.charge_micros), (AccountingOutcome::Released, 0));
-    }
+    let busy = CallStop {
+        status: 486,
+        reason: "Busy Here".to_owned(),
+        caller_ingress_ip: "127.0.0.2".to_owned(),
+        ..unanswered("c1", now())
+    };
+    let r = env.store.accounting_stop(&busy, now()).await.expect("stop");
+    assert_eq!((r.outcome, r.charge_micros), (AccountingOutcome::Released, 0));
+    let again = env.store.accounting_stop(&busy, now()).await.expect("retried stop");
+    assert_eq!((again.outcome, again.charge_micros), (AccountingOutcome::Duplicate, 0));
     assert_eq!(env.held(&alice).await, (0, 0));
     assert_eq!(env.balance(&alice).await, ONE);
-    assert!(env.store.list_cdrs(&CdrQuery::default()).await.expect("cdrs").is_empty());
+    let cdrs = env.store.list_cdrs(&CdrQuery::default()).await.expect("cdrs");
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    let cdr = &cdrs[0];
+    assert_eq!(
+        (cdr.caller.as_str(), cdr.callee.as_str(), cdr.status, cdr.reason.as_str()),
+        (alice.to_string().as_str(), UK, Some(486), "Busy Here")
+    );
+    assert_eq!((cdr.cause.as_str(), cdr.caller_ingress_ip.as_str()), ("cancelled", "127.0.0.2"));
+    assert_eq!((cdr.answered_ms, cdr.charge_micros, cdr.duration_ms), (None, Some(0), None));
+    // A start arriving late for it (it cannot, from processors) charges nothing.
+    let late = CallStart {
+        call_ref: "c1".to_owned(),
+        caller: alice.to_string(),
+        callee: UK.to_owned(),
+        caller_ingress_ip: String::new(),
+        callee_ingress_ip: String::new(),
+        answered_ms: now(),
+    };
+    let r = env.store.accounting_start(&late, now()).await.expect("late start");
+    assert_eq!((r.outcome, r.charge_micros), (AccountingOutcome::Duplicate, 0));
+    assert_eq!(env.balance(&alice).await, ONE);
+
+    // An attempt billing authorized nothing for (a callee that does not exist): the stop
+    // carries who called whom.
+    let refused = CallStop {
+        status: 404,
+        reason: "Not Found".to_owned(),
+        caller: alice.to_string(),
+        callee: "nobody@example.com".to_owned(),
+        cause: "refused".to_owned(),
+        ..unanswered("c-refused", now())
+    };
+    let r = env.store.accounting_stop(&refused, now()).await.expect("refused stop");
+    assert_eq!(r.outcome, AccountingOutcome::Released);
+    let by_alice = CdrQuery { aor: Some(alice.to_string()), ..CdrQuery::default() };
+    let cdrs = env.store.list_cdrs(&by_alice).await.expect("cdrs");
+    let cdr = cdrs.iter().find(|c| c.call_ref == "c-refused").expect("the refused attempt");
+    assert_eq!((cdr.callee.as_str(), cdr.status), ("nobody@example.com", Some(404)));
+    assert_eq!(env.balance(&alice).await, ONE);
     // A late Authorize of the released call does not reserve again; a new call may use it all.
     let late = env.store.authorize(&alice.to_string(), UK, "c1", now()).await.expect("authorize");
     assert_eq!(late, Authorization::Denied(Denial::CallEnded));

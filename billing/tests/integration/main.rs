@@ -164,6 +164,11 @@ pub fn stop(call_ref: &str, ended_ms: u64) -> CallStop {
         cause: "caller-bye".to_owned(),
         idempotency_key: format!("{call_ref};stop"),
         answered: true,
+        status: 0,
+        reason: String::new(),
+        caller: String::new(),
+        callee: String::new(),
+        caller_ingress_ip: String::new(),
     }
 }
 

@@ -78,6 +78,11 @@ impl B2bua {
                 callee_ingress_ip: c.branches[w].dialog.egress.local.addr.ip().to_string(),
                 caller_ingress_ip: c.a_ingress_ip.to_string(),
             });
+            // A call not answered is a failed attempt billing keeps a CDR of: what the caller
+            // got, who called whom and through which IP.
+            let (status, reason) =
+                c.caller_answer.clone().filter(|_| !answered).unwrap_or((0, String::new()));
+            let party = |s: &String| if answered { String::new() } else { s.clone() };
             cx.work.push_back(Work::AccountingStop(AccountingStopRequest {
                 call_ref: c.call_ref.clone(),
                 ended_at_ms: cx.now.wall_ms,
@@ -85,6 +90,15 @@ impl B2bua {
                 idempotency_key: format!("{};stop", c.call_ref),
                 answered,
                 start,
+                status: u32::from(status),
+                reason,
+                caller: party(&c.caller_aor),
+                callee: party(&c.callee_aor),
+                caller_ingress_ip: if answered {
+                    String::new()
+                } else {
+                    c.a_ingress_ip.to_string()
+                },
             }));
         }
         self.keep_late_ack(cx, call);

@@ -125,6 +125,7 @@ impl B2bua {
                 ring_deadline: Some(ring_deadline),
                 no_answer_at,
                 unanswered_cause: None,
+                caller_answer: None,
             },
         );
         true
@@ -152,6 +153,7 @@ impl B2bua {
         c.ring_deadline = None;
         c.state = CallState::Cancelled;
         c.unanswered_cause = Some("no-answer");
+        c.caller_answer = Some((408, "Request Timeout".to_owned()));
         if let (Some(key), Some(invite)) = (&c.a_key, &c.a_invite) {
             let mut resp =
                 SipMessage::response_to(invite, 408, "Request Timeout", Some(&c.a.local_tag));
@@ -327,18 +329,25 @@ impl B2bua {
         {
             let best = best_final(c.branches.iter().filter_map(|b| b.final_status.as_ref()));
             let tag = c.a.local_tag.clone();
-            match best {
+            let answer = match best {
                 Some(resp) => {
                     let resp = resp.clone();
                     self.relay_response(cx, &key, &resp, Some(&tag), None);
+                    let status = resp.status().unwrap_or(500);
+                    (status, resp.reason().unwrap_or_default().to_owned())
                 }
                 None => {
                     let resp =
                         SipMessage::response_to(&req, 480, "Temporarily Unavailable", Some(&tag));
                     let _ = cx.tx.respond(cx.now.mono, &key, resp);
+                    (480, "Temporarily Unavailable".to_owned())
                 }
+            };
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.caller_answer = Some(answer);
             }
         }
+        let Some(c) = self.calls.get(&call) else { return };
         let cause = match c.unanswered_cause {
             Some(cause) => cause,
             None if c.state == CallState::Cancelled => "cancelled",
@@ -397,6 +406,7 @@ impl B2bua {
             return true;
         }
         c.state = CallState::Cancelled;
+        c.caller_answer = Some((487, "Request Terminated".to_owned()));
         if let Some(old) = c.ring_deadline.take() {
             self.deadlines.remove(&(old, call));
         }

@@ -80,6 +80,9 @@ struct Call {
     no_answer_at: Option<Instant>,
     /// Why the call ended unanswered, when not the callee's own answer.
     unanswered_cause: Option<&'static str>,
+    /// The final status and reason the caller got for a call that was not answered, for the
+    /// failed attempt's CDR.
+    caller_answer: Option<(u16, String)>,
 }
 
 impl Call {
@@ -281,6 +284,7 @@ impl B2bua {
                 ring_deadline: None,
                 no_answer_at: None,
                 unanswered_cause: None,
+                caller_answer: None,
             },
         );
     }

@@ -76,12 +76,78 @@ fn prepaid_call_is_cut_off_at_its_limit_on_both_legs_and_debited_once() -> Resul
     callee.respond(&bye_callee, 200, "OK", None)?;
     caller.respond(&bye_caller, 200, "OK", None)?;
 
-    let cdr = cluster
-        .wait_for_cdr(WAIT, |c| c.caller.starts_with("payer@") && c.charge_micros.is_some())?;
+    let cdr = cluster.wait_for_cdr(WAIT, |c| {
+        c.caller.starts_with("payer@") && c.answered_ms.is_some() && c.charge_micros.is_some()
+    })?;
     ensure!(cdr.cause == "cut-off", "CDR cause {:?}", cdr.cause);
     ensure!(cdr.charge_micros == Some(30_000), "charged {:?}, expected 0.03", cdr.charge_micros);
     ensure!(cluster.balance_micros("payer")? == 0, "balance after the call is not 0.00");
     Ok(())
+}
+
+#[test]
+fn failed_attempts_of_authenticated_callers_leave_cdrs_with_their_status_and_reason() -> Result<()>
+{
+    let cluster = cluster()?;
+    cluster.add_account("alice", "pw-alice")?;
+    cluster.add_account("bob", "pw-bob")?;
+    cluster.billing_cli(&[
+        "rate-plan",
+        "set",
+        "--name",
+        "pp",
+        "--prefix",
+        "default",
+        "--per-minute",
+        "0.60",
+        "--increments",
+        "1/1",
+    ])?;
+    cluster.add_account_with(
+        "broke",
+        "pw-broke",
+        &["--prepaid", "--balance", "0", "--rate-plan", "pp"],
+    )?;
+    let mut bob = registered(&cluster.alias2(), "bob", "pw-bob")?;
+    let mut alice = Phone::new("alice", "pw-alice")?;
+    let offer = sdp("alice", alice.addr().ip(), 40_000);
+    let final_status = |phone: &mut Phone, callee: &str| -> Result<u16> {
+        let mut call = phone.invite(&cluster.main(), callee, &offer)?;
+        Ok(phone.final_response(&mut call, WAIT)?.msg.status().unwrap_or_default())
+    };
+
+    // Nobody of that name: 404 before billing authorizes anything.
+    ensure!(final_status(&mut alice, "nobody")? == 404);
+    // Busy: the callee's 486 reaches the caller; the reservation is released.
+    let mut call = alice.invite(&cluster.main(), "bob", &offer)?;
+    let invite = bob.recv_request("INVITE", WAIT)?;
+    bob.respond(&invite, 486, "Busy Here", None)?;
+    let busy = alice.final_response(&mut call, WAIT)?;
+    ensure!(busy.msg.status() == Some(486), "busy call got {}", busy.summary());
+    // Refused by billing: no credit left.
+    let mut broke = Phone::new("broke", "pw-broke")?;
+    ensure!(final_status(&mut broke, "bob")? == 402);
+    // A wrong password leaves nothing: strangers cannot fill the CDRs.
+    let mut stranger = Phone::new("alice", "not-her-password")?;
+    ensure!(final_status(&mut stranger, "nobody")? != 404);
+
+    let failed = |caller: &'static str, status: u64| {
+        move |c: &sipalias_tests::cdr::Cdr| {
+            c.caller.starts_with(caller) && c.status == Some(status) && c.answered_ms.is_none()
+        }
+    };
+    let not_found = cluster.wait_for_cdr(WAIT, failed("alice@", 404))?;
+    ensure!(not_found.callee.contains("nobody"), "{not_found:?}");
+    ensure!(not_found.cause == "refused" && not_found.reason == "Not Found", "{not_found:?}");
+    ensure!(not_found.caller_ingress_ip == "127.0.0.1", "{not_found:?}");
+    let busy = cluster.wait_for_cdr(WAIT, failed("alice@", 486))?;
+    ensure!(busy.callee.starts_with("bob@") && busy.reason == "Busy Here", "{busy:?}");
+    ensure!(busy.cause == "not-answered" && busy.charge_micros == Some(0), "{busy:?}");
+    let refused = cluster.wait_for_cdr(WAIT, failed("broke@", 402))?;
+    ensure!(refused.cause == "refused" && !refused.reason.is_empty(), "{refused:?}");
+    let alices = cluster.cdrs()?.into_iter().filter(|c| c.caller.starts_with("alice@")).count();
+    ensure!(alices == 2, "the wrong password left a CDR: {:#?}", cluster.cdrs()?);
+    cluster.check_all_running()
 }
 
 #[test]
@@ -151,7 +217,7 @@ fn billing_outage_rejects_new_calls_quickly_keeps_calls_up_and_delivers_their_st
     // Billing back: the queued start and stop arrive and charge the call once.
     cluster.start_billing()?;
     let cdr = cluster.wait_for_cdr(Duration::from_secs(15), |c| {
-        c.caller.starts_with("payer@") && c.charge_micros.is_some()
+        c.caller.starts_with("payer@") && c.answered_ms.is_some() && c.charge_micros.is_some()
     })?;
     let charge = cdr.charge_micros.unwrap_or_default() as i64;
     ensure!(charge >= 10_000, "charge {charge} for a call of over a second");
