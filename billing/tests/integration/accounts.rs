@@ -377,6 +377,36 @@ async fn store_and_service_against_real_redis() {
         .await;
     assert_eq!(empty.expect_err("empty call_ref").code(), tonic::Code::InvalidArgument);
 
+    // A failed attempt's fields from a hostile or broken processor: a status that is not a
+    // SIP status or an ingress that is not an IP is refused; text is cut and cleaned.
+    let attempt = |status: u32, ip: &str, reason: &str| AccountingStopRequest {
+        call_ref: format!("attempt-{status}-{}", reason.len()),
+        ended_at_ms: 1_700_000_400_000,
+        cause: "refused".to_owned(),
+        idempotency_key: format!("attempt-{status}-{};stop", reason.len()),
+        status,
+        reason: reason.to_owned(),
+        caller: "alice@example.com".to_owned(),
+        callee: "x\r\nInjected: 1".repeat(100),
+        caller_ingress_ip: ip.to_owned(),
+        ..Default::default()
+    };
+    for (status, ip) in [(99, ""), (700, ""), (u32::MAX, ""), (404, "127.0.0.x"), (404, "::1:")] {
+        let refused = rpc.accounting_stop(attempt(status, ip, "")).await;
+        assert_eq!(
+            refused.expect_err("hostile attempt").code(),
+            tonic::Code::InvalidArgument,
+            "status {status}, ip {ip:?}"
+        );
+    }
+    let long = "Busy\u{1b}[2J\n".repeat(100);
+    rpc.accounting_stop(attempt(486, "127.0.0.2", &long)).await.expect("a failed attempt");
+    let cdrs = store.list_cdrs(&all).await.expect("cdrs");
+    let cdr = cdrs.iter().find(|c| c.status == Some(486)).expect("the attempt's CDR");
+    assert_eq!(cdr.reason.chars().count(), 128);
+    assert_eq!(cdr.callee.chars().count(), 256);
+    assert!(!cdr.reason.chars().chain(cdr.callee.chars()).any(char::is_control), "{cdr:?}");
+
     // Redis gone: RPCs fail with UNAVAILABLE rather than a wrong answer.
     env.redis.process().expect("redis-server running").kill().expect("kill redis-server");
     let err = rpc
