@@ -380,6 +380,20 @@ pub async fn serve(
     };
     let store = Store::connect(&config).await?;
     let _ = connected.set(store.clone());
+    // With metrics on: calls in progress cluster-wide, counted off the RPC path.
+    let gauges = ops.is_some().then(|| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RESERVATIONS_INTERVAL);
+            loop {
+                tick.tick().await;
+                match store.reservations_held().await {
+                    Ok(n) => metrics::gauge!("sipalias_billing_reservations").set(n as f64),
+                    Err(e) => tracing::debug!("reservations not counted: {e}"),
+                }
+            }
+        })
+    });
     let addr = listener.local_addr()?;
     let service = BillingService::new(store);
     let require = sipalias_proto::link_auth::Require::new(&config.link_secret)
@@ -398,6 +412,9 @@ pub async fn serve(
         .add_service(BillingServer::with_interceptor(service, require))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    if let Some(gauges) = gauges {
+        gauges.abort();
+    }
     if let Some((stop, task)) = ops {
         drop(stop);
         let _ = task.await;
@@ -405,6 +422,9 @@ pub async fn serve(
     info!("billing stopped");
     Ok(())
 }
+
+/// How often `sipalias_billing_reservations` is counted (a `SCAN` of the keyspace).
+const RESERVATIONS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest reason phrase kept in a CDR, in characters.
 const MAX_REASON: usize = 128;

@@ -605,7 +605,7 @@ impl Node {
             }
             Work::LoadDialogForAck { request } => {
                 let call_id = request.call_id().unwrap_or_default().to_owned();
-                match self.dialogs.load(&call_id).await {
+                match telemetry::redis("dialog-load", self.dialogs.load(&call_id)).await {
                     Ok(Some(record)) => {
                         self.done(Done::DialogForAck { record: Box::new(record), ack: request })
                     }
@@ -617,7 +617,7 @@ impl Node {
             }
             Work::LoadDialog { key, request } => {
                 let call_id = request.call_id().unwrap_or_default().to_owned();
-                match self.dialogs.load(&call_id).await {
+                match telemetry::redis("dialog-load", self.dialogs.load(&call_id)).await {
                     Ok(record) => self.done(Done::Dialog { key, record: record.map(Box::new) }),
                     Err(e) => {
                         let response = self.error_response(&request, &e, "dialog lookup failed");
@@ -720,7 +720,12 @@ impl Node {
         let nc = creds.nc.as_deref().unwrap_or_default();
         let ttl_ms = self.nonces.remaining_ms(&creds.nonce, now);
         let ban_key = self.bans.ban_key(&source);
-        match self.nonce_counts.claim(&ban_key, &creds.nonce, nc, ttl_ms).await? {
+        match telemetry::redis(
+            "nonce-claim",
+            self.nonce_counts.claim(&ban_key, &creds.nonce, nc, ttl_ms),
+        )
+        .await?
+        {
             Claim::Fresh => Ok(Presented::Credentials(creds, alg)),
             Claim::Replayed => {
                 let aor = format!("{}@{}", creds.username, site.domain);
@@ -810,7 +815,7 @@ impl Node {
         ingress: &Ingress,
         error: Error,
     ) -> Result<(), Error> {
-        let bindings = self.location.lookup(aor, wall_ms()).await?;
+        let bindings = telemetry::redis("lookup", self.location.lookup(aor, wall_ms())).await?;
         let known = bindings
             .iter()
             .any(|b| b.received == ingress.remote && b.ingress.local() == ingress.local);
@@ -875,7 +880,8 @@ impl Node {
             max_contacts: self.config.max_contacts,
         };
         let now = wall_ms();
-        let bindings = self.location.apply(&aor, &update, &meta, now).await?;
+        let bindings =
+            telemetry::redis("register", self.location.apply(&aor, &update, &meta, now)).await?;
         if self.config.keepalive_interval_secs > 0 {
             let fields: Vec<String> = bindings.iter().map(|b| b.contact.clone()).collect();
             let first = now + u64::from(self.config.keepalive_interval_secs) * 1000;
@@ -928,7 +934,8 @@ impl Node {
             }
         };
         // Locate before authorizing, so a call that cannot ring reserves nothing.
-        let bindings = self.location.lookup(&callee_aor, wall_ms()).await?;
+        let bindings =
+            telemetry::redis("lookup", self.location.lookup(&callee_aor, wall_ms())).await?;
         let targets = call_setup::targets(&bindings, |local| {
             // A binding through a socket no dispatcher serves any more (its alias was removed)
             // cannot be reached from where the phone expects us.

@@ -78,6 +78,23 @@ pub fn billing_call(what: &'static str, took: Duration, ok: bool) {
     }
 }
 
+/// Runs one Redis operation of the registration or call path, recording its latency
+/// (`sipalias_redis_seconds{op}`) and, when it fails, `sipalias_redis_errors_total{op}`: a slow
+/// or failing Redis shows here before phones notice.
+pub async fn redis<T, E>(
+    op: &'static str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = std::time::Instant::now();
+    let out = work.await;
+    metrics::histogram!("sipalias_redis_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    if out.is_err() {
+        metrics::counter!("sipalias_redis_errors_total", "op" => op).increment(1);
+    }
+    out
+}
+
 /// Accounting events waiting in Redis for billing to come back (cluster-wide queue).
 pub fn accounting_queue(n: u64) {
     metrics::gauge!("sipalias_accounting_queue").set(n as f64);

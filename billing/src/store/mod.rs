@@ -92,7 +92,39 @@ impl Store {
         Ok(Self::from_connection(conn, config))
     }
 
-    /// Whether Redis answers now (`PING`), for readiness.
+    /// Calls in progress cluster-wide: the fields of every account's reservations hash (one
+    /// per call authorized and not yet stopped; a lapsed one until the account's next
+    /// authorization sweeps it). A `SCAN` of the keyspace: for the `/metrics` gauge, never on
+    /// a call's path.
+    pub async fn reservations_held(&self) -> Result<u64, Error> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}resv:*", self.prefix);
+        let (mut cursor, mut held) = (0u64, 0u64);
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.hlen(k);
+                }
+                let lens: Vec<u64> = pipe.query_async(&mut conn).await?;
+                held += lens.iter().sum::<u64>();
+            }
+            if next == 0 {
+                return Ok(held);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Whether Redis answers (`PING`), for readiness.
     pub async fn ping(&self) -> Result<(), Error> {
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;

@@ -315,6 +315,7 @@ async fn an_unanswered_stop_releases_the_reservation_and_records_the_failed_atte
     let alice = env.prepaid("alice", ONE, "retail").await;
     allowed(env.store.authorize(&alice.to_string(), UK, "c1", now()).await.expect("authorize"));
     assert_eq!(env.held(&alice).await, (1, ONE));
+    assert_eq!(env.store.reservations_held().await.expect("count"), 1, "the metrics gauge");
 
     let busy = CallStop {
         status: 486,
@@ -327,6 +328,7 @@ async fn an_unanswered_stop_releases_the_reservation_and_records_the_failed_atte
     let again = env.store.accounting_stop(&busy, now()).await.expect("retried stop");
     assert_eq!((again.outcome, again.charge_micros), (AccountingOutcome::Duplicate, 0));
     assert_eq!(env.held(&alice).await, (0, 0));
+    assert_eq!(env.store.reservations_held().await.expect("count"), 0);
     assert_eq!(env.balance(&alice).await, ONE);
     let cdrs = env.store.list_cdrs(&CdrQuery::default()).await.expect("cdrs");
     assert_eq!(cdrs.len(), 1, "{cdrs:?}");

@@ -65,6 +65,8 @@ fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result
         ensure!(edge.lines().any(|l| l.starts_with(gauge)), "no {gauge}: {edge}");
     }
     ensure!(metric_sum(&edge, "sipalias_bans", &[]) == 0.0, "{edge}");
+    ensure!(metric_sum(&edge, "sipalias_sockets", &[("state", "configured")]) >= 11.0, "{edge}");
+    ensure!(metric_sum(&edge, "sipalias_sockets", &[("state", "draining")]) == 0.0, "{edge}");
 
     let procs = processors_metrics(&cluster, 2)?;
     let finals = |ip: &str, method: &str, status: &str| {
@@ -84,6 +86,10 @@ fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result
         "one authorization: {procs}"
     );
     ensure!(metric_sum(&procs, "sipalias_billing_errors_total", &[]) == 0.0, "{procs}");
+    // Redis on the registration and call path: both REGISTERs stored, the callee looked up.
+    let redis = |op: &str| metric_sum(&procs, "sipalias_redis_seconds_count", &[("op", op)]);
+    ensure!(redis("register") == 2.0 && redis("lookup") >= 1.0, "{procs}");
+    ensure!(metric_sum(&procs, "sipalias_redis_errors_total", &[]) == 0.0, "{procs}");
     ensure!(
         metric_sum(&procs, "sipalias_call_setup_seconds_count", &[("ip", "127.0.0.2")]) >= 2.0,
         "setup latency recorded for the challenged and the authorized INVITE: {procs}"
@@ -109,6 +115,7 @@ fn metrics_count_registrations_and_a_call_per_alias_on_every_service() -> Result
             == 1.0,
         "{billing}"
     );
+    ensure!(billing.lines().any(|l| l.starts_with("sipalias_billing_reservations ")), "{billing}");
     cluster.check_all_running()
 }
 
