@@ -11,10 +11,15 @@
 #   health              the HEALTHCHECK: checks the role this container was started with
 #   any other command   run as given (e.g. sipalias-billing account list)
 #
-# Health per role: dispatcher: its Status RPC answers; billing: the gRPC health protocol says
-# SERVING; processor: the dispatcher at SIPALIAS_HEALTH_GRPC (the URL the processor links to)
-# lists this processor as linked and active; without SIPALIAS_HEALTH_GRPC, only that the
-# process runs.
+# Health per role, from the service's operations listener on 127.0.0.1:$SIPALIAS_HEALTH_PORT
+# (default 9090, the port of metrics_listen in deploy/docker/compose.toml): dispatcher
+# /healthz (alive, its SIP sockets bound; its /readyz also wants a processor linked, which
+# processors starting after it cannot give it yet: that one is for keepalived and load
+# balancers), processor and billing /readyz (processor: linked to its dispatchers, Redis and
+# billing answering; billing: Redis answering). Where nothing listens on that port
+# (metrics_listen unset): dispatcher: its Status RPC answers; billing: the gRPC health
+# protocol says SERVING; processor: the dispatcher at SIPALIAS_HEALTH_GRPC lists this
+# processor as linked and active, or without it only that the process runs.
 set -eu
 
 ROLE_FILE=/tmp/sipalias-role
@@ -29,8 +34,26 @@ processor_id() {
   fi
 }
 
+# `http_status PATH`: the HTTP status of GET PATH on the operations listener, or nothing when
+# nothing listens there. bash's /dev/tcp: the image needs no HTTP client.
+http_status() {
+  bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 0
+    printf "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n" "$2" >&3
+    read -r _ status _ <&3 && printf "%s\n" "$status"' http_status \
+    "${SIPALIAS_HEALTH_PORT:-9090}" "$1" 2>/dev/null
+}
+
 health() {
   role=$(cat "$ROLE_FILE" 2>/dev/null || true)
+  case "$role" in
+    dispatcher) path=/healthz ;;
+    *) path=/readyz ;;
+  esac
+  status=$(http_status "$path" || true)
+  if [ -n "$status" ]; then
+    [ "$status" = 200 ]
+    return
+  fi
   case "$role" in
     dispatcher) sipalias-dispatcher status >/dev/null ;;
     billing) sipalias-billing health >/dev/null ;;

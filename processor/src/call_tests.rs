@@ -367,6 +367,15 @@ From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCa
 }
 
 #[test]
+fn answered_calls_are_counted_by_the_ip_their_caller_came_in_on() {
+    let mut h = Harness::new();
+    assert!(h.core.calls_up_per_ip().is_empty());
+    answered_call(&mut h);
+    let main: std::net::IpAddr = [127, 0, 0, 1].into();
+    assert_eq!(h.core.calls_up_per_ip().into_iter().collect::<Vec<_>>(), [(main, 1)]);
+}
+
+#[test]
 fn re_invite_from_the_caller_is_relayed_and_its_ack_follows_end_to_end() {
     let mut h = Harness::new();
     let (b_invite, a_contact, a_tag) = answered_call(&mut h);

@@ -179,6 +179,11 @@ impl Core {
         (c, s, self.b2bua.len())
     }
 
+    /// Answered calls per local IP their caller came in on.
+    pub fn calls_up_per_ip(&self) -> std::collections::BTreeMap<std::net::IpAddr, usize> {
+        self.b2bua.answered_per_ip()
+    }
+
     /// A message from a dispatcher. A request that fails [`SipMessage::validate_request`] (or
     /// names no SIP or SIPS address-of-record in a REGISTER) is answered statelessly, before the
     /// transaction layer, with the status the error maps to: `400`, or `505` for another SIP

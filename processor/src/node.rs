@@ -454,6 +454,12 @@ impl Node {
             let (client, server, calls) = self.load();
             let setups = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
             telemetry::load(client, server, calls, setups);
+            let up = self.lock().calls_up_per_ip();
+            // Every IP this processor knows, so an alias whose last call ended shows 0.
+            let ips = self.sockets.ips().into_iter().chain(up.keys().copied());
+            for ip in ips.collect::<std::collections::BTreeSet<_>>() {
+                telemetry::calls_up(ip, up.get(&ip).copied().unwrap_or(0));
+            }
         }
     }
 

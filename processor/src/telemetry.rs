@@ -78,6 +78,11 @@ pub fn billing_call(what: &'static str, took: Duration, ok: bool) {
     }
 }
 
+/// Answered calls this processor holds whose caller came in on `ip` (`sipalias_calls_up`).
+pub fn calls_up(ip: std::net::IpAddr, n: usize) {
+    metrics::gauge!("sipalias_calls_up", "ip" => ip.to_string()).set(n as f64);
+}
+
 /// Runs one Redis operation of the registration or call path, recording its latency
 /// (`sipalias_redis_seconds{op}`) and, when it fails, `sipalias_redis_errors_total{op}`: a slow
 /// or failing Redis shows here before phones notice.

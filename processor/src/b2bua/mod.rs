@@ -186,6 +186,16 @@ impl B2bua {
         self.calls.len()
     }
 
+    /// Answered calls held here, per local IP the caller came in on (an alias, or the main
+    /// IP), for the `sipalias_calls_up` gauge.
+    pub fn answered_per_ip(&self) -> std::collections::BTreeMap<std::net::IpAddr, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for c in self.calls.values().filter(|c| c.state == CallState::Answered) {
+            *out.entry(c.a_ingress_ip).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// Calls still being set up (ringing, or finishing a cancel): what a draining processor
     /// waits for.
     pub fn in_setup(&self) -> usize {
