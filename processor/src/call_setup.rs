@@ -6,12 +6,14 @@
 //! `404 Not Found`, `416 Unsupported URI Scheme`, `480 Temporarily Unavailable`,
 //! `402 Payment Required` and the `403` variants, the billing refusals with a `Reason` header.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::answer::{Answer, NOT_FOUND, UNAVAILABLE, UNSUPPORTED_SCHEME};
 use crate::b2bua::Target;
 use crate::error::Error;
 use crate::registrar::Binding;
+use crate::routing::{self, Gateway, Route};
+use crate::transport::{Egress, LocalAddr, Transport};
 use sipalias_proto::billing::{AuthorizeResponse, DenyReason};
 
 /// Who an INVITE's Request-URI names.
@@ -89,7 +91,45 @@ pub fn targets(
         .filter_map(|b| {
             let egress = b.egress()?;
             let host = uri_host(egress.local.addr)?;
-            Some(Target { contact: b.contact.clone(), egress, host })
+            Some(Target { contact: b.contact.clone(), egress, host, to: None })
+        })
+        .collect()
+}
+
+/// The trunks a call to `e164` (a number that is no subscriber) tries, in order
+/// ([`routing::hunt`] with `draw`), each leaving from the socket `socket_for` gives for the
+/// gateway's local IP (or the main IP) and transport, From host per `uri_host` of that IP.
+/// A gateway with no such socket is skipped (said in the log).
+pub fn trunk_targets(
+    e164: &str,
+    gateways: &[Gateway],
+    routes: &[Route],
+    draw: u64,
+    socket_for: impl Fn(Option<IpAddr>, Transport) -> Option<(SocketAddr, String)>,
+    uri_host: impl Fn(IpAddr) -> Option<String>,
+) -> Vec<Target> {
+    routing::hunt(e164, routes, draw)
+        .into_iter()
+        .filter_map(|name| {
+            let g = gateways.iter().find(|g| g.name == name)?;
+            let remote = g.addr()?;
+            let transport = g.transport();
+            let Some((local, dispatcher_id)) = socket_for(g.local_ip(), transport) else {
+                tracing::warn!(gateway = %g.name, "no {} socket to reach the gateway from", transport.as_str());
+                return None;
+            };
+            Some(Target {
+                contact: g.request_uri(e164),
+                egress: Egress {
+                    local: LocalAddr { addr: local, transport },
+                    remote,
+                    connection_id: 0,
+                    dispatcher_id,
+                    flow_only: false,
+                },
+                host: uri_host(local.ip())?,
+                to: Some(format!("<sip:{e164}@{}>", g.address.trim())),
+            })
         })
         .collect()
 }

@@ -46,6 +46,7 @@ fn target(callee: &str) -> Target {
             dispatcher_id: "d1".into(),
         },
         host: "127.0.0.2".into(),
+        to: None,
     }
 }
 
@@ -129,6 +130,25 @@ impl Harness {
         self.call_with(&invite("c1@caller", "z9hG4bKa1"), targets, max_duration_secs, false)
     }
 
+    /// A call to a number through `trunks`, tried one after the other.
+    fn call_trunks(&mut self, trunks: Vec<Target>) -> ServerKey {
+        self.send(&invite("c1@caller", "z9hG4bKa1"), ingress(MAIN, CALLER));
+        let Some(Work::Invite { key, ingress: i, .. }) = self.work().pop() else {
+            panic!("INVITE must become setup work")
+        };
+        let plan = CallPlan {
+            caller_aor: "bob@sip.example.net".into(),
+            callee_aor: "+442079460000@sip.example.net".into(),
+            targets: Vec::new(),
+            max_duration_secs: 0,
+            call_ref: "c1@caller;bt1".into(),
+            auto_answer: false,
+            hunt: trunks,
+        };
+        self.done(Done::Call { key: key.clone(), plan: Box::new(plan), ingress: i });
+        key
+    }
+
     /// The caller sends `invite`; the setup task answers with a plan for `targets`.
     fn call_with(
         &mut self,
@@ -149,6 +169,7 @@ impl Harness {
             max_duration_secs,
             call_ref: "c1@caller;bt1".into(),
             auto_answer,
+            hunt: Vec::new(),
         };
         self.done(Done::Call { key: key.clone(), plan: Box::new(plan), ingress: i });
         key
@@ -364,6 +385,83 @@ From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCa
     h.out();
     h.work();
     (b_invite, a_contact, a_tag)
+}
+
+/// A trunk at `addr`, reached from the main IP, for the number +442079460000.
+fn trunk(addr_s: &str) -> Target {
+    Target {
+        contact: format!("sip:+442079460000@{addr_s}"),
+        egress: Egress {
+            flow_only: false,
+            local: local(MAIN),
+            remote: addr(addr_s),
+            connection_id: 0,
+            dispatcher_id: "d1".into(),
+        },
+        host: "sip.example.net".into(),
+        to: Some(format!("<sip:+442079460000@{addr_s}>")),
+    }
+}
+
+#[test]
+fn a_failing_trunk_hands_the_call_to_the_next_and_a_busy_number_does_not() {
+    let mut h = Harness::new();
+    h.call_trunks(vec![
+        trunk("127.0.0.41:5060"),
+        trunk("127.0.0.42:5060"),
+        trunk("127.0.0.43:5060"),
+    ]);
+    let out = h.out();
+    assert_eq!(out.len(), 1, "one trunk at a time: {out:?}");
+    let (t, first) = &out[0];
+    assert_eq!(t.egress.remote, addr("127.0.0.41:5060"));
+    assert_eq!(first.request_uri(), Some("sip:+442079460000@127.0.0.41:5060"));
+    assert!(first.header("to").is_some_and(|to| to.contains("sip:+442079460000@127.0.0.41:5060")));
+    assert!(first.header("from").is_some_and(|f| f.contains("bob@sip.example.net")));
+    // 503 from the first: the second gets the call, the caller hears nothing of it.
+    h.send(&answer(first, 503, "Service Unavailable", "g1", ""), ingress(MAIN, "127.0.0.41:5060"));
+    let out = h.out();
+    assert!(
+        out.iter().all(|(t, m)| t.egress.remote != addr(CALLER) || m.status() == Some(100)),
+        "{out:?}"
+    );
+    let (_, second) = out
+        .iter()
+        .find(|(t, m)| t.egress.remote == addr("127.0.0.42:5060") && m.method() == Some("INVITE"))
+        .expect("the second trunk's INVITE");
+    // The second answers: the call is up, the third never hears of it.
+    h.send(&answer(second, 200, "OK", "g2", "v=0\r\n"), ingress(MAIN, "127.0.0.42:5060"));
+    let out = h.out();
+    assert!(out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(200)));
+    assert!(!out.iter().any(|(t, _)| t.egress.remote == addr("127.0.0.43:5060")));
+
+    // Busy on the first trunk: the number is busy everywhere, the caller hears it.
+    let mut h = Harness::new();
+    h.call_trunks(vec![trunk("127.0.0.41:5060"), trunk("127.0.0.42:5060")]);
+    let (_, first) = h.out().remove(0);
+    h.send(&answer(&first, 486, "Busy Here", "g1", ""), ingress(MAIN, "127.0.0.41:5060"));
+    let out = h.out();
+    assert!(out.iter().any(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(486)));
+    assert!(!out.iter().any(|(t, _)| t.egress.remote == addr("127.0.0.42:5060")));
+
+    // Every trunk fails: the caller gets the best of their answers, the reservation goes.
+    let mut h = Harness::new();
+    h.call_trunks(vec![trunk("127.0.0.41:5060"), trunk("127.0.0.42:5060")]);
+    let (_, first) = h.out().remove(0);
+    h.send(&answer(&first, 503, "Service Unavailable", "g1", ""), ingress(MAIN, "127.0.0.41:5060"));
+    let (_, second) = h
+        .out()
+        .into_iter()
+        .find(|(_, m)| m.method() == Some("INVITE"))
+        .expect("the second trunk's INVITE");
+    h.send(&answer(&second, 502, "Bad Gateway", "g2", ""), ingress(MAIN, "127.0.0.42:5060"));
+    let out = h.out();
+    assert!(
+        out.iter()
+            .any(|(t, m)| t.egress.remote == addr(CALLER) && m.status().is_some_and(|s| s >= 500))
+    );
+    assert!(h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if !s.answered)));
+    assert_eq!(h.core.b2bua_index_sizes()[0], 0, "the call is gone");
 }
 
 #[test]
@@ -650,6 +748,7 @@ Call-ID: {call_id}\r\nCSeq: 2 ACK\r\n\r\n"
             max_duration_secs: 0,
             call_ref: format!("{call_id};bt1"),
             auto_answer: false,
+            hunt: Vec::new(),
         };
         h.done(Done::Call { key, plan: Box::new(plan), ingress: i });
         let (_, b_invite) = h.out().remove(0);
@@ -805,6 +904,7 @@ fn second_invite_with_a_live_calls_call_id_is_a_merged_request() {
         max_duration_secs: 0,
         call_ref: call_ref.into(),
         auto_answer: false,
+        hunt: Vec::new(),
     };
     for (w, r) in works.into_iter().zip(["ref-1", "ref-2"]) {
         let Work::Invite { key, ingress: i, .. } = w else { panic!("setup work") };

@@ -132,6 +132,15 @@ pub struct ProcessorConfig {
     /// Log filter (`RUST_LOG` syntax, default `info`); `RUST_LOG` overrides it at start, and
     /// SIGHUP re-reads it from the file.
     pub log_level: String,
+    /// SIP trunks to the PSTN (`[[processor.gateways]]`, default none): where calls to numbers
+    /// that are no subscriber of the cluster go, chosen by `routes`.
+    pub gateways: Vec<crate::routing::Gateway>,
+    /// Which gateways numbers go through, by longest prefix, priority and weight
+    /// (`[[processor.routes]]`, default none: numbers that are no subscriber get `404`).
+    pub routes: Vec<crate::routing::Route>,
+    /// How the phones behind each local IP dial national and international numbers
+    /// (`[[processor.dialing_plans]]`, default none: only `+` numbers are routed).
+    pub dialing_plans: Vec<crate::routing::DialingPlan>,
 }
 
 /// Longest `ban_secs` accepted: a week (a longer one belongs in a firewall).
@@ -217,6 +226,9 @@ impl Default for ProcessorConfig {
             binding_stats_secs: 30,
             log_format: sipalias_startup::LogFormat::Text,
             log_level: sipalias_startup::DEFAULT_LOG_LEVEL.to_owned(),
+            gateways: Vec::new(),
+            routes: Vec::new(),
+            dialing_plans: Vec::new(),
         }
     }
 }
@@ -256,6 +268,11 @@ impl ProcessorConfig {
         }
         if self.dispatchers.is_empty() {
             return bad("dispatchers", "at least one dispatcher URL is required".into());
+        }
+        if let Err((key, why)) =
+            crate::routing::validate(&self.gateways, &self.routes, &self.dialing_plans)
+        {
+            return bad(&key, why);
         }
         for (i, d) in self.dispatchers.iter().enumerate() {
             if !(d.starts_with("http://") || d.starts_with("https://")) {
@@ -371,6 +388,16 @@ impl ProcessorConfig {
             .iter()
             .filter_map(|e| TrustEntry::parse(e).ok())
             .any(|e| e.matches(caller_aor, source))
+    }
+
+    /// The dialing plan of callers on local IP `ip`, if one is configured.
+    pub fn dialing_plan(&self, ip: IpAddr) -> Option<&crate::routing::DialingPlan> {
+        self.dialing_plans.iter().find(|p| p.ip.trim().parse::<IpAddr>().ok() == Some(ip))
+    }
+
+    /// The gateway named `name`.
+    pub fn gateway(&self, name: &str) -> Option<&crate::routing::Gateway> {
+        self.gateways.iter().find(|g| g.name == name)
     }
 
     /// The digest algorithms to offer, in order (validated at load).

@@ -30,6 +30,7 @@ pub mod node;
 pub mod registrar;
 pub mod registrations;
 pub mod replay;
+pub mod routing;
 pub mod sockets;
 pub mod telemetry;
 pub mod transaction;

@@ -19,7 +19,7 @@ use crate::auth::{
     ChallengeKind, Expected, NonceKey, Refusal, Verified, challenge, check_presented,
     credentials_for, verified,
 };
-use crate::b2bua::{CallPlan, Work};
+use crate::b2bua::{CallPlan, Target, Work};
 use crate::bans::{Bans, is_scanner, source_key};
 use crate::billing::{Billing, CallRequest};
 use crate::call_setup::{self, Authorization};
@@ -933,7 +933,7 @@ impl Node {
         let callee = call_setup::callee(req.request_uri(), &site.domain, |host| {
             self.sockets.domain_of_host(host)
         });
-        let callee_aor = match callee.aor() {
+        let mut callee_aor = match callee.aor() {
             Ok(aor) => aor,
             Err(answer) => {
                 return refuse(creds, req.request_uri().unwrap_or_default(), answer).await;
@@ -948,8 +948,20 @@ impl Node {
             self.sockets.is_local_socket(local).then(|| self.sockets.uri_host(local.ip())).flatten()
         });
         let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
+        let mut hunt = Vec::new();
+        let mut account = None;
         if targets.is_empty() {
-            let account = self.billing.account(&callee_aor).await.map(|a| a.is_some());
+            let known = self.billing.account(&callee_aor).await.map(|a| a.is_some());
+            // A number that is no subscriber goes out through the trunks.
+            if let (Ok(false), call_setup::Callee::User { user, domain }) = (&known, &callee)
+                && let Some((e164, trunks)) = self.trunk_route(user, ingress)
+            {
+                callee_aor = format!("{e164}@{domain}");
+                hunt = trunks;
+            }
+            account = Some(known);
+        }
+        if let Some(account) = account.filter(|_| hunt.is_empty()) {
             let answer = call_setup::unreachable(account, outage_allowed)?;
             tracing::info!(
                 %caller_aor,
@@ -1000,10 +1012,35 @@ impl Node {
             caller_aor,
             callee_aor,
             targets,
+            hunt,
             max_duration_secs,
             call_ref,
             auto_answer,
         }))
+    }
+
+    /// The E.164 form of `dialed` (under the dialing plan of the IP the call came in on) and
+    /// the trunks that carry it, in the order they are tried; `None` when it is no number or
+    /// no route takes it.
+    fn trunk_route(&self, dialed: &str, ingress: &Ingress) -> Option<(String, Vec<Target>)> {
+        if self.config.routes.is_empty() {
+            return None;
+        }
+        let plan = self.config.dialing_plan(ingress.local.addr.ip());
+        let e164 = crate::routing::normalize(dialed, plan)?;
+        let trunks = call_setup::trunk_targets(
+            &e164,
+            &self.config.gateways,
+            &self.config.routes,
+            rand::random(),
+            |ip, transport| self.sockets.socket_for(ip, transport),
+            |ip| self.sockets.uri_host(ip),
+        );
+        if trunks.is_empty() {
+            tracing::info!(dialed, %e164, "no route for the number");
+            return None;
+        }
+        Some((e164, trunks))
     }
 
     /// Has billing keep a CDR of a failed attempt it authorized nothing for — an

@@ -94,6 +94,30 @@ impl SocketTable {
         out
     }
 
+    /// A socket calls to a trunk can leave from: one of `ip` with `transport`, or, without an
+    /// IP, one of a main (non-alias) IP; with the dispatcher that announced it.
+    pub fn socket_for(
+        &self,
+        ip: Option<IpAddr>,
+        transport: Transport,
+    ) -> Option<(std::net::SocketAddr, String)> {
+        let announced = self.announced.read().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<&String> = announced.keys().collect();
+        ids.sort();
+        ids.into_iter().find_map(|id| {
+            announced[id].iter().find_map(|s| {
+                let sip = s.ip.parse::<IpAddr>().ok()?;
+                let wanted = match ip {
+                    Some(ip) => sip == ip,
+                    None => !s.alias,
+                };
+                let port = u16::try_from(s.port).ok()?;
+                (wanted && Transport::from_proto(s.transport) == transport)
+                    .then(|| (std::net::SocketAddr::new(sip, port), id.clone()))
+            })
+        })
+    }
+
     /// What `dispatcher` announces, as [`listed`].
     pub fn served_by(&self, dispatcher: &str) -> Vec<String> {
         let announced = self.announced.read().unwrap_or_else(|p| p.into_inner());

@@ -604,10 +604,12 @@ impl Pair {
                             dispatcher_id: "d1".into(),
                         },
                         host: "127.0.0.2".into(),
+                        to: None,
                     }],
                     max_duration_secs: 0,
                     call_ref: "lossy-call".into(),
                     auto_answer: false,
+                    hunt: Vec::new(),
                 };
                 self.core.handle_done(self.now, Done::Call { key, plan: Box::new(plan), ingress });
             }

@@ -5,6 +5,14 @@ use super::dialog::build_ack;
 use super::relay::{AUTO_ANSWER_HEADERS, REQUEST_HEADERS, first_contact, strip_params};
 use super::*;
 
+/// Which leg of which call a new branch is, and its parties.
+struct Leg<'a> {
+    call: u64,
+    idx: usize,
+    caller_aor: &'a str,
+    callee_aor: &'a str,
+}
+
 impl B2bua {
     /// Starts ringing every target of `plan` for the caller's INVITE on server transaction `key`.
     /// If the caller gave up meanwhile (the transaction is final), nothing is sent and `false`
@@ -49,56 +57,20 @@ impl B2bua {
             invite_cseq: cseq.seq,
             last_ack: None,
         };
-        let max_forwards = invite
-            .header("max-forwards")
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .map_or(70, |m| m.saturating_sub(1).min(70));
-        let caller_user = plan.caller_aor.split('@').next().unwrap_or("anonymous").to_owned();
-        let callee_user = plan.callee_aor.split('@').next().unwrap_or_default().to_owned();
-
         let id = self.next_call;
         self.next_call += 1;
-        let mut branches = Vec::with_capacity(plan.targets.len());
-        for (idx, t) in plan.targets.iter().enumerate() {
-            let b_call_id = self.ids.call_id();
-            let mut from_na = NameAddr::new(sipmsg::Uri::sip(Some(&caller_user), &t.host, None));
-            from_na.display = from.display.clone();
-            let dialog = Dialog {
-                call_id: b_call_id.clone(),
-                local_tag: self.ids.tag(),
-                remote_tag: None,
-                local_uri: from_na.to_string(),
-                remote_uri: NameAddr::new(sipmsg::Uri::sip(Some(&callee_user), &t.host, None))
-                    .to_string(),
-                remote_target: t.contact.clone(),
-                route_set: Vec::new(),
-                local_cseq: 1,
-                egress: t.egress.clone(),
-                contact: self.contact_for(&t.egress),
-                invite_cseq: 1,
-                last_ack: None,
-            };
-            let mut req = self.build_request(&dialog, "INVITE", 1, &invite, REQUEST_HEADERS);
-            if plan.auto_answer {
-                for h in
-                    invite.headers.iter().filter(|h| AUTO_ANSWER_HEADERS.contains(&h.key.as_str()))
-                {
-                    req.headers.push(h.clone());
-                }
-            } else {
-                strip_auto_answer(&mut req);
-            }
-            req.set_header("Max-Forwards", max_forwards.to_string());
-            let key = cx.tx.start_client(cx.now.mono, req, t.egress.clone());
-            self.by_client.insert(key.clone(), Pending::Branch { call: id, idx });
-            self.by_call_id.insert(b_call_id, (id, Side::B(idx)));
-            branches.push(Branch {
-                key: Some(key),
-                dialog,
-                state: BranchState::Calling,
-                cancel_pending: false,
-                final_status: None,
-            });
+        // Bindings ring at once; trunks one after the other, the first now.
+        let mut hunt: std::collections::VecDeque<Target> = plan.hunt.into();
+        let first: Vec<Target> = if plan.targets.is_empty() {
+            hunt.pop_front().into_iter().collect()
+        } else {
+            plan.targets
+        };
+        let mut branches = Vec::with_capacity(first.len());
+        for (idx, t) in first.iter().enumerate() {
+            let leg =
+                Leg { call: id, idx, caller_aor: &plan.caller_aor, callee_aor: &plan.callee_aor };
+            branches.push(self.open_branch(cx, &leg, t, &invite, plan.auto_answer));
         }
         self.by_call_id.insert(call_id.to_owned(), (id, Side::A));
         self.by_server.insert(key.clone(), id);
@@ -126,8 +98,94 @@ impl B2bua {
                 no_answer_at,
                 unanswered_cause: None,
                 caller_answer: None,
+                hunt,
+                auto_answer: plan.auto_answer,
             },
         );
+        true
+    }
+
+    /// Builds and sends the INVITE of a new B leg towards `t` for the caller's `invite`:
+    /// From the caller's user at `t.host` (display name kept), To the callee there (or
+    /// `t.to`), Max-Forwards one less than the caller's (at most 70).
+    fn open_branch(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        leg: &Leg<'_>,
+        t: &Target,
+        invite: &SipMessage,
+        auto_answer: bool,
+    ) -> Branch {
+        let caller_user = leg.caller_aor.split('@').next().unwrap_or("anonymous");
+        let callee_user = leg.callee_aor.split('@').next().unwrap_or_default();
+        let max_forwards = invite
+            .header("max-forwards")
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .map_or(70, |m| m.saturating_sub(1).min(70));
+        let b_call_id = self.ids.call_id();
+        let mut from_na = NameAddr::new(sipmsg::Uri::sip(Some(caller_user), &t.host, None));
+        from_na.display = invite.from().ok().and_then(|f| f.display.clone());
+        let remote_uri = t.to.clone().unwrap_or_else(|| {
+            NameAddr::new(sipmsg::Uri::sip(Some(callee_user), &t.host, None)).to_string()
+        });
+        let dialog = Dialog {
+            call_id: b_call_id.clone(),
+            local_tag: self.ids.tag(),
+            remote_tag: None,
+            local_uri: from_na.to_string(),
+            remote_uri,
+            remote_target: t.contact.clone(),
+            route_set: Vec::new(),
+            local_cseq: 1,
+            egress: t.egress.clone(),
+            contact: self.contact_for(&t.egress),
+            invite_cseq: 1,
+            last_ack: None,
+        };
+        let mut req = self.build_request(&dialog, "INVITE", 1, invite, REQUEST_HEADERS);
+        if auto_answer {
+            for h in invite.headers.iter().filter(|h| AUTO_ANSWER_HEADERS.contains(&h.key.as_str()))
+            {
+                req.headers.push(h.clone());
+            }
+        } else {
+            strip_auto_answer(&mut req);
+        }
+        req.set_header("Max-Forwards", max_forwards.to_string());
+        let key = cx.tx.start_client(cx.now.mono, req, t.egress.clone());
+        self.by_client.insert(key.clone(), Pending::Branch { call: leg.call, idx: leg.idx });
+        self.by_call_id.insert(b_call_id, (leg.call, Side::B(leg.idx)));
+        Branch {
+            key: Some(key),
+            dialog,
+            state: BranchState::Calling,
+            cancel_pending: false,
+            final_status: None,
+        }
+    }
+
+    /// A trunk failed (`408`, `5xx`) while the call still rings nowhere else: the next trunk
+    /// of the call's hunt list gets it. Returns whether one did.
+    fn fail_over(&mut self, cx: &mut Ctx<'_>, call: u64, status: u16) -> bool {
+        let Some(c) = self.calls.get_mut(&call) else { return false };
+        if c.state != CallState::Setup
+            || !crate::routing::fails_over(status)
+            || c.branches.iter().any(|b| b.state != BranchState::Done)
+        {
+            return false;
+        }
+        let (Some(next), Some(invite)) = (c.hunt.pop_front(), c.a_invite.clone()) else {
+            return false;
+        };
+        tracing::info!(call_ref = %c.call_ref, status, next = %next.contact, "trunk failed: trying the next");
+        let (caller_aor, callee_aor, auto_answer) =
+            (c.caller_aor.clone(), c.callee_aor.clone(), c.auto_answer);
+        let idx = c.branches.len();
+        let leg = Leg { call, idx, caller_aor: &caller_aor, callee_aor: &callee_aor };
+        let branch = self.open_branch(cx, &leg, &next, &invite, auto_answer);
+        if let Some(c) = self.calls.get_mut(&call) {
+            c.branches.push(branch);
+        }
         true
     }
 
@@ -313,7 +371,9 @@ impl B2bua {
                 }
                 b.state = BranchState::Done;
                 b.final_status = Some(resp);
-                self.finish_if_all_failed(cx, call);
+                if !self.fail_over(cx, call, status) {
+                    self.finish_if_all_failed(cx, call);
+                }
             }
         }
     }

@@ -83,6 +83,10 @@ struct Call {
     /// The final status and reason the caller got for a call that was not answered, for the
     /// failed attempt's CDR.
     caller_answer: Option<(u16, String)>,
+    /// Trunks still to try, in order, should the current one fail.
+    hunt: std::collections::VecDeque<Target>,
+    /// Whether the caller's auto-answer headers go to the callee (kept for later branches).
+    auto_answer: bool,
 }
 
 impl Call {
@@ -295,6 +299,8 @@ impl B2bua {
                 no_answer_at: None,
                 unanswered_cause: None,
                 caller_answer: None,
+                hunt: std::collections::VecDeque::new(),
+                auto_answer: false,
             },
         );
     }

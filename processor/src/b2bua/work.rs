@@ -12,6 +12,9 @@ pub struct Target {
     pub egress: Egress,
     /// From/To host: the alias IP for an alias socket, the main domain otherwise.
     pub host: String,
+    /// The B leg's To (a name-addr) when it is not the callee at `host`: a trunk's number at
+    /// the trunk's address.
+    pub to: Option<String>,
 }
 
 /// What the async setup task decided for a new call.
@@ -21,8 +24,11 @@ pub struct CallPlan {
     pub caller_aor: String,
     /// Callee, `user@domain`.
     pub callee_aor: String,
-    /// Every binding of the callee.
+    /// Every binding of the callee, rung at once.
     pub targets: Vec<Target>,
+    /// With no `targets`: trunks tried one after the other, the next when one fails
+    /// ([`crate::routing::fails_over`]).
+    pub hunt: Vec<Target>,
     /// Longest call allowed by billing, 0 = unlimited.
     pub max_duration_secs: u32,
     /// The call's id towards billing (reservation, start and stop), minted by the processor.

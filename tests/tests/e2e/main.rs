@@ -23,6 +23,7 @@ mod registration;
 mod sipp;
 mod startup;
 mod streams;
+mod trunks;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,86 @@
+//! Calls beyond the cluster: a phone behind an old provider's IP dials a national number the
+//! old way; the cluster makes it E.164 with that IP's dialing plan, routes it by prefix to
+//! two SIP trunks (sipp playing each), fails over from the first (503) to the second, and
+//! bills the call by the number.
+
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use sipalias_tests::cluster::{Cluster, ClusterOptions};
+use sipalias_tests::phone::{Phone, next_loopback_ip, sdp};
+use sipalias_tests::ports;
+use sipalias_tests::sipp::{GLOBAL_TIMEOUT_SECS, Sipp, SippConfig, first_received};
+
+use super::{WAIT, registered};
+
+/// Longer than sipp's own `-timeout`, so sipp reports its failure before we kill it.
+const SIPP_WAIT: Duration = Duration::from_secs(GLOBAL_TIMEOUT_SECS as u64 + 10);
+
+fn trunk_addr() -> Result<SocketAddrV4> {
+    let ip = next_loopback_ip();
+    Ok(SocketAddrV4::new(ip, ports::free_udp_port(ip)?))
+}
+
+#[test]
+fn a_national_number_goes_out_through_the_second_trunk_when_the_first_answers_503() -> Result<()> {
+    let (down, up) = (trunk_addr()?, trunk_addr()?);
+    let cluster = Cluster::start(ClusterOptions {
+        processor_toml: format!(
+            "[[processor.gateways]]\nname = \"down\"\naddress = \"{down}\"\n\
+             [[processor.gateways]]\nname = \"up\"\naddress = \"{up}\"\n\
+             [[processor.routes]]\nprefix = \"44\"\ngateway = \"down\"\npriority = 0\n\
+             [[processor.routes]]\nprefix = \"44\"\ngateway = \"up\"\npriority = 1\n\
+             [[processor.dialing_plans]]\nip = \"127.0.0.2\"\ncountry_code = \"44\"\n"
+        ),
+        ..ClusterOptions::default()
+    })?;
+    let dir = cluster.dir();
+    let first = Sipp::spawn(dir, SippConfig::new("trunk-down", "uas_trunk_503.xml", down))?;
+    let second = Sipp::spawn(dir, SippConfig::new("trunk-up", "uas_callee.xml", up))?;
+    first.wait_listening(WAIT)?;
+    second.wait_listening(WAIT)?;
+    cluster.add_account("alice", "pw-alice")?;
+    let alias = cluster.alias2();
+    let mut alice = registered(&alias, "alice", "pw-alice")?;
+
+    // Dialled as the old provider's phones do: a national number with its trunk prefix.
+    let offer = sdp("alice", alice.addr().ip(), 40_000);
+    let mut call = alice.invite(&alias, "02079460000", &offer)?;
+    let ok = alice.final_response(&mut call, WAIT)?;
+    ensure!(ok.msg.status() == Some(200), "the call got {}", ok.summary());
+    alice.ack(&call)?;
+    let bye = alice.bye(&mut call, WAIT)?;
+    ensure!(bye.msg.status() == Some(200), "BYE got {}", bye.summary());
+
+    let failed = first.finish(SIPP_WAIT)?;
+    ensure!(failed.status.success(), "the first trunk: {}", failed.errors);
+    let invite = first_received(&failed.messages, "INVITE").context("no INVITE at the first")?;
+    ensure!(
+        invite.request_uri() == Some(format!("sip:+442079460000@{down}").as_str()),
+        "{invite:?}"
+    );
+    let answered = second.finish(SIPP_WAIT)?;
+    answered.assert_one_successful_call("the second trunk")?;
+    let invite = first_received(&answered.messages, "INVITE").context("no INVITE at the second")?;
+    ensure!(invite.request_uri() == Some(format!("sip:+442079460000@{up}").as_str()), "{invite:?}");
+    // From the main IP (no local_ip), the caller's user at the main domain, To the number.
+    let via = invite.header("via").context("Via")?;
+    ensure!(via.contains(&format!("127.0.0.1:{}", cluster.sip_port())), "Via {via}");
+    ensure!(invite.header("from").is_some_and(|f| f.contains("sip:alice@sip.example.net")));
+    ensure!(invite.header("to").is_some_and(|t| t.contains("sip:+442079460000@")));
+
+    // Billed by the number.
+    let cdr = cluster
+        .wait_for_cdr(WAIT, |c| c.caller.starts_with("alice@") && c.duration_ms.is_some())?;
+    ensure!(cdr.callee == "+442079460000@sip.example.net", "{cdr:?}");
+
+    // A number with no route, and an extension that is nobody: 404, nothing sent anywhere.
+    let mut nobody = Phone::for_server("alice", "pw-alice", &alias)?;
+    for dialed in ["0033142278186", "7777"] {
+        let mut call = nobody.invite(&alias, dialed, &offer)?;
+        let resp = nobody.final_response(&mut call, WAIT)?;
+        ensure!(resp.msg.status() == Some(404), "{dialed} got {}", resp.summary());
+    }
+    cluster.check_all_running()
+}
