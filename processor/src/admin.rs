@@ -190,3 +190,59 @@ mod tests {
         assert_eq!(parse_hangup(&long), None);
     }
 }
+
+/// What `sipalias-processor did` is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DidOrder {
+    /// Point `number` at `aor`.
+    Add {
+        /// E.164.
+        number: String,
+        /// `user@domain`.
+        aor: String,
+    },
+    /// Remove `number`.
+    Delete {
+        /// E.164.
+        number: String,
+    },
+    /// Every DID, as a table or JSON.
+    List {
+        /// JSON instead of a table.
+        json: bool,
+    },
+}
+
+/// Carries out a DID order; what to print.
+pub async fn did(config: &ProcessorConfig, order: DidOrder) -> Result<String, Error> {
+    let dids = crate::dids::Dids::new(location(config).await?.redis(), &config.key_prefix);
+    match order {
+        DidOrder::Add { number, aor } => {
+            dids.set(&number, &aor).await?;
+            Ok(format!("{number} → {aor}\n"))
+        }
+        DidOrder::Delete { number } => {
+            crate::dids::check_number(&number).map_err(Error::Config)?;
+            if dids.delete(&number).await? {
+                Ok(format!("{number} removed\n"))
+            } else {
+                Err(Error::Config(format!("{number} is no DID")))
+            }
+        }
+        DidOrder::List { json } => {
+            let all = dids.list().await?;
+            if json {
+                let rows: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|(number, aor)| serde_json::json!({"number": number, "aor": aor}))
+                    .collect();
+                return Ok(serde_json::Value::Array(rows).to_string() + "\n");
+            }
+            let mut out = format!("{:<18} {}\n", "NUMBER", "AOR");
+            for (number, aor) in &all {
+                out.push_str(&format!("{number:<18} {aor}\n"));
+            }
+            Ok(out)
+        }
+    }
+}

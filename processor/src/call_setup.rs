@@ -77,6 +77,31 @@ pub fn callee(
     }
 }
 
+/// The user part of a SIP Request-URI, or a `tel:` number, visual separators removed: what
+/// a trunk's INVITE dials (its host may be any of ours, or a name of its own).
+pub fn dialed(request_uri: Option<&str>) -> Option<String> {
+    let ruri = sipmsg::Uri::parse(request_uri?).ok()?;
+    let raw = if ruri.is_sip() {
+        ruri.user_name()?.to_owned()
+    } else if ruri.scheme == "tel" {
+        ruri.host.split(';').next().unwrap_or_default().to_owned()
+    } else {
+        return None;
+    };
+    Some(raw.chars().filter(|c| !"-.() ".contains(*c)).collect())
+}
+
+/// The calling number a trunk's INVITE names in its From user part, as the callee's phone
+/// will display it: `+`, digits, `*` and `#` only (a trunk is trusted for its calls, not
+/// for what it writes into our headers); `anonymous` when nothing is left.
+pub fn caller_number(req: &sipmsg::SipMessage) -> String {
+    let user =
+        req.from().ok().and_then(|f| f.uri.user_name().map(str::to_owned)).unwrap_or_default();
+    let clean: String =
+        user.chars().filter(|c| c.is_ascii_digit() || "+*#".contains(*c)).take(32).collect();
+    if clean.is_empty() { "anonymous".to_owned() } else { clean }
+}
+
 /// Where a call to `bindings` rings: one target per binding that can be reached, From/To host
 /// chosen by `uri_host` for the local socket the binding was made through (the alias IP for
 /// an alias socket, the domain for the main IP), which is `None` for a socket no dispatcher
@@ -349,5 +374,38 @@ mod tests {
             Some("SIP;cause=402;text=\"x'  Via: SIP/2.0/UDP evil'\"")
         );
         assert_eq!(resp.headers_named("via").count(), 1);
+    }
+
+    #[test]
+    fn what_a_trunk_dials_and_who_it_says_calls() {
+        assert_eq!(
+            dialed(Some("sip:+44-20-7946-0001@127.0.0.1")).as_deref(),
+            Some("+442079460001")
+        );
+        assert_eq!(
+            dialed(Some("sip:02079460001@trunk.example;user=phone")).as_deref(),
+            Some("02079460001")
+        );
+        assert_eq!(dialed(Some("tel:+44.20.7946.0001")).as_deref(), Some("+442079460001"));
+        assert_eq!(dialed(Some("sip:127.0.0.1")), None, "no user");
+        assert_eq!(dialed(Some("mailto:a@b")), None);
+        assert_eq!(dialed(None), None);
+        let invite = |from: &str| {
+            sipmsg::parse(
+                format!(
+                    "INVITE sip:+442079460001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n\
+                     From: {from};tag=1\r\nTo: <sip:+442079460001@127.0.0.1>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
+                     Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .expect("parse")
+        };
+        assert_eq!(caller_number(&invite("<sip:+33142278186@192.0.2.1>")), "+33142278186");
+        let hostile = caller_number(&invite("\"x\" <sip:evil%0d%0aX;y=\"z\"@192.0.2.1>"));
+        let clean = hostile.chars().all(|c| c.is_ascii_digit() || "+*#".contains(c));
+        assert!(hostile == "anonymous" || clean, "{hostile:?}");
+        assert_eq!(caller_number(&invite("<sip:alice@192.0.2.1>")), "anonymous");
+        assert_eq!(caller_number(&invite("<sip:192.0.2.1>")), "anonymous");
     }
 }

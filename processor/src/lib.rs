@@ -20,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod destination;
 pub mod dialogs;
+pub mod dids;
 pub mod edge;
 pub mod error;
 pub mod ids;

@@ -1,6 +1,7 @@
 //! `sipalias-processor [--config FILE]`: runs one processor replica until SIGTERM or Ctrl-C,
 //! then drains (no new work; calls in setup finish, up to `drain_timeout_secs`) and stops.
 //! `sipalias-processor --check-config [--config FILE]` checks the configuration and exits.
+//! `sipalias-processor did add --number N --aor A | delete --number N | list [--json]`: DIDs.
 //! `sipalias-processor registrations [--aor A] [--alias IP] [--user-agent TEXT] [--removed]
 //! [--json]` and
 //! `sipalias-processor kick --aor A [--contact URI]`: the cluster's registrations, for operators;
@@ -42,6 +43,32 @@ struct Args {
     command: Option<Admin>,
 }
 
+/// What `did` does.
+#[derive(Debug, clap::Subcommand)]
+enum DidAction {
+    /// Point a number (E.164, `+` and 6–15 digits) at an account (replacing what it pointed at).
+    Add {
+        /// The number, e.g. +442079460001.
+        #[arg(long)]
+        number: String,
+        /// The account's AOR, user@domain.
+        #[arg(long)]
+        aor: String,
+    },
+    /// Remove a number.
+    Delete {
+        /// The number.
+        #[arg(long)]
+        number: String,
+    },
+    /// List every number and its account.
+    List {
+        /// JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Operator commands on the cluster's registrations.
 #[derive(Debug, clap::Subcommand)]
 enum Admin {
@@ -78,6 +105,12 @@ enum Admin {
         /// The call's reference, as `calls` lists it.
         #[arg(long = "call", value_name = "REF")]
         call_ref: String,
+    },
+    /// The cluster's DIDs (public numbers of accounts): calls from a trusted trunk to one
+    /// ring the account's phones.
+    Did {
+        #[command(subcommand)]
+        action: DidAction,
     },
     /// Remove the registrations of an AOR (or one of them): the phone gets no call until it
     /// registers again.
@@ -158,6 +191,9 @@ fn admin(config: &ProcessorConfig, command: Admin) -> ExitCode {
                 let text = sipalias_processor::admin::registrations(config, &filter, json).await?;
                 print!("{text}");
             }
+            Admin::Did { action } => {
+                print!("{}", sipalias_processor::admin::did(config, action.into()).await?);
+            }
             Admin::Calls { json } => {
                 print!("{}", sipalias_processor::admin::calls(config, json).await?);
             }
@@ -178,6 +214,17 @@ fn admin(config: &ProcessorConfig, command: Admin) -> ExitCode {
         Err(e) => {
             eprintln!("sipalias-processor: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+impl From<DidAction> for sipalias_processor::admin::DidOrder {
+    fn from(action: DidAction) -> Self {
+        use sipalias_processor::admin::DidOrder;
+        match action {
+            DidAction::Add { number, aor } => DidOrder::Add { number, aor },
+            DidAction::Delete { number } => DidOrder::Delete { number },
+            DidAction::List { json } => DidOrder::List { json },
         }
     }
 }

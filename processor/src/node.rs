@@ -62,6 +62,8 @@ pub struct Node {
     accounting: Accounting,
     schedule: Schedule,
     dialogs: DialogStore,
+    /// The cluster's public numbers.
+    dids: crate::dids::Dids,
     /// Dialog writes, in order, to the [`DialogWriter`].
     dialog_ops: tokio::sync::mpsc::Sender<DialogOp>,
     /// Room for lookups besides call setups (stored calls, keepalive outcomes).
@@ -151,6 +153,7 @@ impl Node {
             sockets: SocketTable::default(),
             accounting: Accounting::new(billing.clone(), location.redis(), &config.key_prefix),
             schedule: Schedule::new(location.redis(), &config.key_prefix),
+            dids: crate::dids::Dids::new(location.redis(), &config.key_prefix),
             dialogs,
             dialog_ops,
             lookups: Arc::new(tokio::sync::Semaphore::new(config.max_setup_in_flight)),
@@ -913,6 +916,13 @@ impl Node {
         let Some(site) = self.site(ingress) else {
             return Ok(Err(self.answer(req, &UNKNOWN_SOCKET)));
         };
+        // A trunk's address is its credential: no digest from it, and from nobody else
+        // without one.
+        if let Some(trunk) =
+            crate::routing::trusted_trunk(&self.config.gateways, ingress.remote.ip())
+        {
+            return self.setup_inbound(req, ingress, &trunk.name).await;
+        }
         let (creds, alg) = match self.presented(req, ingress, &site).await? {
             Presented::Credentials(c, a) => (c, a),
             Presented::Answer(c) => return Ok(Err(c)),
@@ -940,27 +950,38 @@ impl Node {
             }
         };
         // Locate before authorizing, so a call that cannot ring reserves nothing.
-        let bindings =
+        let mut bindings =
             telemetry::redis("lookup", self.location.lookup(&callee_aor, wall_ms())).await?;
-        let targets = call_setup::targets(&bindings, |local| {
-            // A binding through a socket no dispatcher serves any more (its alias was removed)
-            // cannot be reached from where the phone expects us.
-            self.sockets.is_local_socket(local).then(|| self.sockets.uri_host(local.ip())).flatten()
-        });
+        let mut targets = self.reachable(&bindings);
         let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
         let mut hunt = Vec::new();
         let mut account = None;
         if targets.is_empty() {
-            let known = self.billing.account(&callee_aor).await.map(|a| a.is_some());
-            // A number that is no subscriber goes out through the trunks.
-            if let (Ok(false), call_setup::Callee::User { user, domain }) = (&known, &callee)
-                && let Some((e164, trunks)) = self.trunk_route(user, ingress)
-            {
-                callee_aor = format!("{e164}@{domain}");
-                hunt = trunks;
+            let mut known = self.billing.account(&callee_aor).await.map(|a| a.is_some());
+            // A number that is no subscriber: one of the cluster's DIDs rings its account
+            // here; any other goes out through the trunks.
+            if let (Ok(false), call_setup::Callee::User { user, domain }) = (&known, &callee) {
+                let plan = self.config.dialing_plan(ingress.local.addr.ip());
+                let e164 = crate::routing::normalize(user, plan);
+                let did = match &e164 {
+                    Some(n) => telemetry::redis("did", self.dids.get(n)).await?,
+                    None => None,
+                };
+                if let Some(aor) = did {
+                    callee_aor = aor;
+                    bindings =
+                        telemetry::redis("lookup", self.location.lookup(&callee_aor, wall_ms()))
+                            .await?;
+                    targets = self.reachable(&bindings);
+                    known = Ok(true);
+                } else if let Some((e164, trunks)) = self.trunk_route(user, ingress) {
+                    callee_aor = format!("{e164}@{domain}");
+                    hunt = trunks;
+                }
             }
             account = Some(known);
         }
+        let account = account.filter(|_| targets.is_empty());
         if let Some(account) = account.filter(|_| hunt.is_empty()) {
             let answer = call_setup::unreachable(account, outage_allowed)?;
             tracing::info!(
@@ -1016,6 +1037,58 @@ impl Node {
             max_duration_secs,
             call_ref,
             auto_answer,
+        }))
+    }
+
+    /// The targets of `bindings` a call can ring: those made through a socket a dispatcher
+    /// still serves (a phone registered through an alias since removed cannot be reached from
+    /// where it expects us).
+    fn reachable(&self, bindings: &[crate::registrar::Binding]) -> Vec<Target> {
+        call_setup::targets(bindings, |local| {
+            self.sockets.is_local_socket(local).then(|| self.sockets.uri_host(local.ip())).flatten()
+        })
+    }
+
+    /// A call from trusted trunk `trunk`, without digest: to one of the cluster's DIDs
+    /// (dialled as the trunk sends it, made E.164 with the dialing plan of the IP it came
+    /// in on), ringing the account's phones from the socket each registered through. Not
+    /// authorized by billing (nobody of ours pays); its CDR is written at its end. A number
+    /// that is no DID gets `404`, an account with no phone `480`.
+    async fn setup_inbound(
+        &self,
+        req: &SipMessage,
+        ingress: &Ingress,
+        trunk: &str,
+    ) -> Result<Result<CallPlan, SipMessage>, Error> {
+        let plan = self.config.dialing_plan(ingress.local.addr.ip());
+        let dialed = call_setup::dialed(req.request_uri());
+        let e164 = dialed.as_deref().and_then(|d| crate::routing::normalize(d, plan));
+        let did = match &e164 {
+            Some(n) => telemetry::redis("did", self.dids.get(n)).await?,
+            None => None,
+        };
+        let Some(callee_aor) = did else {
+            tracing::info!(%trunk, dialed = ?dialed, "inbound call to a number that is no DID");
+            return Ok(Err(self.answer(req, &crate::answer::NOT_FOUND)));
+        };
+        let bindings =
+            telemetry::redis("lookup", self.location.lookup(&callee_aor, wall_ms())).await?;
+        let targets = self.reachable(&bindings);
+        if targets.is_empty() {
+            tracing::info!(%trunk, %callee_aor, "inbound call: the account has no phone registered");
+            return Ok(Err(self.answer(req, &crate::answer::UNAVAILABLE)));
+        }
+        let caller = call_setup::caller_number(req);
+        let call_ref = self.ids.call_ref();
+        tracing::info!(%trunk, %caller, %callee_aor, %call_ref, branches = targets.len(), "inbound call from a trunk");
+        Ok(Ok(CallPlan {
+            caller_aor: format!("{caller}@{trunk}"),
+            callee_aor,
+            targets,
+            hunt: Vec::new(),
+            max_duration_secs: 0,
+            call_ref,
+            auto_answer: false,
         }))
     }
 

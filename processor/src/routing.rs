@@ -10,6 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
+use sipmsg::net::Net;
 
 use crate::transport::Transport;
 
@@ -28,6 +29,11 @@ pub struct Gateway {
     /// the main IP.
     #[serde(default)]
     pub local_ip: String,
+    /// More source networks (CIDRs, IPs) the trunk sends calls from, besides its `address`'s
+    /// IP. Calls from these and from that IP are trusted without digest authentication: they
+    /// are for the cluster's DIDs.
+    #[serde(default)]
+    pub inbound_sources: Vec<String>,
 }
 
 fn default_transport() -> String {
@@ -153,8 +159,41 @@ impl Gateway {
         if !self.local_ip.trim().is_empty() && self.local_ip().is_none() {
             return Err(("local_ip".into(), format!("{:?} is not an IP address", self.local_ip)));
         }
+        for (i, net) in self.inbound_sources.iter().enumerate() {
+            match Net::parse(net.trim()) {
+                // A trusted network as wide as "everyone" would let anybody call DIDs
+                // unauthenticated, and is certainly a mistake.
+                Ok(n) if n.prefix_len() == 0 => {
+                    return Err((
+                        format!("inbound_sources[{i}]"),
+                        format!("{net:?}: trusts every address"),
+                    ));
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    return Err((format!("inbound_sources[{i}]"), format!("{net:?}: {why}")));
+                }
+            }
+        }
         Ok(())
     }
+
+    /// Whether calls from `ip` come from this trunk: its address's IP or one of its
+    /// `inbound_sources`.
+    pub fn sends_from(&self, ip: IpAddr) -> bool {
+        self.addr().is_some_and(|a| a.ip() == ip)
+            || self
+                .inbound_sources
+                .iter()
+                .filter_map(|n| Net::parse(n.trim()).ok())
+                .any(|n| n.contains(ip))
+    }
+}
+
+/// The trunk a call from `ip` comes from, if any: such a call is trusted without digest
+/// authentication, and only such a call.
+pub fn trusted_trunk(gateways: &[Gateway], ip: IpAddr) -> Option<&Gateway> {
+    gateways.iter().find(|g| g.sends_from(ip))
 }
 
 impl Route {
@@ -342,6 +381,7 @@ mod tests {
             address: address.into(),
             transport: "udp".into(),
             local_ip: String::new(),
+            inbound_sources: Vec::new(),
         }
     }
 
@@ -489,5 +529,21 @@ mod tests {
         assert_eq!(gw("a", "127.0.0.9:5060").request_uri("+4420"), "sip:+4420@127.0.0.9:5060");
         let tcp = Gateway { transport: "tcp".into(), ..gw("a", "[::1]:5070") };
         assert_eq!(tcp.request_uri("+4420"), "sip:+4420@[::1]:5070;transport=tcp");
+    }
+
+    #[test]
+    fn only_a_trunks_own_addresses_are_trusted() {
+        let a = Gateway {
+            inbound_sources: vec!["203.0.113.0/28".into()],
+            ..gw("a", "198.51.100.9:5060")
+        };
+        let gws = [a, gw("b", "[2001:db8::9]:5060")];
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(trusted_trunk(&gws, ip("198.51.100.9")).map(|g| g.name.as_str()), Some("a"));
+        assert_eq!(trusted_trunk(&gws, ip("203.0.113.15")).map(|g| g.name.as_str()), Some("a"));
+        assert_eq!(trusted_trunk(&gws, ip("2001:db8::9")).map(|g| g.name.as_str()), Some("b"));
+        for other in ["198.51.100.10", "203.0.113.16", "2001:db8::a", "127.0.0.1"] {
+            assert!(trusted_trunk(&gws, ip(other)).is_none(), "{other}");
+        }
     }
 }

@@ -43,6 +43,11 @@ impl Net {
         Ok(Net { addr, len })
     }
 
+    /// The prefix length (0: every address of its family).
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
     /// Whether `ip` lies in this network (an IPv4-mapped IPv6 address counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {

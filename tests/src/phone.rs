@@ -361,6 +361,29 @@ impl Phone {
     /// with credentials; the returned call then waits for the answer to that second INVITE.
     /// Any other response is left for [`Phone::next_response`] to return.
     pub fn invite(&mut self, server: &Server, callee: &str, sdp: &str) -> Result<Call> {
+        self.invite_with(server, callee, sdp, true)
+    }
+
+    /// Sends an INVITE and returns at once, without waiting for a challenge: for a caller the
+    /// cluster trusts by its address (a trunk), whose INVITE goes straight to the callee, who
+    /// must answer before any response above 100 comes back. Read the responses with
+    /// [`Phone::next_response`] / [`Phone::final_response`].
+    pub fn invite_unchallenged(
+        &mut self,
+        server: &Server,
+        callee: &str,
+        sdp: &str,
+    ) -> Result<Call> {
+        self.invite_with(server, callee, sdp, false)
+    }
+
+    fn invite_with(
+        &mut self,
+        server: &Server,
+        callee: &str,
+        sdp: &str,
+        answer_challenge: bool,
+    ) -> Result<Call> {
         self.check_transport(server)?;
         let request_uri = format!("sip:{callee}@{}", server.domain);
         let mut call = Call {
@@ -401,6 +424,9 @@ impl Phone {
         let first = build(self, &mut call, None);
         self.send(&first, server.addr)?;
         call.invite = Some(first.clone());
+        if !answer_challenge {
+            return Ok(call);
+        }
         let response =
             self.recv_matching(RESPONSE_TIMEOUT, "a response above 100 to the INVITE", |m| {
                 responds_to(m, &first) && m.status().is_some_and(|s| s > 100)

@@ -3,7 +3,7 @@
 //! two SIP trunks (sipp playing each), fails over from the first (503) to the second, and
 //! bills the call by the number.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -12,7 +12,7 @@ use sipalias_tests::phone::{Phone, next_loopback_ip, sdp};
 use sipalias_tests::ports;
 use sipalias_tests::sipp::{GLOBAL_TIMEOUT_SECS, Sipp, SippConfig, first_received};
 
-use super::{WAIT, registered};
+use super::{WAIT, assert_sent_from, from_to_hosts, registered};
 
 /// Longer than sipp's own `-timeout`, so sipp reports its failure before we kill it.
 const SIPP_WAIT: Duration = Duration::from_secs(GLOBAL_TIMEOUT_SECS as u64 + 10);
@@ -82,5 +82,87 @@ fn a_national_number_goes_out_through_the_second_trunk_when_the_first_answers_50
         let resp = nobody.final_response(&mut call, WAIT)?;
         ensure!(resp.msg.status() == Some(404), "{dialed} got {}", resp.summary());
     }
+    cluster.check_all_running()
+}
+
+#[test]
+fn a_did_called_from_its_trusted_trunk_rings_the_account_from_its_alias_socket() -> Result<()> {
+    let carrier = SocketAddr::V4(trunk_addr()?);
+    let cluster = Cluster::start(ClusterOptions {
+        processor_toml: format!(
+            "[[processor.gateways]]\nname = \"carrier\"\naddress = \"{carrier}\"\n\
+             [[processor.dialing_plans]]\nip = \"127.0.0.1\"\ncountry_code = \"44\"\n"
+        ),
+        ..ClusterOptions::default()
+    })?;
+    cluster.add_account("alice", "pw-alice")?;
+    let alias = cluster.alias2();
+    let mut alice = registered(&alias, "alice", "pw-alice")?;
+    let did = ["did", "add", "--number", "+442079460001", "--aor", "alice@sip.example.net"];
+    ensure!(cluster.processor_cli(&did)?.contains("+442079460001"));
+    // Hostile numbers and AORs are refused; the list shows the one DID.
+    for (number, aor) in [
+        ("02079460001", "a@b"),
+        ("+44 20", "a@b"),
+        ("+4420794600010000", "a@b"),
+        ("+442079460002", "a b@c"),
+        ("+442079460002", "x\r\nY"),
+    ] {
+        let bad = ["did", "add", "--number", number, "--aor", aor];
+        ensure!(cluster.processor_cli(&bad).is_err(), "{number:?} {aor:?} accepted");
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&cluster.processor_cli(&["did", "list", "--json"])?)?;
+    ensure!(list.as_array().map(Vec::len) == Some(1), "{list}");
+    ensure!(list[0]["aor"] == "alice@sip.example.net", "{list}");
+
+    // The carrier sends the number nationally, to the main IP (dialing plan 44): no challenge,
+    // and alice's phone rings from the alias socket it registered through, the caller's
+    // number shown.
+    let mut trunk = Phone::bind("+33142278186", "no-password", carrier)?;
+    let offer = sdp("trunk", carrier.ip(), 40_000);
+    let mut call = trunk.invite_unchallenged(&cluster.main(), "02079460001", &offer)?;
+    let invite = alice.recv_request("INVITE", WAIT)?;
+    assert_sent_from(&invite, alias.addr)?;
+    let alias_ip = alias.addr.ip().to_string();
+    ensure!(from_to_hosts(&invite.msg)? == (alias_ip.clone(), alias_ip), "{}", invite.summary());
+    let from = invite.msg.from()?;
+    ensure!(from.uri.user_name() == Some("+33142278186"), "From {from:?}");
+    alice.answer(&invite, 200, "OK", &sdp("alice", alice.addr().ip(), 50_000))?;
+    // Its first final answer is alice's: no challenge came before it.
+    let ok = trunk.final_response(&mut call, WAIT)?;
+    ensure!(ok.msg.status() == Some(200), "the trunk got {}", ok.summary());
+    trunk.ack(&call)?;
+    alice.recv_request("ACK", WAIT)?;
+    let bye = trunk.send_bye(&mut call)?;
+    let relayed = alice.recv_request("BYE", WAIT)?;
+    alice.respond(&relayed, 200, "OK", None)?;
+    ensure!(trunk.final_response_to(&bye, WAIT)?.msg.status() == Some(200));
+    let cdr = cluster
+        .wait_for_cdr(WAIT, |c| c.callee.starts_with("alice@") && c.duration_ms.is_some())?;
+    ensure!(cdr.caller == "+33142278186@carrier" && cdr.charge_micros == Some(0), "{cdr:?}");
+
+    // The same INVITE from anywhere else is challenged like any caller's, and an unknown
+    // caller gets no further: alice's phone stays silent.
+    let mut stranger = Phone::new("+33142278186", "no-password")?;
+    let mut call = stranger.invite(&cluster.main(), "02079460001", &offer)?;
+    ensure!(call.challenge.is_some(), "an untrusted address was not challenged");
+    let refused = stranger.final_response(&mut call, WAIT)?;
+    ensure!(refused.msg.status() != Some(200), "{}", refused.summary());
+    alice.expect_none(Duration::from_millis(300), |m| m.method() == Some("INVITE"))?;
+
+    // A subscriber dialling the DID reaches alice inside the cluster.
+    cluster.add_account("bob", "pw-bob")?;
+    let mut bob = Phone::new("bob", "pw-bob")?;
+    let mut call = bob.invite(&cluster.main(), "+442079460001", &offer)?;
+    let invite = alice.recv_request("INVITE", WAIT)?;
+    assert_sent_from(&invite, alias.addr)?;
+    alice.respond(&invite, 486, "Busy Here", None)?;
+    ensure!(bob.final_response(&mut call, WAIT)?.msg.status() == Some(486));
+
+    // A number of the carrier's that is no DID: 404.
+    let mut call = trunk.invite_unchallenged(&cluster.main(), "02079460099", &offer)?;
+    let resp = trunk.final_response(&mut call, WAIT)?;
+    ensure!(resp.msg.status() == Some(404), "{}", resp.summary());
     cluster.check_all_running()
 }
