@@ -132,7 +132,18 @@ impl Harness {
 
     /// A call to a number through `trunks`, tried one after the other.
     fn call_trunks(&mut self, trunks: Vec<Target>) -> ServerKey {
-        self.send(&invite("c1@caller", "z9hG4bKa1"), ingress(MAIN, CALLER));
+        self.call_trunks_as(&invite("c1@caller", "z9hG4bKa1"), trunks, None)
+    }
+
+    /// The caller sends `invite` to a number; `trunks` are tried with `asserted` as its
+    /// identity.
+    fn call_trunks_as(
+        &mut self,
+        invite: &str,
+        trunks: Vec<Target>,
+        asserted: Option<&str>,
+    ) -> ServerKey {
+        self.send(invite, ingress(MAIN, CALLER));
         let Some(Work::Invite { key, ingress: i, .. }) = self.work().pop() else {
             panic!("INVITE must become setup work")
         };
@@ -144,6 +155,7 @@ impl Harness {
             call_ref: "c1@caller;bt1".into(),
             auto_answer: false,
             hunt: trunks,
+            asserted: asserted.map(str::to_owned),
         };
         self.done(Done::Call { key: key.clone(), plan: Box::new(plan), ingress: i });
         key
@@ -170,6 +182,7 @@ impl Harness {
             call_ref: "c1@caller;bt1".into(),
             auto_answer,
             hunt: Vec::new(),
+            asserted: None,
         };
         self.done(Done::Call { key: key.clone(), plan: Box::new(plan), ingress: i });
         key
@@ -465,6 +478,58 @@ fn a_failing_trunk_hands_the_call_to_the_next_and_a_busy_number_does_not() {
 }
 
 #[test]
+fn trunks_get_the_callers_asserted_identity_phones_never_and_privacy_is_honoured() {
+    let with = |extra: &str| {
+        invite("c1@caller", "z9hG4bKa1").replace(
+            "Contact: <sip:bob@127.0.0.20:5000>\r\n",
+            &format!("Contact: <sip:bob@127.0.0.20:5000>\r\n{extra}"),
+        )
+    };
+    let forged = "P-Asserted-Identity: <sip:boss@sip.example.net>\r\n";
+    // To a trunk: the caller's DID, in P-Asserted-Identity and as the From user; the
+    // phone's own forged one is gone.
+    let mut h = Harness::new();
+    h.call_trunks_as(
+        &with(forged),
+        vec![trunk("127.0.0.41:5060")],
+        Some("sip:+442079460005@sip.example.net"),
+    );
+    let (_, out) = h.out().remove(0);
+    let pai = out.header_list("p-asserted-identity");
+    assert_eq!(pai, ["<sip:+442079460005@sip.example.net>"], "{out:?}");
+    assert!(out.header("from").is_some_and(|f| f.contains("sip:+442079460005@")), "{out:?}");
+    // With Privacy: id, the From is anonymous, the identity still goes to the trusted trunk
+    // with the Privacy that tells it to withhold it.
+    let mut h = Harness::new();
+    h.call_trunks_as(
+        &with("Privacy: id\r\n"),
+        vec![trunk("127.0.0.41:5060")],
+        Some("sip:+442079460005@sip.example.net"),
+    );
+    let (_, out) = h.out().remove(0);
+    assert!(
+        out.header("from").is_some_and(|f| f.contains("sip:anonymous@anonymous.invalid")),
+        "{out:?}"
+    );
+    assert_eq!(out.header_list("p-asserted-identity").len(), 1);
+    assert_eq!(out.header("privacy"), Some("id"));
+    // To a phone: no identity header at all, forged or ours; Privacy anonymizes the From.
+    let mut h = Harness::new();
+    h.call_with(
+        &with(&format!("{forged}Privacy: id\r\n")),
+        vec![target("127.0.0.30:6000")],
+        0,
+        false,
+    );
+    let (_, out) = h.out().remove(0);
+    assert!(out.header_list("p-asserted-identity").is_empty(), "{out:?}");
+    assert!(
+        out.header("from").is_some_and(|f| f.contains("anonymous.invalid") && !f.contains("bob")),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn answered_calls_are_counted_by_the_ip_their_caller_came_in_on() {
     let mut h = Harness::new();
     assert!(h.core.calls_up_per_ip().is_empty());
@@ -749,6 +814,7 @@ Call-ID: {call_id}\r\nCSeq: 2 ACK\r\n\r\n"
             call_ref: format!("{call_id};bt1"),
             auto_answer: false,
             hunt: Vec::new(),
+            asserted: None,
         };
         h.done(Done::Call { key, plan: Box::new(plan), ingress: i });
         let (_, b_invite) = h.out().remove(0);
@@ -905,6 +971,7 @@ fn second_invite_with_a_live_calls_call_id_is_a_merged_request() {
         call_ref: call_ref.into(),
         auto_answer: false,
         hunt: Vec::new(),
+        asserted: None,
     };
     for (w, r) in works.into_iter().zip(["ref-1", "ref-2"]) {
         let Work::Invite { key, ingress: i, .. } = w else { panic!("setup work") };

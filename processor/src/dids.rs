@@ -1,4 +1,6 @@
-//! DIDs: the public numbers of the cluster's accounts, `<prefix>did:<E.164>` → AOR in Redis.
+//! DIDs: the public numbers of the cluster's accounts, `<prefix>did:<E.164>` → AOR in Redis,
+//! and back, `<prefix>did-of:{<AOR>}` → the number its calls to trunks assert (P-Asserted-
+//! Identity and From user: the caller's number the PSTN shows).
 //! A call from a trusted trunk to a DID rings the account's phones (from the alias socket
 //! each registered through); a subscriber dialling a DID reaches the account inside the
 //! cluster instead of going out and back through a trunk. Managed with `sipalias-processor
@@ -48,26 +50,58 @@ impl Dids {
         format!("{}did:{number}", self.prefix)
     }
 
+    fn of_key(&self, aor: &str) -> String {
+        format!("{}did-of:{{{aor}}}", self.prefix)
+    }
+
+    /// The number calls of `aor` to trunks assert: the DID pointed at it last.
+    pub async fn number_of(&self, aor: &str) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("GET").arg(self.of_key(aor)).query_async(&mut conn).await?)
+    }
+
     /// The AOR of DID `number` (E.164), if it is one.
     pub async fn get(&self, number: &str) -> Result<Option<String>, Error> {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("GET").arg(self.key(number)).query_async(&mut conn).await?)
     }
 
-    /// Points DID `number` at `aor` (replacing what it pointed at).
+    /// Points DID `number` at `aor` (replacing what it pointed at), and makes it the number
+    /// `aor`'s calls assert; atomically.
     pub async fn set(&self, number: &str, aor: &str) -> Result<(), Error> {
         check_number(number).map_err(Error::Config)?;
         check_aor(aor).map_err(Error::Config)?;
         let mut conn = self.conn.clone();
-        let () = redis::cmd("SET").arg(self.key(number)).arg(aor).query_async(&mut conn).await?;
+        let old: Option<String> = redis::Script::new(SET_LUA)
+            .key(self.key(number))
+            .key(self.of_key(aor))
+            .arg(number)
+            .arg(aor)
+            .invoke_async(&mut conn)
+            .await?;
+        // The previous owner no longer asserts this number.
+        if let Some(old) = old.filter(|o| o != aor) {
+            let _: i64 = redis::Script::new(UNLINK_LUA)
+                .key(self.of_key(&old))
+                .arg(number)
+                .invoke_async(&mut conn)
+                .await?;
+        }
         Ok(())
     }
 
     /// Removes DID `number`; whether it existed.
     pub async fn delete(&self, number: &str) -> Result<bool, Error> {
         let mut conn = self.conn.clone();
-        let n: u64 = redis::cmd("DEL").arg(self.key(number)).query_async(&mut conn).await?;
-        Ok(n > 0)
+        let aor: Option<String> =
+            redis::cmd("GETDEL").arg(self.key(number)).query_async(&mut conn).await?;
+        let Some(aor) = aor else { return Ok(false) };
+        let _: i64 = redis::Script::new(UNLINK_LUA)
+            .key(self.of_key(&aor))
+            .arg(number)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(true)
     }
 
     /// Every DID with its AOR, sorted by number (a `SCAN`: for operators, not calls).
@@ -91,6 +125,21 @@ impl Dids {
         Ok(out)
     }
 }
+
+/// KEYS[1] the DID, KEYS[2] its AOR's number; ARGV number, AOR. Returns the AOR the DID
+/// pointed at before.
+const SET_LUA: &str = r"
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1])
+return old
+";
+
+/// KEYS[1] an AOR's number; ARGV[1] a number: forgets it if it is that one.
+const UNLINK_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
 
 #[cfg(test)]
 mod tests {

@@ -955,6 +955,7 @@ impl Node {
         let mut targets = self.reachable(&bindings);
         let outage_allowed = self.config.billing_outage == BillingOutage::Allow;
         let mut hunt = Vec::new();
+        let mut asserted = None;
         let mut account = None;
         if targets.is_empty() {
             let mut known = self.billing.account(&callee_aor).await.map(|a| a.is_some());
@@ -977,6 +978,10 @@ impl Node {
                 } else if let Some((e164, trunks)) = self.trunk_route(user, ingress) {
                     callee_aor = format!("{e164}@{domain}");
                     hunt = trunks;
+                    let did = telemetry::redis("did", self.dids.number_of(&caller_aor)).await?;
+                    let who =
+                        did.map_or_else(|| caller_aor.clone(), |n| format!("{n}@{}", site.domain));
+                    asserted = Some(format!("sip:{who}"));
                 }
             }
             account = Some(known);
@@ -1034,6 +1039,7 @@ impl Node {
             callee_aor,
             targets,
             hunt,
+            asserted,
             max_duration_secs,
             call_ref,
             auto_answer,
@@ -1086,6 +1092,7 @@ impl Node {
             callee_aor,
             targets,
             hunt: Vec::new(),
+            asserted: None,
             max_duration_secs: 0,
             call_ref,
             auto_answer: false,

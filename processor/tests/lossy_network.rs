@@ -610,6 +610,7 @@ impl Pair {
                     call_ref: "lossy-call".into(),
                     auto_answer: false,
                     hunt: Vec::new(),
+                    asserted: None,
                 };
                 self.core.handle_done(self.now, Done::Call { key, plan: Box::new(plan), ingress });
             }

@@ -11,6 +11,20 @@ struct Leg<'a> {
     idx: usize,
     caller_aor: &'a str,
     callee_aor: &'a str,
+    asserted: Option<&'a str>,
+}
+
+/// `"Anonymous" <sip:anonymous@anonymous.invalid>` (RFC 3323 §4.1.1.3): the From of a leg
+/// whose caller asked for privacy.
+const ANONYMOUS: &str = "\"Anonymous\" <sip:anonymous@anonymous.invalid>";
+
+/// Whether the caller's `Privacy` asks to withhold its identity (`id`, `user` or `header`,
+/// RFC 3323/3325).
+fn wants_privacy(invite: &SipMessage) -> bool {
+    invite.header_list("privacy").iter().flat_map(|v| v.split(';')).any(|t| {
+        let t = t.trim();
+        ["id", "user", "header"].iter().any(|p| t.eq_ignore_ascii_case(p))
+    })
 }
 
 impl B2bua {
@@ -68,8 +82,13 @@ impl B2bua {
         };
         let mut branches = Vec::with_capacity(first.len());
         for (idx, t) in first.iter().enumerate() {
-            let leg =
-                Leg { call: id, idx, caller_aor: &plan.caller_aor, callee_aor: &plan.callee_aor };
+            let leg = Leg {
+                call: id,
+                idx,
+                caller_aor: &plan.caller_aor,
+                callee_aor: &plan.callee_aor,
+                asserted: plan.asserted.as_deref(),
+            };
             branches.push(self.open_branch(cx, &leg, t, &invite, plan.auto_answer));
         }
         self.by_call_id.insert(call_id.to_owned(), (id, Side::A));
@@ -100,6 +119,7 @@ impl B2bua {
                 caller_answer: None,
                 hunt,
                 auto_answer: plan.auto_answer,
+                asserted: plan.asserted,
             },
         );
         true
@@ -116,7 +136,14 @@ impl B2bua {
         invite: &SipMessage,
         auto_answer: bool,
     ) -> Branch {
-        let caller_user = leg.caller_aor.split('@').next().unwrap_or("anonymous");
+        let trunk = t.to.is_some();
+        // Towards a trunk the caller is its asserted number (its DID), as the PSTN shows it.
+        let asserted_user = leg.asserted.filter(|_| trunk).and_then(|a| {
+            sipmsg::Uri::parse(a).ok().and_then(|u| u.user_name().map(str::to_owned))
+        });
+        let caller_user = asserted_user
+            .as_deref()
+            .unwrap_or_else(|| leg.caller_aor.split('@').next().unwrap_or("anonymous"));
         let callee_user = leg.callee_aor.split('@').next().unwrap_or_default();
         let max_forwards = invite
             .header("max-forwards")
@@ -125,6 +152,7 @@ impl B2bua {
         let b_call_id = self.ids.call_id();
         let mut from_na = NameAddr::new(sipmsg::Uri::sip(Some(caller_user), &t.host, None));
         from_na.display = invite.from().ok().and_then(|f| f.display.clone());
+        let privacy = wants_privacy(invite);
         let remote_uri = t.to.clone().unwrap_or_else(|| {
             NameAddr::new(sipmsg::Uri::sip(Some(callee_user), &t.host, None)).to_string()
         });
@@ -132,7 +160,7 @@ impl B2bua {
             call_id: b_call_id.clone(),
             local_tag: self.ids.tag(),
             remote_tag: None,
-            local_uri: from_na.to_string(),
+            local_uri: if privacy { ANONYMOUS.to_owned() } else { from_na.to_string() },
             remote_uri,
             remote_target: t.contact.clone(),
             route_set: Vec::new(),
@@ -152,6 +180,12 @@ impl B2bua {
             strip_auto_answer(&mut req);
         }
         req.set_header("Max-Forwards", max_forwards.to_string());
+        // RFC 3325: the identity goes to trunks only (the trust domain), with the caller's
+        // Privacy (copied above) telling them to withhold it; a phone's own
+        // P-Asserted-Identity never crosses the B2BUA.
+        if let (true, Some(asserted)) = (trunk, leg.asserted) {
+            req.set_header("P-Asserted-Identity", format!("<{asserted}>"));
+        }
         let key = cx.tx.start_client(cx.now.mono, req, t.egress.clone());
         self.by_client.insert(key.clone(), Pending::Branch { call: leg.call, idx: leg.idx });
         self.by_call_id.insert(b_call_id, (leg.call, Side::B(leg.idx)));
@@ -178,10 +212,16 @@ impl B2bua {
             return false;
         };
         tracing::info!(call_ref = %c.call_ref, status, next = %next.contact, "trunk failed: trying the next");
-        let (caller_aor, callee_aor, auto_answer) =
-            (c.caller_aor.clone(), c.callee_aor.clone(), c.auto_answer);
+        let (caller_aor, callee_aor, auto_answer, asserted) =
+            (c.caller_aor.clone(), c.callee_aor.clone(), c.auto_answer, c.asserted.clone());
         let idx = c.branches.len();
-        let leg = Leg { call, idx, caller_aor: &caller_aor, callee_aor: &callee_aor };
+        let leg = Leg {
+            call,
+            idx,
+            caller_aor: &caller_aor,
+            callee_aor: &callee_aor,
+            asserted: asserted.as_deref(),
+        };
         let branch = self.open_branch(cx, &leg, &next, &invite, auto_answer);
         if let Some(c) = self.calls.get_mut(&call) {
             c.branches.push(branch);

@@ -87,6 +87,8 @@ struct Call {
     hunt: std::collections::VecDeque<Target>,
     /// Whether the caller's auto-answer headers go to the callee (kept for later branches).
     auto_answer: bool,
+    /// What trunk legs assert as the caller's identity (kept for later branches).
+    asserted: Option<String>,
 }
 
 impl Call {
@@ -301,6 +303,7 @@ impl B2bua {
                 caller_answer: None,
                 hunt: std::collections::VecDeque::new(),
                 auto_answer: false,
+                asserted: None,
             },
         );
     }

@@ -29,6 +29,9 @@ pub struct CallPlan {
     /// With no `targets`: trunks tried one after the other, the next when one fails
     /// ([`crate::routing::fails_over`]).
     pub hunt: Vec<Target>,
+    /// The caller's identity asserted to trunks (`P-Asserted-Identity`, RFC 3325), a SIP URI:
+    /// its DID at the domain, else its AOR. Phones are never sent one: they are not trusted.
+    pub asserted: Option<String>,
     /// Longest call allowed by billing, 0 = unlimited.
     pub max_duration_secs: u32,
     /// The call's id towards billing (reservation, start and stop), minted by the processor.

@@ -43,6 +43,15 @@ fn a_national_number_goes_out_through_the_second_trunk_when_the_first_answers_50
     cluster.add_account("alice", "pw-alice")?;
     let alias = cluster.alias2();
     let mut alice = registered(&alias, "alice", "pw-alice")?;
+    // Her public number: what the PSTN is shown.
+    cluster.processor_cli(&[
+        "did",
+        "add",
+        "--number",
+        "+442079460005",
+        "--aor",
+        "alice@sip.example.net",
+    ])?;
 
     // Dialled as the old provider's phones do: a national number with its trunk prefix.
     let offer = sdp("alice", alice.addr().ip(), 40_000);
@@ -64,10 +73,13 @@ fn a_national_number_goes_out_through_the_second_trunk_when_the_first_answers_50
     answered.assert_one_successful_call("the second trunk")?;
     let invite = first_received(&answered.messages, "INVITE").context("no INVITE at the second")?;
     ensure!(invite.request_uri() == Some(format!("sip:+442079460000@{up}").as_str()), "{invite:?}");
-    // From the main IP (no local_ip), the caller's user at the main domain, To the number.
+    // From the main IP (no local_ip), as alice's number at the main domain (asserted too),
+    // To the number.
     let via = invite.header("via").context("Via")?;
     ensure!(via.contains(&format!("127.0.0.1:{}", cluster.sip_port())), "Via {via}");
-    ensure!(invite.header("from").is_some_and(|f| f.contains("sip:alice@sip.example.net")));
+    ensure!(invite.header("from").is_some_and(|f| f.contains("sip:+442079460005@sip.example.net")));
+    let pai = invite.header("p-asserted-identity").context("no P-Asserted-Identity")?;
+    ensure!(pai == "<sip:+442079460005@sip.example.net>", "P-Asserted-Identity {pai}");
     ensure!(invite.header("to").is_some_and(|t| t.contains("sip:+442079460000@")));
 
     // Billed by the number.
