@@ -382,9 +382,20 @@ fn answered_call(h: &mut Harness) -> (SipMessage, String, String) {
 }
 
 fn answered_call_limited(h: &mut Harness, max_duration_secs: u32) -> (SipMessage, String, String) {
+    answered_call_with(h, max_duration_secs, "")
+}
+
+/// An answered call whose callee's 200 also carries the header lines `extra`.
+fn answered_call_with(
+    h: &mut Harness,
+    max_duration_secs: u32,
+    extra: &str,
+) -> (SipMessage, String, String) {
     h.call_limited(vec![target("127.0.0.30:6000")], max_duration_secs);
     let (_, b_invite) = h.out().remove(0);
-    h.send(&answer(&b_invite, 200, "OK", "at1", "v=0\r\n"), ingress(ALIAS, "127.0.0.30:6000"));
+    let ok =
+        answer(&b_invite, 200, "OK", "at1", "v=0\r\n").replacen("\r\n", &format!("\r\n{extra}"), 1);
+    h.send(&ok, ingress(ALIAS, "127.0.0.30:6000"));
     let ok = h.out().into_iter().find(|(_, m)| m.status() == Some(200)).expect("200").1;
     let a_tag = ok.to().expect("to").tag().expect("tag").to_owned();
     let a_contact = ok.contacts().expect("contact")[0].uri.to_string();
@@ -574,6 +585,99 @@ From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCa
     let out = h.out();
     let ack = out.iter().find(|(_, m)| m.method() == Some("ACK")).expect("ACK relayed");
     assert_eq!(ack.1.cseq().expect("cseq").seq, 2, "ACK carries the re-INVITE's CSeq");
+}
+
+/// Runs the harness's timers until `until` (virtual time), returning the BYEs sent, one per
+/// destination (their retransmissions left out).
+fn byes_until(h: &mut Harness, until: Instant) -> Vec<(Transmit, SipMessage)> {
+    let mut byes: Vec<(Transmit, SipMessage)> = Vec::new();
+    while let Some(at) = h.core.poll_timeout() {
+        if at > until {
+            break;
+        }
+        h.advance_to(at);
+        for (t, m) in h.out() {
+            if m.method() == Some("BYE")
+                && !byes.iter().any(|(o, _)| o.egress.remote == t.egress.remote)
+            {
+                byes.push((t, m));
+            }
+        }
+    }
+    byes
+}
+
+#[test]
+fn a_session_not_refreshed_in_time_ends_on_both_legs_and_a_refresh_keeps_it() {
+    // Not refreshed: both legs get BYE one interval after the answer.
+    let mut h = Harness::new();
+    answered_call_with(&mut h, 0, "Session-Expires: 90;refresher=uac\r\nRequire: timer\r\n");
+    let answered = h.now;
+    assert!(byes_until(&mut h, answered + Duration::from_secs(89)).is_empty());
+    let byes = byes_until(&mut h, answered + Duration::from_secs(91));
+    assert_eq!(byes.len(), 2, "BYE to both legs: {byes:?}");
+    for (_, bye) in &byes {
+        assert_eq!(bye.header("reason"), Some(crate::b2bua::SESSION_EXPIRED_REASON));
+    }
+    assert!(h.work().iter().any(
+        |w| matches!(w, Work::AccountingStop(s) if s.cause == "session-expired" && s.answered)
+    ));
+
+    // Refreshed by the caller at 60 s (a re-INVITE answered 200 with Session-Expires): the
+    // call lives until one interval after the refresh.
+    let mut h = Harness::new();
+    let (_, a_contact, a_tag) =
+        answered_call_with(&mut h, 0, "Session-Expires: 90;refresher=uac\r\n");
+    let answered = h.now;
+    assert!(byes_until(&mut h, answered + Duration::from_secs(60)).is_empty());
+    h.advance_to(answered + Duration::from_secs(60));
+    h.send(
+        &format!(
+            "INVITE {a_contact} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.20:5000;branch=z9hG4bKre1\r\nMax-Forwards: 70\r\n\
+From: <sip:bob@127.0.0.1>;tag=bt1\r\nTo: <sip:alice@127.0.0.1>;tag={a_tag}\r\nCall-ID: c1@caller\r\nCSeq: 3 INVITE\r\n\
+Supported: timer, 100rel\r\nSession-Expires: 90;refresher=uac\r\n\
+Contact: <sip:bob@127.0.0.20:5000>\r\nContent-Type: application/sdp\r\nContent-Length: 5\r\n\r\nv=0\r\n"
+        ),
+        ingress(MAIN, CALLER),
+    );
+    let out = h.out();
+    let (_, re) = out.iter().find(|(_, m)| m.method() == Some("INVITE")).expect("refresh relayed");
+    assert_eq!(re.header("session-expires"), Some("90;refresher=uac"));
+    assert_eq!(re.header("supported"), Some("timer"), "only what the B2BUA honours");
+    let ok = answer(re, 200, "OK", "at1", "v=0\r\n").replacen(
+        "\r\n",
+        "\r\nSession-Expires: 90;refresher=uac\r\n",
+        1,
+    );
+    h.send(&ok, ingress(ALIAS, "127.0.0.30:6000"));
+    let out = h.out();
+    let relayed =
+        out.iter().find(|(t, m)| t.egress.remote == addr(CALLER) && m.status() == Some(200));
+    assert_eq!(relayed.and_then(|(_, m)| m.header("session-expires")), Some("90;refresher=uac"));
+    let refreshed = h.now;
+    assert!(byes_until(&mut h, refreshed + Duration::from_secs(89)).is_empty(), "refreshed");
+    assert_eq!(byes_until(&mut h, refreshed + Duration::from_secs(91)).len(), 2);
+
+    // Without Session-Expires in the answer there is no session timer.
+    let mut h = Harness::new();
+    answered_call(&mut h);
+    let answered = h.now;
+    assert!(byes_until(&mut h, answered + Duration::from_secs(86_400)).is_empty());
+}
+
+#[test]
+fn a_request_requiring_session_timers_is_taken_and_other_extensions_get_420() {
+    let mut h = Harness::new();
+    let with = |require: &str| {
+        invite("c9@caller", "z9hG4bKr1").replacen("\r\n", &format!("\r\nRequire: {require}\r\n"), 1)
+    };
+    h.send(&with("timer"), ingress(MAIN, CALLER));
+    assert!(matches!(h.work().pop(), Some(Work::Invite { .. })), "Require: timer is taken");
+    let mut h = Harness::new();
+    h.send(&with("timer, 100rel, foo"), ingress(MAIN, CALLER));
+    let out = h.out();
+    let (_, resp) = out.iter().find(|(_, m)| m.status() == Some(420)).expect("420");
+    assert_eq!(resp.header("unsupported"), Some("100rel, foo"));
 }
 
 #[test]

@@ -476,9 +476,16 @@ fn route_request(
         reply(cx, 416, "Unsupported URI Scheme", None);
         return;
     }
-    // RFC 3261 §8.2.2.3 (RFC 4475 §3.3.5): as a UAS we support no extension, and a B2BUA cannot
-    // pass a requirement on. Proxy-Require is for proxies; CANCEL ignores both.
-    let unsupported = req.header_list("require");
+    // RFC 3261 §8.2.2.3 (RFC 4475 §3.3.5): a requirement the B2BUA cannot honour on both legs
+    // gets 420; session timers (RFC 4028) it can. Proxy-Require is for proxies; CANCEL
+    // ignores both.
+    let unsupported: Vec<&str> = req
+        .header_list("require")
+        .into_iter()
+        .filter(|t| {
+            !crate::b2bua::RELAYED_EXTENSIONS.iter().any(|e| t.trim().eq_ignore_ascii_case(e))
+        })
+        .collect();
     if method != "CANCEL" && !unsupported.is_empty() {
         reply(cx, 420, "Bad Extension", Some(("Unsupported", &unsupported.join(", "))));
         return;

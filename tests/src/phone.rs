@@ -202,6 +202,9 @@ pub struct Phone {
     uas_tags: HashMap<String, String>,
     /// Extra headers of every INVITE this phone sends ([`Phone::set_invite_headers`]).
     invite_headers: Vec<(String, String)>,
+    /// Extra headers of every 2xx this phone answers an INVITE with
+    /// ([`Phone::set_answer_headers`]).
+    answer_headers: Vec<(String, String)>,
 }
 
 impl Phone {
@@ -260,6 +263,7 @@ impl Phone {
             register_cseq: 0,
             uas_tags: HashMap::new(),
             invite_headers: Vec::new(),
+            answer_headers: Vec::new(),
         })
     }
 
@@ -352,6 +356,12 @@ impl Phone {
     /// Headers added to every INVITE this phone sends from now on (e.g. `Call-Info`).
     pub fn set_invite_headers(&mut self, headers: &[(&str, &str)]) {
         self.invite_headers =
+            headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
+    }
+
+    /// Headers added to every 2xx this phone answers an INVITE with (e.g. `Session-Expires`).
+    pub fn set_answer_headers(&mut self, headers: &[(&str, &str)]) {
+        self.answer_headers =
             headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
     }
 
@@ -554,6 +564,11 @@ impl Phone {
         let mut resp = SipMessage::response_to(&req.msg, status, reason, tag.as_deref());
         if is_invite && status < 300 {
             resp.push_header("Contact", format!("<{}>", self.contact_uri()));
+            if (200..300).contains(&status) {
+                for (name, value) in &self.answer_headers {
+                    resp.push_header(name, value.clone());
+                }
+            }
         }
         if let Some(body) = body {
             resp.push_header("Content-Type", "application/sdp");

@@ -153,6 +153,10 @@ pub struct DialogRecord {
     pub answered_at_ms: u64,
     /// When the call must be cut off, Unix ms, if it has a maximum duration.
     pub cutoff_at_ms: Option<u64>,
+    /// The negotiated session interval (RFC 4028), if session timers are on: whoever takes
+    /// the call over ends it when no refresh comes within it.
+    #[serde(default)]
+    pub session_expires_secs: Option<u32>,
     /// The caller's leg.
     pub a: Dialog,
     /// The callee's leg.

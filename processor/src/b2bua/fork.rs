@@ -120,6 +120,8 @@ impl B2bua {
                 hunt,
                 auto_answer: plan.auto_answer,
                 asserted: plan.asserted,
+                session_interval: None,
+                session_deadline: None,
             },
         );
         true
@@ -394,6 +396,9 @@ impl B2bua {
                 let (tag, contact, a_key) =
                     (c.a.local_tag.clone(), c.a.contact.clone(), c.a_key.clone());
                 let others: Vec<usize> = (0..c.branches.len()).filter(|i| *i != idx).collect();
+                // RFC 4028: the answer fixes the session interval; no refresh within it ends
+                // the call, so a lost BYE does not keep it (and its charge) running.
+                self.arm_session_timer(cx, call, session_expires(&resp));
                 self.save(cx, call);
                 if let Some(key) = a_key {
                     self.relay_response(cx, &key, &resp, Some(&tag), Some(&contact));

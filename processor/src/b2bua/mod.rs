@@ -19,6 +19,7 @@ use crate::ids::Ids;
 use crate::transaction::{ClientKey, ServerKey, TransactionLayer};
 use crate::transport::{Egress, Ingress, Transmit};
 
+pub(crate) use relay::RELAYED_EXTENSIONS;
 mod dialog;
 mod fork;
 mod relay;
@@ -89,6 +90,10 @@ struct Call {
     auto_answer: bool,
     /// What trunk legs assert as the caller's identity (kept for later branches).
     asserted: Option<String>,
+    /// The negotiated session interval (RFC 4028), while session timers are on.
+    session_interval: Option<std::time::Duration>,
+    /// When the call ends unless a refresh (a re-INVITE or UPDATE answered 2xx) comes first.
+    session_deadline: Option<Instant>,
 }
 
 impl Call {
@@ -167,6 +172,19 @@ pub const ADMIN_REASON: &str = "SIP;cause=200;text=\"Call ended by the operator\
 
 /// Reason header of the BYEs sent when billing's maximum duration is reached.
 pub const CUTOFF_REASON: &str = "SIP;cause=200;text=\"Maximum call duration reached\"";
+/// `Reason` of the BYEs ending a call whose session was not refreshed in time (RFC 4028).
+pub const SESSION_EXPIRED_REASON: &str = "SIP;cause=408;text=\"Session timer expired\"";
+
+/// Longest session interval honoured (a week): a longer one is a week.
+const MAX_SESSION_INTERVAL_SECS: u64 = 7 * 86_400;
+
+/// The session interval a message sets (RFC 4028 `Session-Expires`, compact `x`): its
+/// delta-seconds, at least 1 s, at most a week; `None` without a usable header.
+pub(crate) fn session_expires(msg: &SipMessage) -> Option<std::time::Duration> {
+    let value = msg.header("session-expires").or_else(|| msg.header("x"))?;
+    let secs: u64 = value.split(';').next()?.trim().parse().ok().filter(|s| *s > 0)?;
+    Some(std::time::Duration::from_secs(secs.min(MAX_SESSION_INTERVAL_SECS)))
+}
 
 impl B2bua {
     /// An empty call table, ringing limited by `timers`' Timer C and no-answer limit.
@@ -241,6 +259,7 @@ impl B2bua {
             a_ingress_ip: c.a_ingress_ip,
             answered_at_ms: c.answered_at_ms,
             cutoff_at_ms,
+            session_expires_secs: c.session_interval.and_then(|d| u32::try_from(d.as_secs()).ok()),
             a: c.a.clone(),
             b: c.branches[w].dialog.clone(),
         })
@@ -274,6 +293,8 @@ impl B2bua {
         }
         self.by_call_id.insert(record.a.call_id.clone(), (id, Side::A));
         self.by_call_id.insert(record.b.call_id.clone(), (id, Side::B(0)));
+        let session =
+            record.session_expires_secs.map(|s| std::time::Duration::from_secs(u64::from(s)));
         tracing::info!(call_ref = %record.call_ref, "call taken over from redis");
         self.calls.insert(
             id,
@@ -304,8 +325,33 @@ impl B2bua {
                 hunt: std::collections::VecDeque::new(),
                 auto_answer: false,
                 asserted: None,
+                session_interval: None,
+                session_deadline: None,
             },
         );
+        // A full interval from now: the refresher may have refreshed just before the takeover.
+        self.arm_session_timer(cx, id, session);
+    }
+
+    /// Starts, restarts or (with `None`) stops the session timer of `call`: a refresh
+    /// answered 2xx arms it for one more interval; a 2xx without `Session-Expires` turns it off
+    /// (RFC 4028 §9).
+    pub(super) fn arm_session_timer(
+        &mut self,
+        cx: &Ctx<'_>,
+        call: u64,
+        interval: Option<std::time::Duration>,
+    ) {
+        let Some(c) = self.calls.get_mut(&call) else { return };
+        if let Some(old) = c.session_deadline.take() {
+            self.deadlines.remove(&(old, call));
+        }
+        c.session_interval = interval;
+        if let Some(d) = interval {
+            let at = cx.now.mono + d;
+            c.session_deadline = Some(at);
+            self.deadlines.insert((at, call));
+        }
     }
 
     /// When [`B2bua::handle_deadlines`] must next run.
@@ -339,6 +385,16 @@ impl B2bua {
             let Some(c) = self.calls.get(&call) else { continue };
             if c.state == CallState::Setup && c.ring_deadline == Some(at) {
                 self.ring_timeout(cx, call);
+                continue;
+            }
+            if c.state == CallState::Answered
+                && c.session_deadline == Some(at)
+                && let Some(w) = c.winner
+            {
+                tracing::info!(call_ref = %c.call_ref, "session not refreshed in time: ending the call");
+                self.send_bye(cx, call, Side::A, SESSION_EXPIRED_REASON);
+                self.send_bye(cx, call, Side::B(w), SESSION_EXPIRED_REASON);
+                self.end_call(cx, call, "session-expired");
                 continue;
             }
             if c.state != CallState::Answered || c.cutoff_at != Some(at) {
@@ -388,7 +444,7 @@ impl B2bua {
 
     fn remove_call(&mut self, call: u64) {
         if let Some(c) = self.calls.remove(&call) {
-            for at in [c.ring_deadline, c.cutoff_at].into_iter().flatten() {
+            for at in [c.ring_deadline, c.cutoff_at, c.session_deadline].into_iter().flatten() {
                 self.deadlines.remove(&(at, call));
             }
             self.by_call_id.remove(&c.a.call_id);

@@ -37,6 +37,7 @@ impl B2bua {
                 req.headers.push(h.clone());
             }
         }
+        push_extensions(&mut req, source);
         req.body = source.body.clone();
         req
     }
@@ -82,6 +83,7 @@ impl B2bua {
                 out.headers.push(h.clone());
             }
         }
+        push_extensions(&mut out, resp);
         out.body = resp.body.clone();
         if let Err(e) = cx.tx.respond(cx.now.mono, key, out) {
             tracing::debug!(?e, status, "could not relay response");
@@ -140,13 +142,18 @@ impl B2bua {
         };
         let status = resp.status().unwrap_or(500);
         let mut refreshed = false;
-        if (200..300).contains(&status)
-            && (method == "INVITE" || method == "UPDATE")
-            && let Some(t) = first_contact(resp)
-        {
+        let session_refresh =
+            (200..300).contains(&status) && (method == "INVITE" || method == "UPDATE");
+        if session_refresh && let Some(t) = first_contact(resp) {
             c.dialog_mut(target_side).remote_target = t;
             refreshed = true;
         }
+        if session_refresh {
+            // A session refresh (RFC 4028 §10): one more interval, or none without the header.
+            self.arm_session_timer(cx, call, session_expires(resp));
+            refreshed = true;
+        }
+        let Some(c) = self.calls.get_mut(&call) else { return };
         let origin_side =
             if target_side == Side::A { c.winner.map(Side::B) } else { Some(Side::A) };
         let contact = origin_side.map(|s| c.dialog_mut(s).contact.clone());
@@ -196,6 +203,27 @@ impl B2bua {
 }
 
 /// Headers copied from one leg's request to the other's.
+/// SIP extensions (option tags) the B2BUA supports end to end: a request requiring one of
+/// these is accepted, and `Supported`/`Require` naming them are passed to the other leg; any
+/// other tag is dropped (the B2BUA would not honour it on the other leg) and a request
+/// requiring it gets `420 Bad Extension`.
+pub(crate) const RELAYED_EXTENSIONS: &[&str] = &["timer"];
+
+/// The tags of `source`'s `Supported` and `Require` the B2BUA relays, as headers of `out`.
+fn push_extensions(out: &mut SipMessage, source: &SipMessage) {
+    for (name, key) in [("Supported", "supported"), ("Require", "require")] {
+        let tags: Vec<&str> = source
+            .header_list(key)
+            .into_iter()
+            .map(str::trim)
+            .filter(|t| RELAYED_EXTENSIONS.iter().any(|e| t.eq_ignore_ascii_case(e)))
+            .collect();
+        if !tags.is_empty() {
+            out.push_header(name, tags.join(", "));
+        }
+    }
+}
+
 pub(super) const REQUEST_HEADERS: &[&str] = &[
     "content-type",
     "content-disposition",
@@ -211,6 +239,9 @@ pub(super) const REQUEST_HEADERS: &[&str] = &[
     "subscription-state",
     "info-package",
     "recv-info",
+    // RFC 4028 session timers, negotiated end to end (the B2BUA ends a call not refreshed).
+    "session-expires",
+    "min-se",
 ];
 
 /// Headers copied from a response on one leg to the response on the other.
@@ -226,6 +257,8 @@ pub(super) const RESPONSE_HEADERS: &[&str] = &[
     "retry-after",
     "call-info",
     "unsupported",
+    "session-expires",
+    "min-se",
 ];
 
 /// Headers that ask the callee's phone to answer by itself (RFC 5373), passed on only for

@@ -231,3 +231,50 @@ fn two_bindings_both_ring_first_answer_wins_other_is_cancelled() -> Result<()> {
     ensure!(ack.from == alias3.addr, "ACK came from {}", ack.from);
     Ok(())
 }
+
+/// RFC 4028 through the cluster: the session interval is negotiated end to end, and a call
+/// whose refresher never refreshes (its BYE lost, say) is ended by the B2BUA one interval
+/// after the answer, on both legs, and billed up to then.
+#[test]
+fn a_call_whose_session_is_not_refreshed_is_ended_on_both_legs() -> Result<()> {
+    let cluster = cluster()?;
+    cluster.add_account("alice", "pw-alice")?;
+    cluster.add_account("bob", "pw-bob")?;
+    let alias = cluster.alias2();
+    let mut alice = registered(&alias, "alice", "pw-alice")?;
+    let mut bob = Phone::new("bob", "pw-bob")?;
+    // A short interval, so the test takes seconds; bob is the refresher and never refreshes.
+    bob.set_invite_headers(&[("Supported", "timer"), ("Session-Expires", "2;refresher=uac")]);
+    alice.set_answer_headers(&[("Require", "timer"), ("Session-Expires", "2;refresher=uac")]);
+    let offer = sdp("bob", bob.addr().ip(), 40_000);
+    let mut call = bob.invite(&cluster.main(), "alice", &offer)?;
+    let invite = alice.recv_request("INVITE", WAIT)?;
+    ensure!(
+        invite.msg.header("session-expires") == Some("2;refresher=uac"),
+        "{}",
+        invite.summary()
+    );
+    ensure!(invite.msg.header("supported") == Some("timer"), "{}", invite.summary());
+    alice.answer(&invite, 200, "OK", &sdp("alice", alice.addr().ip(), 50_000))?;
+    let ok = bob.final_response(&mut call, WAIT)?;
+    ensure!(ok.msg.status() == Some(200), "{}", ok.summary());
+    ensure!(ok.msg.header("session-expires") == Some("2;refresher=uac"), "{}", ok.summary());
+    ensure!(ok.msg.header("require") == Some("timer"), "{}", ok.summary());
+    bob.ack(&call)?;
+    alice.recv_request("ACK", WAIT)?;
+    let answered = std::time::Instant::now();
+
+    for phone in [&mut alice, &mut bob] {
+        let bye = phone.recv_request("BYE", WAIT)?;
+        let reason = bye.msg.header("reason").unwrap_or_default().to_owned();
+        ensure!(reason.contains("Session timer expired"), "BYE without the reason: {reason}");
+        phone.respond(&bye, 200, "OK", None)?;
+    }
+    let after = answered.elapsed();
+    ensure!(after >= Duration::from_millis(1800), "ended after {after:?}, before the interval");
+    let cdr =
+        cluster.wait_for_cdr(WAIT, |c| c.caller.starts_with("bob@") && c.duration_ms.is_some())?;
+    ensure!(cdr.cause == "session-expired", "{cdr:?}");
+    ensure!(cdr.duration_ms.is_some_and(|d| (1_500..5_000).contains(&d)), "{cdr:?}");
+    cluster.check_all_running()
+}
