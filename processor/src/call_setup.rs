@@ -116,7 +116,7 @@ pub fn targets(
         .filter_map(|b| {
             let egress = b.egress()?;
             let host = uri_host(egress.local.addr)?;
-            Some(Target { contact: b.contact.clone(), egress, host, to: None })
+            Some(Target { contact: b.contact.clone(), egress, host, to: None, auth: None })
         })
         .collect()
 }
@@ -154,6 +154,7 @@ pub fn trunk_targets(
                 },
                 host: uri_host(local.ip())?,
                 to: Some(format!("<sip:{e164}@{}>", g.address.trim())),
+                auth: g.credentials(),
             })
         })
         .collect()

@@ -47,6 +47,7 @@ fn target(callee: &str) -> Target {
         },
         host: "127.0.0.2".into(),
         to: None,
+        auth: None,
     }
 }
 
@@ -424,6 +425,7 @@ fn trunk(addr_s: &str) -> Target {
         },
         host: "sip.example.net".into(),
         to: Some(format!("<sip:+442079460000@{addr_s}>")),
+        auth: None,
     }
 }
 
@@ -486,6 +488,56 @@ fn a_failing_trunk_hands_the_call_to_the_next_and_a_busy_number_does_not() {
     );
     assert!(h.work().iter().any(|w| matches!(w, Work::AccountingStop(s) if !s.answered)));
     assert_eq!(h.core.b2bua_index_sizes()[0], 0, "the call is gone");
+}
+
+#[test]
+fn a_trunk_challenge_is_answered_once_and_refused_credentials_fail_over() {
+    let creds =
+        || Some(crate::b2bua::TrunkAuth { username: "acct7".into(), password: "s3cret".into() });
+    let mut h = Harness::new();
+    let t1 = Target { auth: creds(), ..trunk("127.0.0.41:5060") };
+    h.call_trunks(vec![t1, trunk("127.0.0.42:5060")]);
+    let (_, first) = h.out().remove(0);
+    let challenge = answer(&first, 407, "Proxy Authentication Required", "g1", "").replacen(
+        "\r\n",
+        "\r\nProxy-Authenticate: Digest realm=\"carrier\", nonce=\"n1\", qop=\"auth\"\r\n",
+        1,
+    );
+    h.send(&challenge, ingress(MAIN, "127.0.0.41:5060"));
+    let out = h.out();
+    let (_, again) = out
+        .iter()
+        .find(|(_, m)| m.method() == Some("INVITE"))
+        .expect("the INVITE again, with credentials");
+    assert_eq!(again.call_id().ok(), first.call_id().ok(), "same dialog");
+    assert_eq!(again.cseq().expect("cseq").seq, first.cseq().expect("cseq").seq + 1);
+    let branch = |m: &SipMessage| m.top_via().ok().and_then(|v| v.branch().map(str::to_owned));
+    assert_ne!(branch(again), branch(&first), "a new transaction");
+    let auth = again.header("proxy-authorization").expect("Proxy-Authorization");
+    let c = sipmsg::digest::Credentials::parse(auth).expect("credentials");
+    assert_eq!(
+        (c.username.as_str(), c.realm.as_str(), c.nonce.as_str()),
+        ("acct7", "carrier", "n1")
+    );
+    assert!(!format!("{:?}", creds()).contains("s3cret"), "the password is never printed");
+    // Refused again: the trunk failed, the next one gets the call.
+    let again = again.clone();
+    let refused = answer(&again, 407, "Proxy Authentication Required", "g1", "").replacen(
+        "\r\n",
+        "\r\nProxy-Authenticate: Digest realm=\"carrier\", nonce=\"n2\"\r\n",
+        1,
+    );
+    h.send(&refused, ingress(MAIN, "127.0.0.41:5060"));
+    let out = h.out();
+    assert!(
+        out.iter().any(
+            |(t, m)| t.egress.remote == addr("127.0.0.42:5060") && m.method() == Some("INVITE")
+        )
+    );
+    assert!(
+        !out.iter()
+            .any(|(t, m)| t.egress.remote == addr(CALLER) && m.status().is_some_and(|s| s >= 400))
+    );
 }
 
 #[test]

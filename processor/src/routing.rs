@@ -34,6 +34,13 @@ pub struct Gateway {
     /// are for the cluster's DIDs.
     #[serde(default)]
     pub inbound_sources: Vec<String>,
+    /// Digest user name for a trunk that challenges our INVITEs (empty: none; IP
+    /// authentication).
+    #[serde(default)]
+    pub username: String,
+    /// Its password (with `username`). Never logged.
+    #[serde(default)]
+    pub password: String,
 }
 
 fn default_transport() -> String {
@@ -114,6 +121,14 @@ impl Gateway {
         self.local_ip.trim().parse().ok()
     }
 
+    /// The credentials to answer its challenges with, if it has any.
+    pub fn credentials(&self) -> Option<crate::b2bua::TrunkAuth> {
+        (!self.username.is_empty()).then(|| crate::b2bua::TrunkAuth {
+            username: self.username.clone(),
+            password: self.password.clone(),
+        })
+    }
+
     /// The Request-URI of a call to `e164` through this trunk.
     pub fn request_uri(&self, e164: &str) -> String {
         let addr = self.address.trim();
@@ -158,6 +173,14 @@ impl Gateway {
         }
         if !self.local_ip.trim().is_empty() && self.local_ip().is_none() {
             return Err(("local_ip".into(), format!("{:?} is not an IP address", self.local_ip)));
+        }
+        if self.username.is_empty() != self.password.is_empty() {
+            return Err(("password".into(), "username and password go together".into()));
+        }
+        for (key, value) in [("username", &self.username), ("password", &self.password)] {
+            if value.len() > 256 || value.chars().any(char::is_control) {
+                return Err((key.into(), "at most 256 characters, no control characters".into()));
+            }
         }
         for (i, net) in self.inbound_sources.iter().enumerate() {
             match Net::parse(net.trim()) {
@@ -382,6 +405,8 @@ mod tests {
             transport: "udp".into(),
             local_ip: String::new(),
             inbound_sources: Vec::new(),
+            username: String::new(),
+            password: String::new(),
         }
     }
 

@@ -605,6 +605,7 @@ impl Pair {
                         },
                         host: "127.0.0.2".into(),
                         to: None,
+                        auth: None,
                     }],
                     max_duration_secs: 0,
                     call_ref: "lossy-call".into(),

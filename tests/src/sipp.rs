@@ -214,14 +214,31 @@ impl Sipp {
 /// sipp message trace (`-trace_msg`), parsed; e.g. to check which socket the cluster sent an
 /// INVITE from.
 pub fn first_received(messages: &str, method: &str) -> Option<SipMessage> {
-    let start = messages.find(&format!("\n{method} sip:"))? + 1;
-    let head: Vec<&str> = messages[start..]
-        .lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .take_while(|l| !l.is_empty())
-        .filter(|l| !l.to_ascii_lowercase().starts_with("content-length") && !l.starts_with("l:"))
-        .collect();
-    sipmsg::parse(format!("{}\r\nContent-Length: 0\r\n\r\n", head.join("\r\n")).as_bytes()).ok()
+    received(messages, method).into_iter().next()
+}
+
+/// The heads of every request with `method` in a sipp message trace, in order, parsed.
+pub fn received(messages: &str, method: &str) -> Vec<SipMessage> {
+    let needle = format!("\n{method} sip:");
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(at) = messages[from..].find(&needle) {
+        let start = from + at + 1;
+        let head: Vec<&str> = messages[start..]
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .take_while(|l| !l.is_empty())
+            .filter(|l| {
+                !l.to_ascii_lowercase().starts_with("content-length") && !l.starts_with("l:")
+            })
+            .collect();
+        let text = format!("{}\r\nContent-Length: 0\r\n\r\n", head.join("\r\n"));
+        if let Ok(m) = sipmsg::parse(text.as_bytes()) {
+            out.push(m);
+        }
+        from = start;
+    }
+    out
 }
 
 #[cfg(test)]

@@ -188,6 +188,7 @@ impl B2bua {
         if let (true, Some(asserted)) = (trunk, leg.asserted) {
             req.set_header("P-Asserted-Identity", format!("<{asserted}>"));
         }
+        let sent = t.auth.is_some().then(|| req.clone());
         let key = cx.tx.start_client(cx.now.mono, req, t.egress.clone());
         self.by_client.insert(key.clone(), Pending::Branch { call: leg.call, idx: leg.idx });
         self.by_call_id.insert(b_call_id, (leg.call, Side::B(leg.idx)));
@@ -197,7 +198,56 @@ impl B2bua {
             state: BranchState::Calling,
             cancel_pending: false,
             final_status: None,
+            auth: t.auth.clone(),
+            auth_sent: false,
+            sent,
         }
+    }
+
+    /// A `401`/`407` on branch `idx`: answers the challenge once with the target's
+    /// credentials (a trunk's), re-sending the INVITE in the same dialog with the next CSeq.
+    /// `false` when there is nothing to answer with, or the credentials were refused already.
+    fn authenticate_branch(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        call: u64,
+        idx: usize,
+        resp: &SipMessage,
+    ) -> bool {
+        let Some(c) = self.calls.get_mut(&call) else { return false };
+        if c.state != CallState::Setup {
+            return false;
+        }
+        let Some(b) = c.branches.get_mut(idx) else { return false };
+        let (Some(auth), false, Some(key)) = (b.auth.clone(), b.auth_sent, b.key.clone()) else {
+            return false;
+        };
+        let (challenge_header, answer_header) = if resp.status() == Some(407) {
+            ("proxy-authenticate", "Proxy-Authorization")
+        } else {
+            ("www-authenticate", "Authorization")
+        };
+        let Some(challenge) =
+            resp.headers_named(challenge_header).find_map(sipmsg::digest::Challenge::parse)
+        else {
+            return false;
+        };
+        let Some(mut req) = b.sent.take() else { return false };
+        b.auth_sent = true;
+        b.dialog.local_cseq += 1;
+        b.dialog.invite_cseq = b.dialog.local_cseq;
+        req.set_header("Via", b.dialog.egress.local.via(&self.ids.branch()));
+        req.set_header("CSeq", format!("{} INVITE", b.dialog.local_cseq));
+        let uri = req.request_uri().unwrap_or_default().to_owned();
+        let answer =
+            challenge.answer(&auth.username, &auth.password, "INVITE", &uri, &self.ids.tag());
+        req.set_header(answer_header, answer);
+        let new_key = cx.tx.start_client(cx.now.mono, req, b.dialog.egress.clone());
+        b.key = Some(new_key.clone());
+        tracing::debug!(call_ref = %c.call_ref, "trunk challenged the call: answering it");
+        self.by_client.remove(&key);
+        self.by_client.insert(new_key, Pending::Branch { call, idx });
+        true
     }
 
     /// A trunk failed (`408`, `5xx`) while the call still rings nowhere else: the next trunk
@@ -307,7 +357,20 @@ impl B2bua {
         idx: usize,
         resp: SipMessage,
     ) {
-        let status = resp.status().unwrap_or(500);
+        let mut status = resp.status().unwrap_or(500);
+        let mut resp = resp;
+        if matches!(status, 401 | 407) {
+            if self.authenticate_branch(cx, call, idx, &resp) {
+                return;
+            }
+            // A leg we cannot authenticate to (a trunk refusing our credentials, or with none
+            // configured): for the caller the gateway failed, and the next one may take it.
+            let mut failed = SipMessage::response(502, "Bad Gateway");
+            failed.push_header("CSeq", "0 INVITE");
+            tracing::warn!(status, "a B leg challenged the call and cannot be answered: 502");
+            resp = failed;
+            status = 502;
+        }
         let ids = self.ids.clone();
         let Some(c) = self.calls.get_mut(&call) else { return };
         let remote_tag = resp.to().ok().and_then(|t| t.tag().map(str::to_owned));

@@ -28,7 +28,7 @@ mod work;
 use dialog::Side;
 pub use dialog::{Dialog, DialogRecord};
 pub use relay::strip_auto_answer;
-pub use work::{CallPlan, Target, Work};
+pub use work::{CallPlan, Target, TrunkAuth, Work};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BranchState {
@@ -46,6 +46,12 @@ struct Branch {
     state: BranchState,
     cancel_pending: bool,
     final_status: Option<SipMessage>,
+    /// Credentials for the target's digest challenge, and whether they were sent already.
+    auth: Option<TrunkAuth>,
+    auth_sent: bool,
+    /// With `auth`: the INVITE sent, to send again with the credentials (the transaction
+    /// layer lets go of a request once it has its final response).
+    sent: Option<SipMessage>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +317,9 @@ impl B2bua {
                     state: BranchState::Answered,
                     cancel_pending: false,
                     final_status: None,
+                    auth: None,
+                    auth_sent: false,
+                    sent: None,
                 }],
                 winner: Some(0),
                 caller_aor: record.caller_aor,

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, ensure};
 use sipalias_tests::cluster::{Cluster, ClusterOptions};
 use sipalias_tests::phone::{Phone, next_loopback_ip, sdp};
 use sipalias_tests::ports;
-use sipalias_tests::sipp::{GLOBAL_TIMEOUT_SECS, Sipp, SippConfig, first_received};
+use sipalias_tests::sipp::{GLOBAL_TIMEOUT_SECS, Sipp, SippConfig, first_received, received};
 
 use super::{WAIT, assert_sent_from, from_to_hosts, registered};
 
@@ -176,5 +176,64 @@ fn a_did_called_from_its_trusted_trunk_rings_the_account_from_its_alias_socket()
     let mut call = trunk.invite_unchallenged(&cluster.main(), "02079460099", &offer)?;
     let resp = trunk.final_response(&mut call, WAIT)?;
     ensure!(resp.msg.status() == Some(404), "{}", resp.summary());
+    cluster.check_all_running()
+}
+
+#[test]
+fn a_trunk_that_challenges_is_answered_with_its_credentials() -> Result<()> {
+    let carrier = trunk_addr()?;
+    let cluster = Cluster::start(ClusterOptions {
+        processor_toml: format!(
+            "[[processor.gateways]]\nname = \"carrier\"\naddress = \"{carrier}\"\n\
+             username = \"acct7\"\npassword = \"s3cret-Trunk\"\n\
+             [[processor.routes]]\ngateway = \"carrier\"\n"
+        ),
+        ..ClusterOptions::default()
+    })?;
+    let trunk =
+        Sipp::spawn(cluster.dir(), SippConfig::new("trunk-auth", "uas_trunk_auth.xml", carrier))?;
+    trunk.wait_listening(WAIT)?;
+    cluster.add_account("alice", "pw-alice")?;
+    let mut alice = registered(&cluster.main(), "alice", "pw-alice")?;
+    let offer = sdp("alice", alice.addr().ip(), 40_000);
+    let mut call = alice.invite(&cluster.main(), "+15551234567", &offer)?;
+    let ok = alice.final_response(&mut call, WAIT)?;
+    ensure!(ok.msg.status() == Some(200), "the call got {}", ok.summary());
+    alice.ack(&call)?;
+    ensure!(alice.bye(&mut call, WAIT)?.msg.status() == Some(200));
+    let outcome = trunk.finish(SIPP_WAIT)?;
+    outcome.assert_one_successful_call("the trunk")?;
+    let invites = received(&outcome.messages, "INVITE");
+    ensure!(invites.len() == 2, "{} INVITEs at the trunk", invites.len());
+    let header = invites[1].header("proxy-authorization").context("no Proxy-Authorization")?;
+    let creds = sipmsg::digest::Credentials::parse(header)?;
+    let (Some(qop), Some(nc), Some(cnonce)) = (&creds.qop, &creds.nc, &creds.cnonce) else {
+        anyhow::bail!("no qop/nc/cnonce: {header}");
+    };
+    let ha1 = sipmsg::digest::ha1(
+        sipmsg::digest::Algorithm::Md5,
+        "acct7",
+        "carrier.example",
+        "s3cret-Trunk",
+    );
+    let input = sipmsg::digest::ResponseInput {
+        method: "INVITE",
+        uri: &creds.uri,
+        nonce: "4f2a9c0e1b77",
+        qop: Some(qop),
+        nc,
+        cnonce,
+    };
+    let expected = sipmsg::digest::response(sipmsg::digest::Algorithm::Md5, &ha1, &input);
+    ensure!(sipmsg::digest::hex_eq(&creds.response, &expected), "wrong digest: {header}");
+    ensure!(creds.uri == invites[1].request_uri().unwrap_or_default(), "{header}");
+    // The password never reaches a log line.
+    for p in 1..=2 {
+        let lines = cluster.processor(p).context("processor")?.lines();
+        ensure!(
+            !lines.iter().any(|l| l.contains("s3cret-Trunk")),
+            "p{p} logged the trunk password"
+        );
+    }
     cluster.check_all_running()
 }
