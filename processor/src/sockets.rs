@@ -139,7 +139,7 @@ impl SocketTable {
     /// the canonical domain for the main IP; `None` for an IP no dispatcher announced.
     pub fn uri_host(&self, ip: IpAddr) -> Option<String> {
         let info = self.get(ip)?;
-        Some(if info.alias { ip.to_string() } else { info.domain })
+        Some(if info.alias { sipmsg::uri::host_of(ip) } else { info.domain })
     }
 
     /// The canonical domain a Request-URI host names: a local IP, or one of our domains.
@@ -190,7 +190,7 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(table.uri_host(ip("127.0.0.1")).as_deref(), Some("sip.example.net"));
         assert_eq!(table.uri_host(ip("127.0.0.2")).as_deref(), Some("127.0.0.2"));
-        assert_eq!(table.uri_host(ip("::2")).as_deref(), Some("::2"));
+        assert_eq!(table.uri_host(ip("::2")).as_deref(), Some("[::2]"), "IPv6 in brackets");
         assert_eq!(table.uri_host(ip("192.0.2.1")), None, "an IP nobody announced");
     }
 

@@ -116,6 +116,15 @@ impl Uri {
     }
 }
 
+/// `ip` as the host of a URI: IPv6 in brackets (RFC 3261 §25.1 `IPv6reference`), IPv4 as
+/// it is.
+pub fn host_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
 /// Splits `host[:port]`. The host is a bracketed IPv6 reference (kept with its brackets; what is
 /// inside is only checked for its alphabet, so RFC 3261's three-colon form is tolerated as RFC
 /// 5118 §4.10 asks), or a name or IPv4 address; an unbracketed host with a colon is an IPv6
@@ -190,6 +199,18 @@ impl fmt::Display for Uri {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ip_hosts_get_brackets_only_for_ipv6_and_parse_back() {
+        let v6: std::net::IpAddr = "2001:db8::7".parse().expect("v6");
+        let v4: std::net::IpAddr = "192.0.2.7".parse().expect("v4");
+        assert_eq!(host_of(v6), "[2001:db8::7]");
+        assert_eq!(host_of(v4), "192.0.2.7");
+        let uri = Uri::sip(Some("alice"), &host_of(v6), Some(5060));
+        assert_eq!(uri.to_string(), "sip:alice@[2001:db8::7]:5060");
+        let back = Uri::parse(&uri.to_string()).expect("parses");
+        assert_eq!((back.host.as_str(), back.port), ("[2001:db8::7]", Some(5060)));
+    }
+
     use super::*;
 
     #[test]

@@ -9,7 +9,7 @@ impl B2bua {
     pub(super) fn contact_for(&self, egress: &Egress) -> String {
         let mut uri = sipmsg::Uri::sip(
             Some(&self.ids.contact_user()),
-            &egress.local.addr.ip().to_string(),
+            &sipmsg::uri::host_of(egress.local.addr.ip()),
             Some(egress.local.addr.port()),
         );
         if egress.local.transport != crate::transport::Transport::Udp {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, ensure};
 use sipalias_tests::cluster::{Cluster, DOMAIN};
 use sipalias_tests::phone::{Phone, Server, sdp};
 
-use super::{WAIT, assert_sent_from, cluster, from_to_hosts, registered};
+use super::{WAIT, assert_sent_from, cluster, complete_call, from_to_hosts, registered};
 
 /// How long the answered call lasts before the caller hangs up: test data for the CDR.
 const HOLD: Duration = Duration::from_secs(1);
@@ -276,5 +276,42 @@ fn a_call_whose_session_is_not_refreshed_is_ended_on_both_legs() -> Result<()> {
         cluster.wait_for_cdr(WAIT, |c| c.caller.starts_with("bob@") && c.duration_ms.is_some())?;
     ensure!(cdr.cause == "session-expired", "{cdr:?}");
     ensure!(cdr.duration_ms.is_some_and(|d| (1_500..5_000).contains(&d)), "{cdr:?}");
+    cluster.check_all_running()
+}
+
+/// IPv6: an old provider's server address that is an IPv6 one (here `::1`), two phones on
+/// IPv6 registering and calling through it. Every URI the cluster builds carries the address
+/// in brackets (RFC 3261 §25.1, RFC 5118).
+#[test]
+fn a_call_over_ipv6_loopback_through_an_ipv6_alias() -> Result<()> {
+    let v6 = |port| std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let port = std::net::UdpSocket::bind(v6(0))?.local_addr()?.port();
+    let cluster = Cluster::start(sipalias_tests::cluster::ClusterOptions {
+        tls: false,
+        alias3_toml: format!(
+            "\n[[dispatcher.aliases]]\nip = \"::1\"\ndomain = \"{DOMAIN}\"\ntransports = [\"udp\"]\n\
+             udp_port = {port}\n"
+        ),
+        ..sipalias_tests::cluster::ClusterOptions::default()
+    })?;
+    cluster.add_account("alice", "pw-alice")?;
+    cluster.add_account("bob", "pw-bob")?;
+    let server = Server {
+        addr: v6(port),
+        domain: "[::1]".to_owned(),
+        transport: sipalias_tests::phone::Transport::Udp,
+    };
+    let mut alice = Phone::bind("alice", "pw-alice", v6(0))?;
+    ensure!(alice.register(&server, 300)?.status() == 200, "alice over IPv6");
+    let mut bob = Phone::bind("bob", "pw-bob", v6(0))?;
+    ensure!(bob.register(&server, 300)?.status() == 200, "bob over IPv6");
+    let invite = complete_call(&mut bob, &server, &mut alice, server.addr)?;
+    ensure!(
+        from_to_hosts(&invite.msg)? == ("[::1]".to_owned(), "[::1]".to_owned()),
+        "{}",
+        invite.summary()
+    );
+    let table = cluster.processor_cli(&["registrations", "--alias", "::1"])?;
+    ensure!(table.contains(&format!("[::1]:{port}/udp")), "{table}");
     cluster.check_all_running()
 }

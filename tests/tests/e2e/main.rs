@@ -74,13 +74,14 @@ fn assert_sent_from(req: &Incoming, socket: SocketAddr) -> Result<()> {
 /// Asserts a request names `socket` as its own in the top Via sent-by and the Contact.
 fn assert_names_socket(req: &SipMessage, socket: SocketAddr) -> Result<()> {
     let (host, port) = top_via_sent_by(req)?;
+    let ours = sipmsg::uri::host_of(socket.ip());
     ensure!(
-        host == socket.ip().to_string() && port == Some(socket.port()),
+        host == ours && port == Some(socket.port()),
         "top Via sent-by is {host}:{port:?}, expected {socket}"
     );
     if let Some(contact) = req.contacts()?.first() {
         ensure!(
-            contact.uri.host == socket.ip().to_string() && contact.uri.port == Some(socket.port()),
+            contact.uri.host == ours && contact.uri.port == Some(socket.port()),
             "Contact {contact} does not name {socket}"
         );
     }
