@@ -493,7 +493,7 @@ fn a_failing_trunk_hands_the_call_to_the_next_and_a_busy_number_does_not() {
 #[test]
 fn a_trunk_challenge_is_answered_once_and_refused_credentials_fail_over() {
     let creds =
-        || Some(crate::b2bua::TrunkAuth { username: "acct7".into(), password: "s3cret".into() });
+        || Some(crate::routing::TrunkAuth { username: "acct7".into(), password: "s3cret".into() });
     let mut h = Harness::new();
     let t1 = Target { auth: creds(), ..trunk("127.0.0.41:5060") };
     h.call_trunks(vec![t1, trunk("127.0.0.42:5060")]);
@@ -715,6 +715,33 @@ Contact: <sip:bob@127.0.0.20:5000>\r\nContent-Type: application/sdp\r\nContent-L
     answered_call(&mut h);
     let answered = h.now;
     assert!(byes_until(&mut h, answered + Duration::from_secs(86_400)).is_empty());
+}
+
+#[test]
+fn session_expires_values_from_the_wire_are_bounded() {
+    let with = |value: &str| {
+        let text = answer_text_with(&format!("Session-Expires: {value}\r\n"));
+        crate::b2bua::session_expires(&sipmsg::parse(text.as_bytes()).expect("parses"))
+    };
+    assert_eq!(with("1800;refresher=uas"), Some(Duration::from_secs(1800)));
+    assert_eq!(with(" 90 "), Some(Duration::from_secs(90)));
+    assert_eq!(with("99999999999"), Some(Duration::from_secs(7 * 86_400)), "capped at a week");
+    for hostile in ["0", "-5", "x", "", ";refresher=uac", "18446744073709551616", "1e3"] {
+        assert_eq!(with(hostile), None, "{hostile:?}");
+    }
+    // The compact form.
+    let compact = answer_text_with("x: 120\r\n");
+    let msg = sipmsg::parse(compact.as_bytes()).expect("parses");
+    assert_eq!(crate::b2bua::session_expires(&msg), Some(Duration::from_secs(120)));
+}
+
+/// A 200 to an INVITE carrying the header lines `extra`.
+fn answer_text_with(extra: &str) -> String {
+    format!(
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.2:5060;branch=z9hG4bKx\r\n\
+From: <sip:a@127.0.0.2>;tag=1\r\nTo: <sip:b@127.0.0.2>;tag=2\r\nCall-ID: c\r\n\
+CSeq: 1 INVITE\r\n{extra}Content-Length: 0\r\n\r\n"
+    )
 }
 
 #[test]

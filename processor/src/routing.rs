@@ -14,6 +14,24 @@ use sipmsg::net::Net;
 
 use crate::transport::Transport;
 
+/// A trunk's digest credentials. Its `Debug` hides the password, so no log line shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrunkAuth {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for TrunkAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrunkAuth")
+            .field("username", &self.username)
+            .field("password", &"…")
+            .finish()
+    }
+}
+
 /// A SIP trunk (`[[processor.gateways]]`): where calls to the PSTN are sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,11 +140,9 @@ impl Gateway {
     }
 
     /// The credentials to answer its challenges with, if it has any.
-    pub fn credentials(&self) -> Option<crate::b2bua::TrunkAuth> {
-        (!self.username.is_empty()).then(|| crate::b2bua::TrunkAuth {
-            username: self.username.clone(),
-            password: self.password.clone(),
-        })
+    pub fn credentials(&self) -> Option<TrunkAuth> {
+        (!self.username.is_empty())
+            .then(|| TrunkAuth { username: self.username.clone(), password: self.password.clone() })
     }
 
     /// The Request-URI of a call to `e164` through this trunk.

@@ -28,7 +28,7 @@ mod work;
 use dialog::Side;
 pub use dialog::{Dialog, DialogRecord};
 pub use relay::strip_auto_answer;
-pub use work::{CallPlan, Target, TrunkAuth, Work};
+pub use work::{CallPlan, Target, Work};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BranchState {
@@ -47,7 +47,7 @@ struct Branch {
     cancel_pending: bool,
     final_status: Option<SipMessage>,
     /// Credentials for the target's digest challenge, and whether they were sent already.
-    auth: Option<TrunkAuth>,
+    auth: Option<crate::routing::TrunkAuth>,
     auth_sent: bool,
     /// With `auth`: the INVITE sent, to send again with the credentials (the transaction
     /// layer lets go of a request once it has its final response).

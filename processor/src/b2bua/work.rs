@@ -16,25 +16,7 @@ pub struct Target {
     /// the trunk's address.
     pub to: Option<String>,
     /// Credentials to answer the target's digest challenge with (a trunk's).
-    pub auth: Option<TrunkAuth>,
-}
-
-/// A trunk's digest credentials. Its `Debug` hides the password, so no log line shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TrunkAuth {
-    /// User name.
-    pub username: String,
-    /// Password.
-    pub password: String,
-}
-
-impl std::fmt::Debug for TrunkAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrunkAuth")
-            .field("username", &self.username)
-            .field("password", &"…")
-            .finish()
-    }
+    pub auth: Option<crate::routing::TrunkAuth>,
 }
 
 /// What the async setup task decided for a new call.
