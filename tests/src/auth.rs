@@ -3,7 +3,7 @@
 //! RFC 7616 §3.4). The hashing itself is `sipmsg::digest`, shared with the cluster.
 
 use anyhow::{Result, bail};
-use sipmsg::digest::{self, Algorithm, ResponseInput};
+use sipmsg::digest::{self, Algorithm};
 
 /// One digest challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,29 +77,15 @@ impl Challenge {
         uri: &str,
         cnonce: &str,
     ) -> String {
-        let alg = self.algorithm.unwrap_or(Algorithm::Md5);
-        let ha1 = digest::ha1(alg, user, &self.realm, password);
-        let qop = self.qop.iter().any(|q| q == "auth").then_some("auth");
-        let nc = "00000001";
-        let response = digest::response(
-            alg,
-            &ha1,
-            &ResponseInput { method, uri, nonce: &self.nonce, qop, nc, cnonce },
-        );
-        let mut out = format!(
-            "Digest username=\"{user}\", realm=\"{}\", nonce=\"{}\", uri=\"{uri}\", \
-             response=\"{response}\", algorithm={}",
-            self.realm,
-            self.nonce,
-            alg.as_str()
-        );
-        if let Some(qop) = qop {
-            out.push_str(&format!(", qop={qop}, nc={nc}, cnonce=\"{cnonce}\""));
+        // The cluster's own client side (what it answers trunks with), so the two cannot drift.
+        digest::Challenge {
+            realm: self.realm.clone(),
+            nonce: self.nonce.clone(),
+            opaque: self.opaque.clone(),
+            algorithm: self.algorithm.unwrap_or(Algorithm::Md5),
+            qop_auth: self.qop.iter().any(|q| q == "auth"),
         }
-        if let Some(opaque) = &self.opaque {
-            out.push_str(&format!(", opaque=\"{opaque}\""));
-        }
-        out
+        .answer(user, password, method, uri, cnonce)
     }
 }
 
@@ -171,7 +157,7 @@ mod tests {
         let expected = digest::response(
             Algorithm::Md5,
             &ha1,
-            &ResponseInput {
+            &digest::ResponseInput {
                 method: "REGISTER",
                 uri: "sip:127.0.0.2",
                 nonce: "abc,def",
